@@ -1,0 +1,25 @@
+"""FLASH: latent-aware, semi-autoregressive speculative decoding for Hugging Face VLMs.
+
+    target = flash.load_target(path)
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig())
+    out = flash.generate(target, drafter, target.processor(text=[...], videos=[...], return_tensors="pt"))
+"""
+
+from flash.drafter import Block, DrafterConfig, FlashDrafter
+from flash.generate import DecodeStats, GenerateOutput, generate
+from flash.sampling import SamplingParams
+from flash.target import Prefill, Target, TargetSession, load_target
+
+__all__ = [
+    "Block",
+    "DecodeStats",
+    "DrafterConfig",
+    "FlashDrafter",
+    "GenerateOutput",
+    "Prefill",
+    "SamplingParams",
+    "Target",
+    "TargetSession",
+    "generate",
+    "load_target",
+]

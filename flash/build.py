@@ -1,0 +1,210 @@
+"""Build small checkpoints from configs, offline: a word-level tokenizer, the
+family's own processor and a freshly initialised Hugging Face VLM, all saved in
+one directory that `flash.load_target` reads back like any hub checkpoint.
+
+Used by the tests (tiny models) and by the demo-target training job (a small
+real model trained from scratch). Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+QWEN_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+LLAVA_OV_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+# Words every tiny model knows, so prompts in tests read like prompts.
+BASE_WORDS = (
+    "user assistant system describe the video image in detail what is shown a an of and "
+    "one two three red green blue yellow circle square triangle moves left right up down "
+    "still grows shrinks bounces on background black white gray small large . , ? !"
+).split()
+
+
+def word_tokenizer(words: Sequence[str], special: Sequence[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
+    """A whitespace/punctuation word-level tokenizer: one id per word, specials first."""
+    vocab: dict[str, int] = {}
+    for token in [*special, "<unk>", *words]:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens(list(special))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token=eos, pad_token=pad, padding_side="left"
+    )
+
+
+def _round_up(n: int, multiple: int = 16) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def build_qwen2_5_vl(
+    out_dir: str | Path,
+    words: Sequence[str] = BASE_WORDS,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    image_side: int = 56,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a Qwen2.5-VL checkpoint (random weights), tokenizer and processor to `out_dir`."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    tokenizer = word_tokenizer(words, QWEN_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    head_dim = hidden_size // num_heads
+    # mrope splits head_dim/2 rotary frequencies over (t, h, w).
+    half = head_dim // 2
+    mrope_section = [half - 2 * (half // 4), half // 4, half // 4]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=_round_up(len(tokenizer)),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=image_side,
+            fullatt_block_indexes=[vision_depth - 1],
+            tokens_per_second=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    pixels = image_side * image_side
+    size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
+        video_processor=Qwen2VLVideoProcessor(
+            size=size, patch_size=14, merge_size=2, temporal_patch_size=2, do_sample_frames=False
+        ),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_llava_onevision(
+    out_dir: str | Path,
+    words: Sequence[str] = BASE_WORDS,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    image_side: int = 56,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a LLaVA-OneVision checkpoint (random weights), tokenizer and processor to `out_dir`."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    tokenizer = word_tokenizer(words, LLAVA_OV_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_OV_SPECIAL}
+    pinpoints = [[image_side, image_side], [image_side, 2 * image_side], [2 * image_side, image_side]]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_depth,
+            num_attention_heads=2,
+            image_size=image_side,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=_round_up(len(tokenizer)),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).to(dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    size = {"height": image_side, "width": image_side}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size, do_sample_frames=False),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_side // 14) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out

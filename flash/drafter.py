@@ -1,0 +1,324 @@
+"""The FLASH drafter (DESIGN.md §1).
+
+Its sequence, per row:  [visual latents (C)] [text rows ...] [slots (k-1)]
+
+- text row j: gated fusion of the target's feature f_j and the embedding of the
+  token after it, e(x_{j+1}); its output predicts f_{j+1}, hence x_{j+2}.
+- visual latents: C learned queries pool the features of the visual tokens,
+  V' = softmax(Q Vᵀ / √d) V, C = ceil(n_visual / compression) capped at
+  max_latents. They replace the visual rows.
+- slots: k-1 learned embeddings placed after the last real row; slot i
+  predicts the feature i steps further on, so one pass proposes a block of k
+  tokens (semi-autoregressive). A light refinement adds, to slot i, an MLP of
+  the embedding of the token drafted just before it.
+
+The embedding table and LM head are the target's, frozen and not saved. The
+drafter keeps its own KV cache (`DrafterCache`), so each cycle only runs the
+newly verified rows and the slots through its layer(s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flash.cache import DrafterCache
+from flash.sampling import SamplingParams, choose
+
+if TYPE_CHECKING:
+    from flash.target import Prefill, Target
+
+CONFIG_NAME = "drafter_config.json"
+WEIGHTS_NAME = "drafter.safetensors"
+
+
+@dataclass
+class DrafterConfig:
+    block_size: int = 4  # k: tokens proposed per drafter pass
+    num_layers: int = 1
+    num_heads: int = 0  # 0: the target's number of attention heads
+    intermediate_size: int = 0  # 0: 2 x hidden_size
+    compression: int = 9  # visual tokens per latent
+    max_latents: int = 64  # cap on C
+    use_visual_latents: bool = True  # False: the text-only ablation
+    refine: bool = True  # sequential refinement of slots from the previous drafted token
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    # Filled from the target by `FlashDrafter.for_target`.
+    hidden_size: int = 0
+    vocab_size: int = 0
+    target_model_type: str = ""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if self.compression < 1 or self.max_latents < 1:
+            raise ValueError("compression and max_latents must be >= 1")
+
+    def num_latents(self, n_visual: int) -> int:
+        if not self.use_visual_latents or n_visual == 0:
+            return 0
+        return min(self.max_latents, math.ceil(n_visual / self.compression))
+
+
+@dataclass
+class Block:
+    """One drafter pass: k proposed tokens per row."""
+
+    tokens: torch.Tensor  # [B, k]
+    probs: torch.Tensor | None  # [B, k, V] draft distribution q (None when greedy)
+    features: torch.Tensor  # [B, k, D] predicted target features
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, hd] for integer positions [B, T]."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    angles = positions.to(torch.float64).unsqueeze(-1) * inv  # [B, T, hd/2]
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class DrafterLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP, attention through the drafter's KV cache."""
+
+    def __init__(self, dim: int, heads: int, inner: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.attn_norm = RMSNorm(dim, eps)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = RMSNorm(dim, eps)
+        self.gate_up = nn.Linear(dim, 2 * inner, bias=False)
+        self.down = nn.Linear(inner, dim, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: DrafterCache, index: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        batch, width, dim = x.shape  # [B, T, D]
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, width, 3, self.heads, self.head_dim).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = cache.write(index, k, v)  # [B, H, S, hd]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.out(attn.transpose(1, 2).reshape(batch, width, dim))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class FlashDrafter(nn.Module):
+    def __init__(self, config: DrafterConfig, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        if config.hidden_size <= 0 or config.vocab_size <= 0:
+            raise ValueError("DrafterConfig.hidden_size/vocab_size unset: build drafters with FlashDrafter.for_target")
+        self.config = config
+        dim = config.hidden_size
+        heads = config.num_heads
+        if dim % heads or (dim // heads) % 2:
+            raise ValueError(f"hidden_size {dim} must split into {heads} heads of even size")
+        inner = config.intermediate_size or 2 * dim
+        # Shared with the target, frozen, never saved: kept out of the module tree.
+        self._shared = (embed_tokens, lm_head)
+        self.fuse_norm_e = RMSNorm(dim, config.norm_eps)
+        self.fuse_norm_f = RMSNorm(dim, config.norm_eps)
+        self.fuse = nn.Linear(2 * dim, dim, bias=False)
+        self.fuse_gate = nn.Linear(2 * dim, dim, bias=True)
+        self.latent_queries = nn.Parameter(torch.randn(config.max_latents, dim) * dim**-0.5)
+        self.latent_norm = RMSNorm(dim, config.norm_eps)
+        self.latent_out = nn.Linear(dim, dim, bias=False)
+        self.slots = nn.Parameter(torch.randn(max(config.block_size - 1, 1), dim) * 0.02)
+        self.layers = nn.ModuleList(
+            DrafterLayer(dim, heads, inner, config.norm_eps) for _ in range(config.num_layers)
+        )
+        self.refine = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.norm = RMSNorm(dim, config.norm_eps)
+        self.cache: DrafterCache | None = None
+
+    # ---------------------------------------------------------------- building
+
+    @classmethod
+    def for_target(cls, target: Target, config: DrafterConfig | None = None) -> FlashDrafter:
+        """A new, untrained drafter sized for `target`, in its dtype and on its device."""
+        config = DrafterConfig(**asdict(config)) if config is not None else DrafterConfig()
+        config.hidden_size = target.hidden_size
+        config.vocab_size = target.vocab_size
+        config.target_model_type = target.model_type
+        if config.num_heads == 0:
+            config.num_heads = target.config.get_text_config().num_attention_heads
+        drafter = cls(config, target.embed_tokens, target.lm_head)
+        return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, target: Target) -> FlashDrafter:
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ValueError(f"drafter directory {str(path)!r} needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raw = json.loads((path / CONFIG_NAME).read_text())
+        known = {f.name for f in fields(DrafterConfig)}
+        config = DrafterConfig(**{k: v for k, v in raw.items() if k in known})
+        if (config.hidden_size, config.vocab_size) != (target.hidden_size, target.vocab_size):
+            raise ValueError(
+                f"drafter {str(path)!r} was built for hidden_size={config.hidden_size}, vocab={config.vocab_size}; "
+                f"the target has hidden_size={target.hidden_size}, vocab={target.vocab_size}"
+            )
+        drafter = cls(config, target.embed_tokens, target.lm_head)
+        drafter.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+        return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self._shared[0]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._shared[1]
+
+    # ---------------------------------------------------------------- pieces
+
+    def fuse_rows(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Gated fusion of [e(x_{j+1}); f_j].  features [B, T, D], next_tokens [B, T] -> [B, T, D]"""
+        both = torch.cat([self.fuse_norm_e(self.embed_tokens(next_tokens)), self.fuse_norm_f(features)], dim=-1)
+        gate = torch.sigmoid(self.fuse_gate(both))
+        return gate * self.fuse(both) + (1 - gate) * features
+
+    def compress(self, visual: torch.Tensor) -> torch.Tensor:
+        """Visual latents from the features of one row's visual tokens.  [N, D] -> [C, D]"""
+        count = self.config.num_latents(visual.shape[0])
+        if count == 0:
+            return visual[:0]
+        keys = self.latent_norm(visual)
+        weights = torch.softmax(self.latent_queries[:count] @ keys.T / math.sqrt(visual.shape[-1]), dim=-1)
+        return self.latent_out(weights @ visual)
+
+    def _layers(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via the cache."""
+        cache = self.cache
+        cache.reserve(x.shape[1])
+        positions = cache.lengths.unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
+        cos, sin = rotary(positions.clamp_min(0), self.layers[0].head_dim, self.config.rope_theta, x.dtype)
+        mask = cache.attention_mask(valid)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, index, mask)
+        return x
+
+    def _draft(
+        self, rows: torch.Tensor, valid: torch.Tensor, n_real: torch.Tensor, n_real_max: int,
+        params: SamplingParams, generator: torch.Generator | None, block_size: int | None,
+    ) -> Block:
+        """Append real rows [B, R, D] (row b's first n_real[b] valid), draft a block, commit the real rows."""
+        k = block_size or self.config.block_size
+        batch = rows.shape[0]
+        slots = self.slots[: k - 1].unsqueeze(0).expand(batch, -1, -1)
+        x = torch.cat([rows, slots], dim=1)
+        all_valid = torch.cat([valid, torch.ones(batch, k - 1, dtype=torch.bool, device=rows.device)], dim=1)
+        hidden = self._layers(x, all_valid)  # [B, R + k - 1, D]
+        self.cache.commit(n_real, n_real_max)
+
+        last = hidden.gather(1, (n_real - 1).view(batch, 1, 1).expand(batch, 1, hidden.shape[-1]))  # [B, 1, D]
+        slot_hidden = hidden[:, rows.shape[1] :]  # [B, k-1, D]
+        tokens, probs, feats = [], [], []
+        h = last.squeeze(1)
+        for i in range(k):
+            if i > 0:
+                h = slot_hidden[:, i - 1]
+                if self.config.refine:
+                    h = h + self.refine(torch.cat([h, self.embed_tokens(tokens[-1])], dim=-1))
+            feature = self.norm(h)
+            token, prob = choose(self.lm_head(feature), params, generator)
+            tokens.append(token)
+            probs.append(prob)
+            feats.append(feature)
+        return Block(
+            tokens=torch.stack(tokens, dim=1),
+            probs=None if params.greedy else torch.stack(probs, dim=1),
+            features=torch.stack(feats, dim=1),
+        )
+
+    # ---------------------------------------------------------------- decoding protocol
+
+    @torch.inference_mode()
+    def start(
+        self, prefill: Prefill, first_tokens: torch.Tensor, params: SamplingParams,
+        generator: torch.Generator | None = None, block_size: int | None = None,
+    ) -> Block:
+        """Read the prompt (latents + text rows) into a fresh cache and draft the first block.
+
+        first_tokens [B]: the token the target chose after the prompt.
+        """
+        ids, mask, features = prefill.input_ids, prefill.attention_mask.bool(), prefill.features
+        batch, length, dim = features.shape
+        next_tokens = torch.cat([ids[:, 1:], first_tokens.unsqueeze(1)], dim=1)  # [B, L]
+        text = mask & ~prefill.visual_mask
+        text[:, -1] = True  # the last prompt position always drafts
+        fused = self.fuse_rows(features, next_tokens)  # [B, L, D]
+        sequences = []
+        for b in range(batch):  # once per batch; rows differ in latents and padding
+            latents = self.compress(features[b][prefill.visual_mask[b]])
+            sequences.append(torch.cat([latents, fused[b][text[b]]], dim=0))
+        lengths = [s.shape[0] for s in sequences]
+        longest = max(lengths)
+        rows = features.new_zeros(batch, longest, dim)
+        valid = torch.zeros(batch, longest, dtype=torch.bool, device=features.device)
+        for b, seq in enumerate(sequences):
+            rows[b, : seq.shape[0]] = seq
+            valid[b, : seq.shape[0]] = True
+        self.cache = DrafterCache(
+            len(self.layers), batch, self.config.num_heads, dim // self.config.num_heads,
+            capacity=longest + 256, dtype=features.dtype, device=features.device,
+        )
+        n_real = torch.tensor(lengths, device=features.device)
+        return self._draft(rows, valid, n_real, longest, params, generator, block_size)
+
+    @torch.inference_mode()
+    def step(
+        self, features: torch.Tensor, next_tokens: torch.Tensor, n_new: torch.Tensor, n_new_max: int,
+        params: SamplingParams, generator: torch.Generator | None = None, block_size: int | None = None,
+    ) -> Block:
+        """Add the newly verified rows and draft the next block.
+
+        features [B, T, D]: target features at the kept positions; next_tokens
+        [B, T]: the token after each; row b has n_new[b] (<= T) valid rows.
+        """
+        valid = torch.arange(features.shape[1], device=features.device).unsqueeze(0) < n_new.unsqueeze(1)
+        rows = self.fuse_rows(features, next_tokens)
+        return self._draft(rows, valid, n_new, n_new_max, params, generator, block_size)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.cache.select_rows(rows)

@@ -1,0 +1,203 @@
+"""The one draft/verify loop. With no drafter it is plain autoregressive decoding
+of the target (each cycle verifies just the last token), so both sides of every
+benchmark run the same code.
+
+A cycle, per row: the drafter proposes a block of k tokens; the target scores
+[last emitted token, block] in one pass; acceptance keeps the agreed prefix and
+adds the bonus token; EOS and max_new_tokens cut the row's tokens wherever they
+fall; the target cache keeps the verified prefix; the drafter reads the newly
+verified features and drafts again. Finished rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from flash.acceptance import clip_at_stop, greedy_accept, speculative_accept
+from flash.drafter import Block
+from flash.sampling import SamplingParams, choose, probabilities
+from flash.target import Prefill, Target
+
+
+class Drafter(Protocol):
+    """What the loop needs of a drafter (FlashDrafter, or a test's oracle)."""
+
+    block_size: int
+
+    def start(
+        self, prefill: Prefill, first_tokens: torch.Tensor, params: SamplingParams,
+        generator: torch.Generator | None = None, block_size: int | None = None,
+    ) -> Block: ...
+
+    def step(
+        self, features: torch.Tensor, next_tokens: torch.Tensor, n_new: torch.Tensor, n_new_max: int,
+        params: SamplingParams, generator: torch.Generator | None = None, block_size: int | None = None,
+    ) -> Block: ...
+
+    def select_rows(self, rows: torch.Tensor) -> None: ...
+
+
+@dataclass
+class DecodeStats:
+    cycles: int = 0  # verify passes after the prompt
+    row_cycles: int = 0  # sum over cycles of rows still decoding
+    drafted: int = 0  # drafted tokens over all rows
+    accepted: int = 0  # drafted tokens the target agreed with, over all rows
+    emitted: int = 0  # new tokens kept (prompt token included), over all rows
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    prefill_s: float = 0.0
+    accepted_per_cycle: list[list[int]] = field(default_factory=list)  # per cycle, per active row
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens per row per cycle: accepted + 1 (the bonus)."""
+        return (self.accepted + self.row_cycles) / self.row_cycles if self.row_cycles else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "cycles": self.cycles,
+            "row_cycles": self.row_cycles,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "emitted": self.emitted,
+            "acceptance_length": self.acceptance_length,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "prefill_s": self.prefill_s,
+        }
+
+
+@dataclass
+class GenerateOutput:
+    sequences: list[list[int]]  # new tokens per row, ending at EOS if produced
+    stats: DecodeStats
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def generate(
+    target: Target,
+    drafter: Drafter | None,
+    inputs,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    block_size: int | None = None,
+) -> GenerateOutput:
+    """Decode `inputs` (a processor batch) with FLASH; `drafter=None` is plain decoding."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    device = target.device
+    stats = DecodeStats()
+    eos = target.eos_token_ids
+
+    t0 = _clock(device)
+    session, prefill = target.prefill(inputs)
+    first, _ = choose(prefill.last_logits, params, generator)  # [B]
+    batch = first.shape[0]
+    budget = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+    n_kept, finished = clip_at_stop(first.unsqueeze(1), torch.ones_like(budget), eos, budget)
+    rows = _Rows(batch)
+    live = rows.record(first.unsqueeze(1), n_kept, finished, stats)  # one host sync
+    stats.prefill_s = _clock(device) - t0
+    if live is None:
+        return GenerateOutput(rows.sequences, stats)
+    budget, last = budget - n_kept, first  # last [B]: newest emitted token, not yet in the target cache
+    if len(rows.active) < batch:
+        budget, last = budget[live], last[live]
+        session.select_rows(live)
+        prefill = prefill.select_rows(live)
+    block = None
+    if drafter is not None:
+        t1 = _clock(device)
+        block = drafter.start(prefill, last, params, generator, block_size)
+        stats.draft_s += _clock(device) - t1
+    del prefill
+
+    while True:
+        t_verify = _clock(device)
+        width = last.shape[0]
+        draft = block.tokens if block is not None else last.new_zeros(width, 0)  # [B, k]
+        k = draft.shape[1]
+        features, logits = session.verify(torch.cat([last.unsqueeze(1), draft], dim=1))  # [B, k+1, *]
+        if params.greedy:
+            n_accepted, emitted = greedy_accept(draft, logits.argmax(dim=-1))
+        else:
+            p = probabilities(logits, params)
+            q = block.probs if block is not None else p.new_zeros(width, 0, p.shape[-1])
+            n_accepted, emitted = speculative_accept(draft, q, p, generator)
+        n_emit = n_accepted + 1
+        n_kept, finished = clip_at_stop(emitted, n_emit, eos, budget)
+        live = rows.record(emitted, n_kept, finished, stats, n_accepted, k)  # one host sync
+        t_draft = _clock(device)
+        stats.verify_s += t_draft - t_verify
+        if live is None:
+            break
+        # The cache keeps [last, accepted drafts]; the bonus enters with the next verify.
+        session.commit(n_emit, kept_max=rows.max_accepted + 1)
+        budget = budget - n_kept
+        if len(rows.active) < width:  # finished rows leave the batch and stop costing compute
+            session.select_rows(live)
+            budget, features, emitted = budget[live], features[live], emitted[live]
+            n_accepted, n_emit = n_accepted[live], n_emit[live]
+            if drafter is not None:
+                drafter.select_rows(live)
+        last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
+        if drafter is not None:
+            block = drafter.step(
+                features, emitted, n_emit, rows.max_accepted + 1, params, generator, block_size
+            )
+            stats.draft_s += _clock(device) - t_draft
+    return GenerateOutput(rows.sequences, stats)
+
+
+class _Rows:
+    """Host-side record of what each original row has emitted, and which rows still decode."""
+
+    def __init__(self, batch: int) -> None:
+        self.sequences: list[list[int]] = [[] for _ in range(batch)]
+        self.active = list(range(batch))  # original index of each row still decoding
+        self.max_accepted = 0
+
+    def record(
+        self, emitted: torch.Tensor, n_kept: torch.Tensor, finished: torch.Tensor, stats: DecodeStats,
+        n_accepted: torch.Tensor | None = None, k: int = 0,
+    ) -> torch.Tensor | None:
+        """Append kept tokens and update stats; return the indices of rows still decoding (None if none)."""
+        columns = [emitted, n_kept.unsqueeze(1), finished.to(emitted.dtype).unsqueeze(1)]
+        if n_accepted is not None:
+            columns.append(n_accepted.unsqueeze(1))
+        host = torch.cat(columns, dim=1).tolist()  # the cycle's one device->host sync
+        width = emitted.shape[1]
+        still = []
+        for i, (row, values) in enumerate(zip(self.active, host)):
+            keep = values[width]
+            self.sequences[row].extend(values[:keep])
+            stats.emitted += keep
+            if not values[width + 1]:
+                still.append(i)
+        if n_accepted is not None:
+            accepted = [values[width + 2] for values in host]
+            stats.cycles += 1
+            stats.row_cycles += len(host)
+            stats.drafted += k * len(host)
+            stats.accepted += sum(accepted)
+            stats.accepted_per_cycle.append(accepted)
+            self.max_accepted = max(accepted)
+        if not still:
+            return None
+        self.active = [self.active[i] for i in still]
+        return torch.tensor(still, device=emitted.device)

@@ -1,0 +1,270 @@
+"""The target adapter: one place that loads a Hugging Face VLM and drives it for
+speculative decoding, without forking any modeling file.
+
+`load_target` reads a checkpoint directory (safetensors only). `Target.prefill`
+runs the prompt, vision tower included, and returns the features (final hidden
+states, the input of the LM head) with the positions of the visual tokens. The
+returned `TargetSession` owns the batch's KV cache: `verify` scores a block of
+tokens in one forward pass, `commit` keeps the accepted part and rolls the rest
+back.
+
+Positions are always passed explicitly. Qwen2-VL and Qwen2.5-VL use 3-D
+multimodal rotary positions (mrope): at prefill they come from the model's own
+`get_rope_index`, after it every text token sits at `text_index + rope_delta`
+on all three axes, exactly as Hugging Face `generate` computes them. Because the
+session derives positions from its own per-row counters, rolling the cache back
+never leaves a stale position behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoProcessor
+from transformers.cache_utils import DynamicCache
+
+# model_type -> (family, model class name in transformers)
+SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
+    "qwen2_5_vl": ("qwen", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen2_vl": ("qwen", "Qwen2VLForConditionalGeneration"),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
+}
+
+
+def _check_checkpoint(path: Path) -> None:
+    if not path.exists():
+        raise ValueError(f"target checkpoint {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"target checkpoint {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"target checkpoint {str(path)!r} has no config.json: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        raise ValueError(
+            f"target checkpoint {str(path)!r} has no .safetensors weights"
+            + (f" (found {', '.join(found)}; pickled weights can run code and are refused)" if found else "")
+        )
+
+
+@dataclass
+class Prefill:
+    """What the prompt pass returns for a batch of B rows of length L (left-padded)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] 1 = real token
+    features: torch.Tensor  # [B, L, D] final hidden states
+    visual_mask: torch.Tensor  # [B, L] True at image/video tokens
+    last_logits: torch.Tensor  # [B, V] logits after the last prompt token
+
+    def select_rows(self, rows: torch.Tensor) -> Prefill:
+        return Prefill(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+class Target:
+    """A loaded VLM plus everything the decoding loop needs to know about it."""
+
+    def __init__(self, model: nn.Module, processor, family: str, path: str = "") -> None:
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.path = path
+        self.config = model.config
+        text_config = model.config.get_text_config()
+        self.hidden_size: int = text_config.hidden_size
+        self.vocab_size: int = text_config.vocab_size
+        self.embed_tokens: nn.Module = model.get_input_embeddings()
+        self.lm_head: nn.Module = model.get_output_embeddings()
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = text_config.eos_token_id
+        eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = torch.tensor(eos_list, dtype=torch.long, device=self.device)
+        cfg = model.config
+        self.visual_token_ids = [
+            i
+            for i in (
+                getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None),
+                getattr(cfg, "video_token_id", None) or getattr(cfg, "video_token_index", None),
+            )
+            if i is not None
+        ]
+        self._forward_args = set(inspect.signature(model.model.forward).parameters)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    def _model_inputs(self, inputs) -> dict[str, torch.Tensor]:
+        """Processor output -> tensors on the target's device, pixels in its dtype."""
+        out = {}
+        for key, value in dict(inputs).items():
+            if key not in self._forward_args or not isinstance(value, torch.Tensor):
+                continue
+            value = value.to(self.device)
+            out[key] = value.to(self.dtype) if value.is_floating_point() else value
+        if "input_ids" not in out:
+            raise ValueError("inputs have no input_ids: pass the processor's output for the prompt")
+        if "attention_mask" not in out:
+            out["attention_mask"] = torch.ones_like(out["input_ids"])
+        mask = out["attention_mask"]
+        if mask.shape[0] > 1 and not bool(mask[:, -1].all()):
+            raise ValueError("batched inputs must be left-padded (set the tokenizer's padding_side='left')")
+        return out
+
+    def _prompt_positions(self, kw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position_ids for the prompt, rope delta per row [B])."""
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        if self.family == "qwen":
+            cfg = self.config
+            token_type = (ids == cfg.image_token_id).to(torch.int32) + 2 * (ids == cfg.video_token_id).to(torch.int32)
+            positions, deltas = self.model.model.get_rope_index(
+                ids,
+                mm_token_type_ids=token_type,
+                image_grid_thw=kw.get("image_grid_thw"),
+                video_grid_thw=kw.get("video_grid_thw"),
+                second_per_grid_ts=kw.get("second_per_grid_ts"),
+                attention_mask=mask,
+            )
+            return positions, deltas.view(-1).to(ids.device)
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return positions, torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+
+    @torch.inference_mode()
+    def prefill(self, inputs) -> tuple[TargetSession, Prefill]:
+        """Run the prompt (vision tower included) and open a session on its KV cache."""
+        kw = self._model_inputs(inputs)
+        positions, deltas = self._prompt_positions(kw)
+        cache = DynamicCache(config=self.config.get_text_config())
+        out = self.model.model(**kw, position_ids=positions, past_key_values=cache, use_cache=True)
+        features = out.last_hidden_state  # [B, L, D]
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        prefill = Prefill(
+            input_ids=ids,
+            attention_mask=mask,
+            features=features,
+            visual_mask=torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device)) & mask.bool(),
+            last_logits=self.lm_head(features[:, -1]),
+        )
+        session = TargetSession(self, cache, mask, mask.long().sum(dim=1), deltas)
+        return session, prefill
+
+
+class TargetSession:
+    """One batch's decoding state on the target. It alone touches the KV cache.
+
+    Invariant: the cache holds one entry per column of `attention_mask`; rows
+    that kept fewer tokens than others in a cycle have masked holes (0s) there.
+    `next_index[b]` counts row b's real tokens, which is its next text position.
+    """
+
+    def __init__(
+        self, target: Target, cache: DynamicCache, attention_mask: torch.Tensor, next_index: torch.Tensor,
+        rope_deltas: torch.Tensor,
+    ) -> None:
+        self.target = target
+        self.cache = cache
+        self.attention_mask = attention_mask  # [B, S]
+        self.next_index = next_index  # [B]
+        self.rope_deltas = rope_deltas  # [B]
+        self._pending = 0  # tokens verified but not yet committed
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def _positions(self, width: int) -> torch.Tensor:
+        steps = torch.arange(width, device=self.next_index.device)
+        text = self.next_index.unsqueeze(1) + steps  # [B, T]
+        if self.target.family == "qwen":
+            return (text + self.rope_deltas.unsqueeze(1)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
+        return text
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score tokens [B, T] after the cached prefix in one pass.
+
+        Returns (features [B, T, D], logits [B, T, V]); logits[:, t] predict the
+        token after tokens[:, t]. Must be followed by `commit`.
+        """
+        assert self._pending == 0, "verify called twice without commit"
+        width = tokens.shape[1]
+        mask = torch.cat([self.attention_mask, torch.ones_like(tokens)], dim=1)
+        out = self.target.model.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=self._positions(width),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.attention_mask = mask
+        self._pending = width
+        features = out.last_hidden_state
+        return features, self.target.lm_head(features)
+
+    def commit(self, n_kept: torch.Tensor, kept_max: int | None = None) -> None:
+        """Keep the first n_kept[b] verified tokens of each row; roll the rest back.
+
+        kept_max (= n_kept.max(), if the caller already has it on the host) saves a sync.
+        """
+        width = self._pending
+        keep = int(n_kept.max()) if kept_max is None else kept_max
+        if keep < width:
+            self.cache.crop(-(width - keep))
+            self.attention_mask = self.attention_mask[:, : self.length - (width - keep)]
+        if keep > 0:
+            steps = torch.arange(keep, device=n_kept.device)
+            self.attention_mask[:, -keep:] = (steps.unsqueeze(0) < n_kept.unsqueeze(1)).to(self.attention_mask.dtype)
+        self.next_index = self.next_index + n_kept
+        self._pending = 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows: keep only `rows` [B'] of the batch."""
+        self.cache.batch_select_indices(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_index = self.next_index[rows]
+        self.rope_deltas = self.rope_deltas[rows]
+
+
+def load_target(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> Target:
+    """Load a supported VLM checkpoint directory and its processor (safetensors only)."""
+    import transformers
+
+    path = Path(path)
+    _check_checkpoint(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"target checkpoint {str(path)!r} has an unreadable config.json: {err}") from err
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"target checkpoint {str(path)!r} is a {model_type!r} model; flashcap supports vision-language "
+            f"models of types {', '.join(sorted(SUPPORTED_MODELS))}"
+        )
+    family, class_name = SUPPORTED_MODELS[model_type]
+    model_class = getattr(transformers, class_name)
+    model = model_class.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"
+    return Target(model, processor, family, str(path))

@@ -1,0 +1,134 @@
+"""The lossless contract (DESIGN.md §3): FLASH returns exactly the target's own
+greedy tokens, in float64 on the CPU, on every family, whatever the drafter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash
+from tests.helpers import OracleDrafter, cases, hf_greedy
+
+FAMILIES = ["qwen2_5_vl", "llava_onevision"]
+MAX_NEW = 24
+K = 4
+
+
+@pytest.fixture(scope="module")
+def references(targets64):
+    """family -> [(case, inputs, reference tokens)] from HF generate(do_sample=False)."""
+    out = {}
+    for family in FAMILIES:
+        target = targets64[family]
+        rows = []
+        for case in cases(family):
+            inputs = case.inputs(target.processor)
+            rows.append((case, inputs, hf_greedy(target, inputs, MAX_NEW)))
+        out[family] = rows
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cases_are_varied(references, family):
+    prompt_lengths = {inputs["input_ids"].shape[1] for _, inputs, _ in references[family]}
+    assert len(references[family]) >= 20
+    assert len(prompt_lengths) >= 10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_some_references_end_at_eos(targets64, references, family):
+    """EOS must fall inside blocks somewhere, so the tests below cover it."""
+    eos = set(targets64[family].eos_token_ids.tolist())
+    ended = [ref for _, _, ref in references[family] if ref[-1] in eos and len(ref) < MAX_NEW]
+    assert len(ended) >= 2 and len({len(r) % (K + 1) for r in ended}) >= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_decoding_equals_hf_generate(targets64, references, family):
+    for case, inputs, ref in references[family]:
+        out = flash.generate(targets64[family], None, inputs, max_new_tokens=MAX_NEW)
+        assert out.sequences == [ref], case.name
+        assert out.stats.acceptance_length == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untrained_drafter_is_exact(targets64, references, family):
+    target = targets64[family]
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
+    for case, inputs, ref in references[family]:
+        out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)
+        assert out.sequences == [ref], case.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_drafter_accepts_whole_blocks(targets64, references, family):
+    target = targets64[family]
+    long_enough = 0
+    for case, inputs, ref in references[family]:
+        drafter = OracleDrafter([ref], target.vocab_size, block_size=K)
+        out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)
+        assert out.sequences == [ref], case.name
+        per_cycle = [row[0] for row in out.stats.accepted_per_cycle]
+        # Every cycle but the last (where the reference may end inside the block) accepts all k.
+        assert all(a == K for a in per_cycle[:-1]), (case.name, per_cycle)
+        if len(ref) >= 1 + 2 * (K + 1):
+            long_enough += 1
+            full = per_cycle[:-1]
+            assert sum(a + 1 for a in full) / len(full) == K + 1
+    assert long_enough >= 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("right_for", [0, 1, 2])
+def test_drafter_right_then_wrong_is_exact(targets64, references, family, right_for):
+    target = targets64[family]
+    for case, inputs, ref in references[family]:
+        drafter = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=right_for)
+        out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)
+        assert out.sequences == [ref], case.name
+        per_cycle = [row[0] for row in out.stats.accepted_per_cycle]
+        assert all(a == right_for for a in per_cycle[:-1]), (case.name, per_cycle)
+
+
+def test_max_new_tokens_inside_a_block(targets64, references):
+    target = targets64["qwen2_5_vl"]
+    case, inputs, ref = next(r for r in references["qwen2_5_vl"] if len(r[2]) == MAX_NEW)
+    for budget in (1, 2, 3, 7, 10):
+        drafter = OracleDrafter([ref], target.vocab_size, block_size=K)
+        out = flash.generate(target, drafter, inputs, max_new_tokens=budget)
+        assert out.sequences == [ref[:budget]], (case.name, budget)
+
+
+def test_rollback_matters(targets64, references, monkeypatch):
+    """A session that forgets to roll back rejected tokens breaks the output: the test above would notice."""
+    target = targets64["qwen2_5_vl"]
+    original = flash.TargetSession.commit
+
+    def no_rollback(self, n_kept, kept_max=None):
+        original(self, torch.full_like(n_kept, self._pending), self._pending)
+
+    monkeypatch.setattr(flash.TargetSession, "commit", no_rollback)
+    broken = 0
+    for case, inputs, ref in references["qwen2_5_vl"]:
+        drafter = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=1)
+        broken += flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences != [ref]
+    assert broken > 0
+
+
+def test_mrope_positions_matter(targets64, references, monkeypatch):
+    """Decoding after a video at positions without Qwen's rope delta changes the output."""
+    target = targets64["qwen2_5_vl"]
+    original = flash.Target.prefill
+
+    def without_delta(self, inputs):
+        session, prefill = original(self, inputs)
+        session.rope_deltas = torch.zeros_like(session.rope_deltas)
+        return session, prefill
+
+    video_cases = [r for r in references["qwen2_5_vl"] if r[0].videos is not None]
+    monkeypatch.setattr(flash.Target, "prefill", without_delta)
+    differ = sum(
+        flash.generate(target, None, inputs, max_new_tokens=MAX_NEW).sequences != [ref]
+        for _, inputs, ref in video_cases
+    )
+    assert differ > 0
