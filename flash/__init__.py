@@ -1,8 +1,8 @@
 """FLASH: latent-aware, semi-autoregressive speculative decoding for Hugging Face VLMs.
 
-    target = flash.load_target(path)
-    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig())
-    out = flash.generate(target, drafter, target.processor(text=[...], videos=[...], return_tensors="pt"))
+target = flash.load_target(path)
+drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig())
+out = flash.generate(target, drafter, target.processor(text=[...], videos=[...], return_tensors="pt"))
 """
 
 from flash.drafter import Block, DrafterConfig, FlashDrafter

@@ -54,7 +54,7 @@ def speculative_accept(
     n_accepted = keep.to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B]
 
     # Residual at the stop position: max(p - q, 0) after a rejection, p after a full accept.
-    q_padded = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)  # [B, k+1, V]
+    q_padded = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], dim=1)  # [B, k+1, V]
     at = n_accepted.view(batch, 1, 1).expand(batch, 1, target_probs.shape[-1])
     p_stop = target_probs.gather(1, at).squeeze(1)  # [B, V]
     residual = (p_stop - q_padded.gather(1, at).squeeze(1)).clamp_min(0)
@@ -63,7 +63,7 @@ def speculative_accept(
     residual = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(residual.dtype).tiny), p_stop)
     bonus = torch.multinomial(residual, 1, generator=generator).squeeze(1)  # [B]
 
-    tokens = torch.cat([draft, torch.zeros_like(draft[:, :1])], dim=1)
+    tokens = torch.cat([draft, draft.new_zeros(batch, 1)], dim=1)
     tokens = tokens.scatter(1, n_accepted.unsqueeze(1), bonus.unsqueeze(1))
     return n_accepted, tokens
 

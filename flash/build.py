@@ -52,9 +52,20 @@ def _round_up(n: int, multiple: int = 16) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def build_qwen2_5_vl(
+def build_qwen2_5_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
+    """Write a Qwen2.5-VL checkpoint (random weights), tokenizer and processor to `out_dir`."""
+    return _build_qwen(out_dir, words, version="2.5", **sizes)
+
+
+def build_qwen2_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
+    """Write a Qwen2-VL checkpoint (random weights), tokenizer and processor to `out_dir`."""
+    return _build_qwen(out_dir, words, version="2", **sizes)
+
+
+def _build_qwen(
     out_dir: str | Path,
-    words: Sequence[str] = BASE_WORDS,
+    words: Sequence[str],
+    version: str,
     *,
     hidden_size: int = 64,
     num_layers: int = 2,
@@ -67,14 +78,8 @@ def build_qwen2_5_vl(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write a Qwen2.5-VL checkpoint (random weights), tokenizer and processor to `out_dir`."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     out = Path(out_dir)
     tokenizer = word_tokenizer(words, QWEN_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
@@ -83,7 +88,29 @@ def build_qwen2_5_vl(
     # mrope splits head_dim/2 rotary frequencies over (t, h, w).
     half = head_dim // 2
     mrope_section = [half - 2 * (half // 4), half // 4, half // 4]
-    config = Qwen2_5_VLConfig(
+    vision = dict(depth=vision_depth, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2.5":
+        config_class, model_class, processor_class = (
+            transformers.Qwen2_5_VLConfig,
+            transformers.Qwen2_5_VLForConditionalGeneration,
+            transformers.Qwen2_5_VLProcessor,
+        )
+        vision.update(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            out_hidden_size=hidden_size,
+            window_size=image_side,
+            fullatt_block_indexes=[vision_depth - 1],
+            tokens_per_second=2,
+        )
+    else:
+        config_class, model_class, processor_class = (
+            transformers.Qwen2VLConfig,
+            transformers.Qwen2VLForConditionalGeneration,
+            transformers.Qwen2VLProcessor,
+        )
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=2)
+    config = config_class(
         text_config=dict(
             vocab_size=_round_up(len(tokenizer)),
             hidden_size=hidden_size,
@@ -97,19 +124,7 @@ def build_qwen2_5_vl(
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(
-            depth=vision_depth,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_heads=2,
-            out_hidden_size=hidden_size,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=image_side,
-            fullatt_block_indexes=[vision_depth - 1],
-            tokens_per_second=2,
-        ),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -117,16 +132,15 @@ def build_qwen2_5_vl(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model = model_class(config).to(dtype)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     pixels = image_side * image_side
     size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
-        video_processor=Qwen2VLVideoProcessor(
-            size=size, patch_size=14, merge_size=2, temporal_patch_size=2, do_sample_frames=False
-        ),
+    patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = processor_class(
+        image_processor=Qwen2VLImageProcessor(**patches),
+        video_processor=Qwen2VLVideoProcessor(**patches, do_sample_frames=False, cap_pixels_per_frame=True),
         tokenizer=tokenizer,
     )
     model.save_pretrained(out, safe_serialization=True)

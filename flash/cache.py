@@ -15,8 +15,14 @@ import torch
 
 class DrafterCache:
     def __init__(
-        self, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
-        dtype: torch.dtype, device: torch.device,
+        self,
+        num_layers: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         shape = (batch, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -90,7 +90,9 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, hd] for integer positions [B, T]."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
     angles = positions.to(torch.float64).unsqueeze(-1) * inv  # [B, T, hd/2]
@@ -118,7 +120,12 @@ class DrafterLayer(nn.Module):
         self.down = nn.Linear(inner, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: DrafterCache, index: int,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: DrafterCache,
+        index: int,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         batch, width, dim = x.shape  # [B, T, D]
@@ -153,9 +160,7 @@ class FlashDrafter(nn.Module):
         self.latent_norm = RMSNorm(dim, config.norm_eps)
         self.latent_out = nn.Linear(dim, dim, bias=False)
         self.slots = nn.Parameter(torch.randn(max(config.block_size - 1, 1), dim) * 0.02)
-        self.layers = nn.ModuleList(
-            DrafterLayer(dim, heads, inner, config.norm_eps) for _ in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(DrafterLayer(dim, heads, inner, config.norm_eps) for _ in range(config.num_layers))
         self.refine = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.norm = RMSNorm(dim, config.norm_eps)
         self.cache: DrafterCache | None = None
@@ -189,6 +194,11 @@ class FlashDrafter(nn.Module):
         raw = json.loads((path / CONFIG_NAME).read_text())
         known = {f.name for f in fields(DrafterConfig)}
         config = DrafterConfig(**{k: v for k, v in raw.items() if k in known})
+        if config.target_model_type and config.target_model_type != target.model_type:
+            raise ValueError(
+                f"drafter {str(path)!r} was trained for a {config.target_model_type!r} target, "
+                f"not {target.model_type!r}"
+            )
         if (config.hidden_size, config.vocab_size) != (target.hidden_size, target.vocab_size):
             raise ValueError(
                 f"drafter {str(path)!r} was built for hidden_size={config.hidden_size}, vocab={config.vocab_size}; "
@@ -239,8 +249,14 @@ class FlashDrafter(nn.Module):
         return x
 
     def _draft(
-        self, rows: torch.Tensor, valid: torch.Tensor, n_real: torch.Tensor, n_real_max: int,
-        params: SamplingParams, generator: torch.Generator | None, block_size: int | None,
+        self,
+        rows: torch.Tensor,
+        valid: torch.Tensor,
+        n_real: torch.Tensor,
+        n_real_max: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        block_size: int | None,
     ) -> Block:
         """Append real rows [B, R, D] (row b's first n_real[b] valid), draft a block, commit the real rows."""
         k = block_size or self.config.block_size
@@ -275,8 +291,12 @@ class FlashDrafter(nn.Module):
 
     @torch.inference_mode()
     def start(
-        self, prefill: Prefill, first_tokens: torch.Tensor, params: SamplingParams,
-        generator: torch.Generator | None = None, block_size: int | None = None,
+        self,
+        prefill: Prefill,
+        first_tokens: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> Block:
         """Read the prompt (latents + text rows) into a fresh cache and draft the first block.
 
@@ -300,16 +320,27 @@ class FlashDrafter(nn.Module):
             rows[b, : seq.shape[0]] = seq
             valid[b, : seq.shape[0]] = True
         self.cache = DrafterCache(
-            len(self.layers), batch, self.config.num_heads, dim // self.config.num_heads,
-            capacity=longest + 256, dtype=features.dtype, device=features.device,
+            len(self.layers),
+            batch,
+            self.config.num_heads,
+            dim // self.config.num_heads,
+            capacity=longest + 256,
+            dtype=features.dtype,
+            device=features.device,
         )
         n_real = torch.tensor(lengths, device=features.device)
         return self._draft(rows, valid, n_real, longest, params, generator, block_size)
 
     @torch.inference_mode()
     def step(
-        self, features: torch.Tensor, next_tokens: torch.Tensor, n_new: torch.Tensor, n_new_max: int,
-        params: SamplingParams, generator: torch.Generator | None = None, block_size: int | None = None,
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        n_new: torch.Tensor,
+        n_new_max: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> Block:
         """Add the newly verified rows and draft the next block.
 

@@ -29,13 +29,23 @@ class Drafter(Protocol):
     block_size: int
 
     def start(
-        self, prefill: Prefill, first_tokens: torch.Tensor, params: SamplingParams,
-        generator: torch.Generator | None = None, block_size: int | None = None,
+        self,
+        prefill: Prefill,
+        first_tokens: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> Block: ...
 
     def step(
-        self, features: torch.Tensor, next_tokens: torch.Tensor, n_new: torch.Tensor, n_new_max: int,
-        params: SamplingParams, generator: torch.Generator | None = None, block_size: int | None = None,
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        n_new: torch.Tensor,
+        n_new_max: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> Block: ...
 
     def select_rows(self, rows: torch.Tensor) -> None: ...
@@ -157,9 +167,7 @@ def generate(
                 drafter.select_rows(live)
         last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
         if drafter is not None:
-            block = drafter.step(
-                features, emitted, n_emit, rows.max_accepted + 1, params, generator, block_size
-            )
+            block = drafter.step(features, emitted, n_emit, rows.max_accepted + 1, params, generator, block_size)
             stats.draft_s += _clock(device) - t_draft
     return GenerateOutput(rows.sequences, stats)
 
@@ -173,8 +181,13 @@ class _Rows:
         self.max_accepted = 0
 
     def record(
-        self, emitted: torch.Tensor, n_kept: torch.Tensor, finished: torch.Tensor, stats: DecodeStats,
-        n_accepted: torch.Tensor | None = None, k: int = 0,
+        self,
+        emitted: torch.Tensor,
+        n_kept: torch.Tensor,
+        finished: torch.Tensor,
+        stats: DecodeStats,
+        n_accepted: torch.Tensor | None = None,
+        k: int = 0,
     ) -> torch.Tensor | None:
         """Append kept tokens and update stats; return the indices of rows still decoding (None if none)."""
         columns = [emitted, n_kept.unsqueeze(1), finished.to(emitted.dtype).unsqueeze(1)]

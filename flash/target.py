@@ -170,7 +170,11 @@ class TargetSession:
     """
 
     def __init__(
-        self, target: Target, cache: DynamicCache, attention_mask: torch.Tensor, next_index: torch.Tensor,
+        self,
+        target: Target,
+        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        next_index: torch.Tensor,
         rope_deltas: torch.Tensor,
     ) -> None:
         self.target = target
@@ -260,9 +264,7 @@ def load_target(
         )
     family, class_name = SUPPORTED_MODELS[model_type]
     model_class = getattr(transformers, class_name)
-    model = model_class.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)

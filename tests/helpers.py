@@ -21,7 +21,10 @@ PROMPT_TEXTS = [
 ]
 
 MEDIA_TOKEN = {
-    "qwen2_5_vl": {"video": "<|vision_start|><|video_pad|><|vision_end|>", "image": "<|vision_start|><|image_pad|><|vision_end|>"},
+    "qwen2_5_vl": {
+        "video": "<|vision_start|><|video_pad|><|vision_end|>",
+        "image": "<|vision_start|><|image_pad|><|vision_end|>",
+    },
     "llava_onevision": {"video": "<video>", "image": "<image>"},
 }
 
@@ -50,8 +53,18 @@ def chat(family: str, text: str, media: str | None = None) -> str:
 def cases(family: str, seed: int = 0) -> list[Case]:
     """20 prompt/video/image cases of varied lengths for one family."""
     rng = np.random.RandomState(seed)
-    video_shapes = [(2, 56, 56), (4, 56, 56), (6, 56, 84), (8, 84, 56), (4, 112, 112), (2, 84, 84),
-                    (6, 56, 56), (4, 56, 112), (8, 56, 56), (2, 112, 56)]
+    video_shapes = [
+        (2, 56, 56),
+        (4, 56, 56),
+        (6, 56, 84),
+        (8, 84, 56),
+        (4, 112, 112),
+        (2, 84, 84),
+        (6, 56, 56),
+        (4, 56, 112),
+        (8, 56, 56),
+        (2, 112, 56),
+    ]
     image_shapes = [(56, 56), (56, 84), (84, 56), (112, 112), (56, 112), (84, 84), (112, 56)]
     out = []
     for i, (t, h, w) in enumerate(video_shapes):

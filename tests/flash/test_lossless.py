@@ -109,7 +109,7 @@ def test_rollback_matters(targets64, references, monkeypatch):
 
     monkeypatch.setattr(flash.TargetSession, "commit", no_rollback)
     broken = 0
-    for case, inputs, ref in references["qwen2_5_vl"]:
+    for _case, inputs, ref in references["qwen2_5_vl"]:
         drafter = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=1)
         broken += flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences != [ref]
     assert broken > 0
@@ -132,3 +132,19 @@ def test_mrope_positions_matter(targets64, references, monkeypatch):
         for _, inputs, ref in video_cases
     )
     assert differ > 0
+
+
+def test_qwen2_vl_shares_the_adapter(tmp_path):
+    """Qwen2-VL (the 2.5 adapter, its own HF class): plain, untrained and oracle drafts are exact."""
+    from flash.build import build_qwen2_vl
+
+    target = flash.load_target(build_qwen2_vl(tmp_path / "q2", seed=0), dtype=torch.float64)
+    assert target.family == "qwen" and target.model_type == "qwen2_vl"
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
+    for case in cases("qwen2_5_vl")[::3]:
+        inputs = case.inputs(target.processor)
+        ref = hf_greedy(target, inputs, MAX_NEW)
+        assert flash.generate(target, None, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+        assert flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+        oracle = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=2)
+        assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name

@@ -1,0 +1,122 @@
+"""Sampling: our warpers equal Hugging Face's, and speculative sampling keeps the
+target's distribution (statistical tests with a bound a wrong rule fails)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import flash
+from flash.acceptance import speculative_accept
+from flash.sampling import SamplingParams, probabilities, warp_logits
+from tests.helpers import FixedDistributionDrafter, chat
+
+# chi-square quantile far in the tail; a correct sampler fails it with probability < 1e-6
+CHI2_BOUND = {3: 30.7, 5: 35.9, 8: 41.3}
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson statistic over cells with expected count >= 5 (others pooled), and its degrees of freedom."""
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
+    return stat, int(keep.sum()) - 1
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(0.7),
+        SamplingParams(1.0, top_k=3),
+        SamplingParams(1.3, top_p=0.8),
+        SamplingParams(0.9, top_k=5, top_p=0.6),
+    ],
+)
+def test_warpers_match_hugging_face(params):
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hf = TemperatureLogitsWarper(params.temperature)(None, logits)
+    if params.top_k:
+        hf = TopKLogitsWarper(params.top_k)(None, hf)
+    if params.top_p < 1:
+        hf = TopPLogitsWarper(params.top_p)(None, hf)
+    assert torch.equal(warp_logits(logits, params), hf)
+
+
+def _emitted_marginals(accept, n=200_000, vocab=6, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p_rows = torch.softmax(torch.randn(k + 1, vocab, generator=g, dtype=torch.float64) * 1.5, -1)
+    q_rows = torch.softmax(torch.randn(k, vocab, generator=g, dtype=torch.float64) * 1.5, -1)
+    p = p_rows.expand(n, -1, -1)
+    q = q_rows.expand(n, -1, -1)
+    draft = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).view(n, k)
+    n_acc, tokens = accept(draft, q, p, g)
+    first = torch.bincount(tokens[:, 0], minlength=vocab).double()
+    reached = n_acc >= 1  # the second emitted token exists; it must follow p[1]
+    second = torch.bincount(tokens[reached, 1], minlength=vocab).double()
+    return [chi2(first, p_rows[0]), chi2(second, p_rows[1])]
+
+
+def test_speculative_sampling_keeps_target_distribution():
+    for stat, dof in _emitted_marginals(lambda d, q, p, g: speculative_accept(d, q, p, generator=g)):
+        assert stat < CHI2_BOUND[dof], (stat, dof)
+
+
+def test_distribution_test_catches_wrong_acceptance():
+    """Prove the bound bites: accepting with min(1, q/p) instead of p/q must fail it."""
+
+    def wrong(draft, q, p, g):
+        return speculative_accept(draft, p[:, : draft.shape[1]], torch.cat([q, p[:, -1:]], 1), generator=g)
+
+    def always_accept(draft, q, p, g):
+        return speculative_accept(draft, q, q.new_ones(q.shape[0], q.shape[1] + 1, q.shape[2]) * 1e9, generator=g)
+
+    for broken in (wrong, always_accept):
+        stats = _emitted_marginals(broken)
+        assert any(stat > CHI2_BOUND[dof] for stat, dof in stats)
+
+
+def test_generate_sampling_matches_target_distribution(targets64):
+    """End to end on a tiny Qwen2.5-VL: the joint law of the first two sampled tokens,
+    drawn through flash.generate with a deliberately poor drafter, equals the target's."""
+    target = targets64["qwen2_5_vl"]
+    params = SamplingParams(temperature=1.0, top_k=3)
+    n = 1500
+    inputs = target.processor(text=[chat("qwen2_5_vl", "describe the video")] * n, return_tensors="pt")
+    one = {k: v[:1] for k, v in inputs.items()}
+
+    # Exact target law of (t1, t2) under top-k 3.
+    with torch.inference_mode():
+        logits1 = target.model(**one).logits[0, -1]
+        p1 = probabilities(logits1, params)
+        joint = torch.zeros(target.vocab_size, target.vocab_size, dtype=torch.float64)
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            ids = torch.cat([one["input_ids"], torch.tensor([[t1]])], 1)
+            logits2 = target.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            joint[t1] = p1[t1] * probabilities(logits2, params)
+
+    # q: uniform over every possible second token plus one the target never picks there.
+    seconds = torch.nonzero(joint.sum(0)).flatten().tolist()
+    never = next(t for t in range(target.vocab_size) if t not in seconds)
+    q = torch.zeros(target.vocab_size, dtype=torch.float64)
+    q[seconds + [never]] = 1.0 / (len(seconds) + 1)
+    drafter = FixedDistributionDrafter(q, block_size=2)
+    out = flash.generate(
+        target, drafter, inputs, max_new_tokens=2, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1)
+    )
+    assert 0 < out.stats.accepted < out.stats.drafted  # both branches of acceptance ran
+    counts = torch.zeros_like(joint)
+    for seq in out.sequences:
+        counts[seq[0], seq[1]] += 1
+    cells = joint > 0
+    stat, dof = chi2(counts[cells], joint[cells])
+    assert counts[~cells].sum() == 0
+    assert stat < CHI2_BOUND.get(dof, 41.3), (stat, dof)

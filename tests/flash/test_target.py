@@ -1,0 +1,98 @@
+"""Loading: the real from_pretrained path, clear errors for bad checkpoints, safe defaults."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+
+import pytest
+import torch
+
+import flash
+from flash.target import SUPPORTED_MODELS
+
+
+def test_load_target_reads_both_families(tiny_checkpoints):
+    for name, path in tiny_checkpoints.items():
+        target = flash.load_target(path, dtype=torch.float32)
+        assert target.model_type == name
+        assert target.dtype == torch.float32 and target.processor.tokenizer.padding_side == "left"
+        assert target.eos_token_ids.numel() >= 1 and len(target.visual_token_ids) == 2
+
+
+def test_prefill_reports_features_and_visual_positions(targets64):
+    import numpy as np
+
+    target = targets64["qwen2_5_vl"]
+    frames = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+    inputs = target.processor(
+        text=["<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> what"], videos=[frames], return_tensors="pt"
+    )
+    session, prefill = target.prefill(inputs)
+    ids = inputs["input_ids"]
+    assert prefill.features.shape == (1, ids.shape[1], target.hidden_size)
+    assert prefill.visual_mask.sum().item() == (ids == target.config.video_token_id).sum().item() > 0
+    # Qwen's rope delta after a video is negative: the video spans fewer positions than tokens.
+    assert session.rope_deltas.item() < 0
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        flash.load_target(tmp_path / "nope")
+
+
+def test_a_file_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a directory"):
+        flash.load_target(tmp_path / "model.safetensors")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        flash.load_target(tmp_path)
+
+
+def test_text_only_model_is_refused(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="'qwen2' model; flashcap supports vision-language models"):
+        flash.load_target(tmp_path)
+
+
+def test_pickled_weights_are_refused(tiny_checkpoints, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen2_5_vl"], copy)
+    for f in copy.glob("*.safetensors"):
+        f.unlink()
+    torch.save({}, copy / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="no .safetensors weights.*pytorch_model.bin.*refused"):
+        flash.load_target(copy)
+
+
+def test_remote_code_is_never_run_by_default(tiny_checkpoints, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints["qwen2_5_vl"], copy)
+    marker = tmp_path / "ran"
+    (copy / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((copy / "config.json").read_text())
+    config.update(model_type="evil_vlm", auto_map={"AutoConfig": "evil.EvilConfig"})
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError):
+        flash.load_target(copy)
+    assert not marker.exists()
+    assert inspect.signature(flash.load_target).parameters["trust_remote_code"].default is False
+
+
+def test_supported_families_are_listed():
+    assert {"qwen2_5_vl", "qwen2_vl", "llava_onevision"} <= set(SUPPORTED_MODELS)
