@@ -41,7 +41,7 @@ def word_tokenizer(words: Sequence[str], special: Sequence[str], eos: str, pad: 
         vocab.setdefault(token, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # "moves right ." round-trips
     tok.add_special_tokens(list(special))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", eos_token=eos, pad_token=pad, padding_side="left"

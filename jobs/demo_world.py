@@ -1,0 +1,212 @@
+"""The demo world: synthetic captioned videos whose captions can only be known by
+watching them.
+
+A scene has one to three objects (shape, colour, size) on a background; each
+object moves one way (left to right, right to left, up, down, diagonally, still,
+growing, shrinking, bouncing) inside its own horizontal lane. The caption lists
+the objects in a fixed colour order, in a sentence template chosen by what is
+visible (the number of objects and the background), so a model that sees the
+video can produce it word for word. Everything is deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = ["circle", "square", "triangle", "cross"]
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"black": (10, 10, 10), "white": (245, 245, 245), "gray": (128, 128, 128), "brown": (110, 70, 40)}
+SIZES = {"small": 16, "large": 28}
+MOTIONS = {
+    "left_to_right": "moves right",
+    "right_to_left": "moves left",
+    "up": "moves up",
+    "down": "moves down",
+    "diagonal": "moves diagonally",
+    "still": "stays still",
+    "growing": "grows",
+    "shrinking": "shrinks",
+    "bouncing": "bounces",
+}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+SIDE = 112  # frame width and height in pixels
+FRAMES = 16  # frames per clip
+FPS = 8
+SAMPLED_FRAMES = 8  # frames a model sees
+
+PROMPT = "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|><|im_start|>assistant"
+
+
+@dataclass(frozen=True)
+class DemoObject:
+    shape: str
+    colour: str
+    size: str
+    motion: str
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape} {MOTIONS[self.motion]}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    background: str
+    objects: tuple[DemoObject, ...]
+
+    def caption(self) -> str:
+        """The ground-truth caption: template picked by object count and background."""
+        n = len(self.objects)
+        count = COUNT_WORDS[n]
+        noun = "object" if n == 1 else "objects"
+        parts = [o.phrase() for o in self.objects]
+        body = " . ".join(parts)
+        template = (n + list(BACKGROUNDS).index(self.background)) % 3
+        be = "is" if n == 1 else "are"
+        if template == 0:
+            return f"the video shows {count} {noun} on a {self.background} background . {body} ."
+        if template == 1:
+            return f"on a {self.background} background there {be} {count} {noun} . {body} . the camera is still ."
+        return f"a {self.background} background with {count} {noun} . {body} . nothing else happens ."
+
+
+def scene_for_seed(seed: int) -> Scene:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 4))
+    colours = sorted(rng.choice(len(COLOURS), size=n, replace=False).tolist())  # caption order = colour order
+    objects = tuple(
+        DemoObject(
+            shape=SHAPES[int(rng.integers(len(SHAPES)))],
+            colour=list(COLOURS)[c],
+            size=list(SIZES)[int(rng.integers(len(SIZES)))],
+            motion=list(MOTIONS)[int(rng.integers(len(MOTIONS)))],
+        )
+        for c in colours
+    )
+    return Scene(seed=seed, background=list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))], objects=objects)
+
+
+def _draw(frame: np.ndarray, shape: str, cx: float, cy: float, side: float, colour) -> None:
+    h, w, _ = frame.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    dx, dy, r = xs - cx, ys - cy, side / 2
+    if shape == "circle":
+        mask = dx**2 + dy**2 <= r**2
+    elif shape == "square":
+        mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    elif shape == "triangle":
+        mask = (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
+    else:  # cross
+        bar = r / 3
+        mask = ((np.abs(dx) <= r) & (np.abs(dy) <= bar)) | ((np.abs(dy) <= r) & (np.abs(dx) <= bar))
+    frame[mask] = colour
+
+
+def render(scene: Scene, frames: int = FRAMES, side: int = SIDE) -> np.ndarray:
+    """uint8 [T, H, W, 3] frames of the scene."""
+    rng = np.random.default_rng(scene.seed + 1_000_003)
+    out = np.empty((frames, side, side, 3), dtype=np.uint8)
+    out[:] = BACKGROUNDS[scene.background]
+    lane = side / len(scene.objects)
+    for i, obj in enumerate(scene.objects):
+        base = SIZES[obj.size] * side / 112
+        margin = base / 2 + 2
+        cy0 = lane * (i + 0.5)
+        top, bottom = lane * i + margin, lane * (i + 1) - margin
+        start_x = float(rng.uniform(margin, side - margin))
+        for t in range(frames):
+            a = t / (frames - 1)  # 0 -> 1 over the clip
+            cx, cy, s = start_x, cy0, base
+            if obj.motion == "left_to_right":
+                cx = margin + a * (side - 2 * margin)
+            elif obj.motion == "right_to_left":
+                cx = side - margin - a * (side - 2 * margin)
+            elif obj.motion == "up":
+                cy = max(bottom, top) - a * max(bottom - top, 0)
+            elif obj.motion == "down":
+                cy = min(top, bottom) + a * max(bottom - top, 0)
+            elif obj.motion == "diagonal":
+                cx = margin + a * (side - 2 * margin)
+                cy = min(top, bottom) + a * max(bottom - top, 0)
+            elif obj.motion == "growing":
+                s = base * (0.5 + a)
+            elif obj.motion == "shrinking":
+                s = base * (1.5 - a)
+            elif obj.motion == "bouncing":
+                cy = cy0 - abs(math.sin(a * 2 * math.pi)) * max((bottom - top) / 2, 3) + max((bottom - top) / 4, 1)
+            _draw(out[t], obj.shape, cx, cy, s, COLOURS[obj.colour])
+    return out
+
+
+def encode_mp4(frames: np.ndarray, fps: int = FPS) -> bytes:
+    """H.264 mp4 bytes of uint8 [T, H, W, 3] frames (PyAV)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def sample_indices(total: int, count: int = SAMPLED_FRAMES) -> list[int]:
+    """Evenly spaced frame indices, the same rule the pipeline uses."""
+    if total <= 0:
+        return []
+    return np.linspace(0, total - 1, num=min(count, total)).round().astype(int).tolist()
+
+
+def decode_frames(data: bytes, count: int = SAMPLED_FRAMES) -> np.ndarray:
+    """Decode mp4 bytes with decord and sample `count` frames: uint8 [T, H, W, 3]."""
+    import decord
+
+    reader = decord.VideoReader(io.BytesIO(data))
+    return reader.get_batch(sample_indices(len(reader), count)).asnumpy()
+
+
+def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
+    """Write `count` clips (seeds seed..seed+count-1) and captions.jsonl to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for s in range(seed, seed + count):
+        scene = scene_for_seed(s)
+        name = f"clip_{s:06d}.mp4"
+        (out / name).write_bytes(encode_mp4(render(scene)))
+        records.append({"file": name, "seed": s, "caption": scene.caption(), "scene": asdict(scene)})
+    with open(out / "captions.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+def vocabulary() -> list[str]:
+    """Every word a demo caption or prompt can use."""
+    words = set("describe the video .".split())
+    words |= set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(SIZES) | set(COUNT_WORDS.values())
+    for phrase in MOTIONS.values():
+        words |= set(phrase.split())
+    templates = "the video shows object objects on a background there is are camera still with nothing else happens"
+    words |= set(templates.split())
+    return sorted(words)

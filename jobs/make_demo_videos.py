@@ -1,0 +1,30 @@
+"""Write synthetic captioned demo videos: H.264 mp4 files and captions.jsonl.
+
+    python jobs/make_demo_videos.py --out DIR --count N --seed S
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.demo_world import write_videos  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--count", type=int, default=20, help="number of clips")
+    parser.add_argument("--seed", type=int, default=0, help="first scene seed; clip i uses seed + i")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be >= 1")
+    records = write_videos(args.out, args.count, args.seed)
+    print(f"wrote {len(records)} clips and captions.jsonl to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
