@@ -237,16 +237,33 @@ class FlashDrafter(nn.Module):
         weights = torch.softmax(self.latent_queries[:count] @ keys.T / math.sqrt(visual.shape[-1]), dim=-1)
         return self.latent_out(weights @ visual)
 
-    def _layers(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via the cache."""
-        cache = self.cache
-        cache.reserve(x.shape[1])
-        positions = cache.lengths.unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DrafterCache
+    ) -> torch.Tensor:
+        """x [B, T, D] at positions [B, T] through the layers; mask [B, 1, T, span] over cache + new entries."""
         cos, sin = rotary(positions.clamp_min(0), self.layers[0].head_dim, self.config.rope_theta, x.dtype)
-        mask = cache.attention_mask(valid)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, index, mask)
         return x
+
+    def _layers(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via the decoding cache."""
+        cache = self.cache
+        cache.reserve(x.shape[1])
+        positions = cache.lengths.unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
+        return self.run_layers(x, positions, cache.attention_mask(valid), cache)
+
+    def new_cache(self, batch: int, capacity: int, like: torch.Tensor) -> DrafterCache:
+        heads = self.config.num_heads
+        return DrafterCache(
+            len(self.layers), batch, heads, self.config.hidden_size // heads, capacity, like.dtype, like.device
+        )
+
+    def slot_hidden(self, h: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
+        """Refine slot states h [..., D] from the embedding of the token drafted just before each."""
+        if not self.config.refine:
+            return h
+        return h + self.refine(torch.cat([h, self.embed_tokens(previous_tokens)], dim=-1))
 
     def _draft(
         self,
@@ -273,9 +290,7 @@ class FlashDrafter(nn.Module):
         h = last.squeeze(1)
         for i in range(k):
             if i > 0:
-                h = slot_hidden[:, i - 1]
-                if self.config.refine:
-                    h = h + self.refine(torch.cat([h, self.embed_tokens(tokens[-1])], dim=-1))
+                h = self.slot_hidden(slot_hidden[:, i - 1], tokens[-1])
             feature = self.norm(h)
             token, prob = choose(self.lm_head(feature), params, generator)
             tokens.append(token)
@@ -319,15 +334,7 @@ class FlashDrafter(nn.Module):
         for b, seq in enumerate(sequences):
             rows[b, : seq.shape[0]] = seq
             valid[b, : seq.shape[0]] = True
-        self.cache = DrafterCache(
-            len(self.layers),
-            batch,
-            self.config.num_heads,
-            dim // self.config.num_heads,
-            capacity=longest + 256,
-            dtype=features.dtype,
-            device=features.device,
-        )
+        self.cache = self.new_cache(batch, longest + 256, features)
         n_real = torch.tensor(lengths, device=features.device)
         return self._draft(rows, valid, n_real, longest, params, generator, block_size)
 

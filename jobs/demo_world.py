@@ -48,7 +48,9 @@ FRAMES = 16  # frames per clip
 FPS = 8
 SAMPLED_FRAMES = 8  # frames a model sees
 
-PROMPT = "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|><|im_start|>assistant"
+PROMPT = (
+    "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|><|im_start|>assistant"
+)
 
 
 @dataclass(frozen=True)

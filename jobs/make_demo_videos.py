@@ -1,6 +1,6 @@
 """Write synthetic captioned demo videos: H.264 mp4 files and captions.jsonl.
 
-    python jobs/make_demo_videos.py --out DIR --count N --seed S
+python jobs/make_demo_videos.py --out DIR --count N --seed S
 """
 
 from __future__ import annotations

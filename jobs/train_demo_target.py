@@ -37,8 +37,14 @@ from jobs.demo_world import (  # noqa: E402
 
 TRAIN_SEED_START = 1_000_000
 TARGET_SIZES = dict(
-    hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=384,
-    vision_depth=4, vision_hidden=96, image_side=112,
+    hidden_size=128,
+    num_layers=8,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=384,
+    vision_depth=4,
+    vision_hidden=96,
+    image_side=112,
 )
 
 
@@ -119,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         sched.step()
         if step % 50 == 0:
-            print(f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"{time.time() - started:.0f}s", flush=True)
+            print(
+                f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - started:.0f}s",
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc, rows = evaluate(target, range(0, args.eval_clips))
@@ -134,11 +142,22 @@ def main(argv: list[str] | None = None) -> None:
                 best = acc
                 model.save_pretrained(out, safe_serialization=True)
                 processor.save_pretrained(out)
-            (out / "training_log.json").write_text(json.dumps({
-                "sizes": TARGET_SIZES, "batch": args.batch, "lr": args.lr, "steps": args.steps,
-                "parameters": n_params, "log": log, "best_exact_match": best,
-                "torch_threads": torch.get_num_threads(),
-            }, indent=2) + "\n")
+            (out / "training_log.json").write_text(
+                json.dumps(
+                    {
+                        "sizes": TARGET_SIZES,
+                        "batch": args.batch,
+                        "lr": args.lr,
+                        "steps": args.steps,
+                        "parameters": n_params,
+                        "log": log,
+                        "best_exact_match": best,
+                        "torch_threads": torch.get_num_threads(),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             if acc == 1.0 and step >= args.steps // 2:
                 print("perfect held-out exact match; stopping early", flush=True)
                 break

@@ -1,0 +1,258 @@
+"""Train a FLASH drafter for a target by self-distillation, on Ray Train.
+
+    python jobs/train_drafter.py --model DIR --videos DIR --out DIR [--steps N] [--workers W]
+                                 [--text-only] [--resume]
+
+1. The target captions every clip in --videos itself (greedy, batched) and its
+   features over prompt + answer are recorded (`<out>/distill.pt`, reused on
+   rerun).
+2. A `TorchTrainer` runs W workers (CPU here, GPU with --gpu) over shards of
+   that set; rank 0 reports a checkpoint every --checkpoint-every steps.
+   --resume continues from the newest checkpoint under <out>/ray_train.
+3. The final drafter is written to --out (safetensors + JSON config).
+
+--steps 0 writes an initialised, untrained drafter and starts no cluster.
+--text-only trains the ablation that never sees the visual latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import flash  # noqa: E402
+from flash.train import DistillExample, distill_example, drafter_loss  # noqa: E402
+
+PROMPT_DEFAULT = None  # the demo prompt unless --prompt is given
+
+
+def _clips(videos: Path) -> list[Path]:
+    clips = sorted(p for p in videos.iterdir() if p.suffix.lower() in {".mp4", ".mkv", ".webm", ".avi", ".mov"})
+    if not clips:
+        raise ValueError(f"no video files in {videos}")
+    return clips
+
+
+def build_distill_set(
+    model_dir: str, videos: Path, prompt: str, frames: int, max_new_tokens: int, batch: int = 16
+) -> list[dict]:
+    """The target captions each clip itself; record its features over prompt + answer."""
+    from jobs.demo_world import decode_frames
+
+    target = flash.load_target(model_dir, dtype=torch.float32)
+    clips = _clips(videos)
+    examples: list[dict] = []
+    started = time.time()
+    for first in range(0, len(clips), batch):
+        chunk = clips[first : first + batch]
+        clip_frames = [decode_frames(c.read_bytes(), frames) for c in chunk]
+        inputs = target.processor(text=[prompt] * len(chunk), videos=clip_frames, return_tensors="pt", padding=True)
+        answers = flash.generate(target, None, inputs, max_new_tokens=max_new_tokens).sequences
+        for f, answer in zip(clip_frames, answers):
+            one = target.processor(text=[prompt], videos=[f], return_tensors="pt")
+            examples.append(distill_example(target, one, answer).as_dict())
+        print(f"distill: {len(examples)}/{len(clips)} clips ({time.time() - started:.0f}s)", flush=True)
+    return examples
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config["seed"])  # identical initial weights on every rank
+    device = ray.train.torch.get_device()
+    target = flash.load_target(config["model"], dtype=torch.float32, device=device)
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(**config["drafter"]))
+    drafter.train()
+    opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
+            drafter.load_state_dict(state["drafter"])
+            opt.load_state_dict(state["optimizer"])
+            start_step = int(state["step"])
+    module = drafter
+    if world > 1:  # one set of weights: rank 0's
+        for p in module.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+    data = torch.load(config["distill"], weights_only=True)
+    shard = [DistillExample.from_dict(d) for d in data[rank::world]]
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    steps, batch = config["steps"], config["batch"]
+
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=steps, initial=start_step, desc="drafter", mininterval=5)
+    for step in range(start_step + 1, steps + 1):
+        lr = config["lr"] * min(1.0, step / max(1, config["warmup"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        picks = torch.randint(len(shard), (batch,), generator=generator).tolist()
+        opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        loss_sum = 0.0
+        for i in picks:
+            loss, metrics = drafter_loss(module, shard[i], noise=config["noise"])
+            (loss / batch).backward()
+            loss_sum += loss.item() / batch
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value / batch
+        if world > 1:  # data parallel: average gradients across ranks
+            for p in module.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum:.3f}", top1=f"{totals.get('top1_slot0', 0):.2f}")
+        if step % config["checkpoint_every"] == 0 or step == steps:
+            metrics = {"step": step, "loss": loss_sum, **totals}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(
+                        {"drafter": module.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                        os.path.join(d, "train_state.pt"),
+                    )
+                    module.save_pretrained(os.path.join(d, "drafter"))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+    if progress is not None:
+        progress.close()
+
+
+def latest_checkpoint(storage: Path, name: str):
+    """The newest checkpoint of an earlier run under storage/name, if any."""
+    from ray.train import Checkpoint
+
+    run = storage / name
+    found = sorted(run.glob("checkpoint_*/train_state.pt"), key=lambda p: p.stat().st_mtime) if run.exists() else []
+    return Checkpoint.from_directory(str(found[-1].parent)) if found else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.demo_world import PROMPT, SAMPLED_FRAMES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="target checkpoint directory")
+    parser.add_argument("--videos", help="folder of training clips (needed unless --steps 0)")
+    parser.add_argument("--out", required=True, help="where the drafter is written")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="examples per worker per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--noise", type=float, default=0.05, help="uniform noise on input features")
+    parser.add_argument("--block-size", type=int, default=4)
+    parser.add_argument("--num-layers", type=int, default=1)
+    parser.add_argument("--text-only", action="store_true", help="ablation: no visual latents")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    drafter_config = flash.DrafterConfig(
+        block_size=args.block_size, num_layers=args.num_layers, use_visual_latents=not args.text_only
+    )
+    if args.steps == 0:
+        target = flash.load_target(args.model, dtype=torch.float32)
+        flash.FlashDrafter.for_target(target, drafter_config).save_pretrained(out)
+        print(f"wrote an untrained drafter to {out}")
+        return
+    if not args.videos:
+        parser.error("--videos is required unless --steps 0")
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out.mkdir(parents=True, exist_ok=True)
+    distill = out / "distill.pt"
+    if not distill.exists():
+        examples = build_distill_set(args.model, Path(args.videos), args.prompt, args.frames, args.max_new_tokens)
+        torch.save(examples, distill)
+    storage = out / "ray_train"
+    name = "drafter"
+    resume = latest_checkpoint(storage, name) if args.resume else None
+    if args.resume and resume is None:
+        print("no checkpoint to resume from; starting fresh", flush=True)
+
+    from dataclasses import asdict
+
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            **({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}),
+        )
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_worker = max(1, cpus // args.workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "model": str(Path(args.model).resolve()),
+            "distill": str(distill),
+            "drafter": asdict(drafter_config),
+            "steps": args.steps,
+            "batch": args.batch,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "noise": args.noise,
+            "checkpoint_every": args.checkpoint_every,
+            "seed": args.seed,
+            "threads": per_worker,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=args.workers,
+            use_gpu=args.gpu,
+            resources_per_worker={"CPU": min(per_worker, cpus / args.workers)},
+        ),
+        run_config=RunConfig(name=name, storage_path=str(storage)),
+        resume_from_checkpoint=resume,
+    )
+    started = time.time()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        target = flash.load_target(args.model, dtype=torch.float32)
+        drafter = flash.FlashDrafter.from_pretrained(Path(d) / "drafter", target)
+        drafter.save_pretrained(out)
+    summary = {
+        "steps": args.steps,
+        "workers": args.workers,
+        "seconds": time.time() - started,
+        "metrics": result.metrics,
+        "config": asdict(drafter.config),
+    }
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"wrote drafter to {out} ({summary['seconds']:.0f}s); last metrics {result.metrics}")
+
+
+if __name__ == "__main__":
+    main()
