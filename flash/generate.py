@@ -62,11 +62,17 @@ class DecodeStats:
     verify_s: float = 0.0
     prefill_s: float = 0.0
     accepted_per_cycle: list[list[int]] = field(default_factory=list)  # per cycle, per active row
+    row_accepted: list[int] = field(default_factory=list)  # per original row: drafted tokens accepted
+    row_cycle_count: list[int] = field(default_factory=list)  # per original row: cycles it took part in
 
     @property
     def acceptance_length(self) -> float:
         """Mean tokens per row per cycle: accepted + 1 (the bonus)."""
         return (self.accepted + self.row_cycles) / self.row_cycles if self.row_cycles else 0.0
+
+    def row_acceptance_length(self, row: int) -> float:
+        cycles = self.row_cycle_count[row]
+        return (self.row_accepted[row] + cycles) / cycles if cycles else 0.0
 
     def as_dict(self) -> dict:
         return {
@@ -121,6 +127,7 @@ def generate(
     budget = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
     n_kept, finished = clip_at_stop(first.unsqueeze(1), torch.ones_like(budget), eos, budget)
     rows = _Rows(batch)
+    stats.row_accepted, stats.row_cycle_count = [0] * batch, [0] * batch
     live = rows.record(first.unsqueeze(1), n_kept, finished, stats)  # one host sync
     stats.prefill_s = _clock(device) - t0
     if live is None:
@@ -209,6 +216,9 @@ class _Rows:
             stats.drafted += k * len(host)
             stats.accepted += sum(accepted)
             stats.accepted_per_cycle.append(accepted)
+            for row, a in zip(self.active, accepted):
+                stats.row_accepted[row] += a
+                stats.row_cycle_count[row] += 1
             self.max_accepted = max(accepted)
         if not still:
             return None

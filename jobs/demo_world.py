@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.decode import sample_frames, sample_indices  # noqa: F401 (the one sampling rule)
+
 SHAPES = ["circle", "square", "triangle", "cross"]
 COLOURS = {
     "red": (220, 40, 40),
@@ -172,19 +174,9 @@ def encode_mp4(frames: np.ndarray, fps: int = FPS) -> bytes:
     return buf.getvalue()
 
 
-def sample_indices(total: int, count: int = SAMPLED_FRAMES) -> list[int]:
-    """Evenly spaced frame indices, the same rule the pipeline uses."""
-    if total <= 0:
-        return []
-    return np.linspace(0, total - 1, num=min(count, total)).round().astype(int).tolist()
-
-
 def decode_frames(data: bytes, count: int = SAMPLED_FRAMES) -> np.ndarray:
-    """Decode mp4 bytes with decord and sample `count` frames: uint8 [T, H, W, 3]."""
-    import decord
-
-    reader = decord.VideoReader(io.BytesIO(data))
-    return reader.get_batch(sample_indices(len(reader), count)).asnumpy()
+    """Decode mp4 bytes with decord and sample `count` frames, as the pipeline does: uint8 [T, H, W, 3]."""
+    return sample_frames(data, num_frames=count)
 
 
 def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:

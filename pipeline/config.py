@@ -1,0 +1,117 @@
+"""The job's configuration: one frozen pydantic model, validated once, before
+any cluster work starts. Built from a YAML file and/or command-line flags
+(flags win)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+VIDEO_PATTERNS = ("*.mp4", "*.mkv", "*.webm", "*.avi", "*.mov", "*.m4v")
+
+
+class CaptionConfig(BaseModel):
+    """Everything a captioning job needs. Every field is documented; unknown fields are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: str = Field(description="Videos to caption: s3://bucket/prefix/ or a local directory (searched recursively).")
+    output: str = Field(description="Where Parquet captions go: s3://bucket/prefix/ or a local directory.")
+    include: tuple[str, ...] = Field(
+        default=VIDEO_PATTERNS, description="Glob patterns on object names (basename) that count as videos."
+    )
+    s3_endpoint: str | None = Field(
+        default=None, description="Endpoint URL of an S3-compatible store (MinIO, R2, ...); None: AWS."
+    )
+    s3_region: str | None = Field(default=None, description="S3 region; None: the standard AWS chain decides.")
+    model: str = Field(description="Target VLM checkpoint directory (safetensors).")
+    drafter: str | None = Field(default=None, description="FLASH drafter directory; None: plain decoding.")
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint to run.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Model dtype; auto: bfloat16 on GPU, float32 on CPU."
+    )
+    prompt: str = Field(
+        default="<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|>"
+        "<|im_start|>assistant",
+        description="The full prompt, with the model's video placeholder, as the processor expects it.",
+    )
+    num_frames: int = Field(default=8, ge=1, le=256, description="Frames sampled evenly per video (fps unset).")
+    fps: float | None = Field(
+        default=None, gt=0, description="Sample at this rate instead of num_frames (capped at max_frames)."
+    )
+    max_frames: int = Field(default=64, ge=1, le=1024, description="Upper bound on frames per video when fps is set.")
+    max_side: int = Field(default=448, ge=28, le=4096, description="Frames are downscaled so the longer side fits.")
+    max_video_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="Larger objects get an error row instead of being read."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Caption length limit in tokens.")
+    temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0: greedy (lossless) decoding.")
+    batch_size: int = Field(default=4, ge=1, le=256, description="Videos per generate call in a caption actor.")
+    min_actors: int = Field(default=1, ge=1, description="Caption actor pool lower bound.")
+    max_actors: int = Field(default=1, ge=1, description="Caption actor pool upper bound (autoscaling).")
+    gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs per caption actor; 0: CPU.")
+    cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs per caption actor.")
+    cpus_per_decode: float = Field(default=1.0, gt=0.0, description="CPUs per video-decoding task.")
+    flush_rows: int = Field(default=256, ge=1, description="Rows buffered before a Parquet part is written.")
+    flush_seconds: float = Field(default=60.0, gt=0, description="Longest wait before buffered rows are written.")
+    report: bool = Field(default=True, description="Write report.json and throughput.png beside the output.")
+
+    @field_validator("input", "output")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"{value!r}: only s3:// URIs and local paths are supported")
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError(f"{value!r}: an s3:// URI needs a bucket")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r}: the S3 endpoint must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaptionConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
+        if not self.input.startswith("s3://") and not Path(self.input).is_dir():
+            raise ValueError(f"input {self.input!r} is not a directory")
+        for name in ("model", "drafter"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_dir():
+                raise ValueError(f"{name} {path!r} is not a directory")
+        if self.output.rstrip("/") == self.input.rstrip("/"):
+            raise ValueError("output must differ from input")
+        return self
+
+    def describe(self) -> str:
+        return "\n".join(f"  {name}: {getattr(self, name)!r}" for name in type(self).model_fields)
+
+
+def load_config(path: str | None = None, **overrides: Any) -> CaptionConfig:
+    """YAML file (optional) + overrides (None values ignored) -> validated CaptionConfig.
+
+    Raises ValueError with every problem listed.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"config file {path!r} does not exist")
+        loaded = yaml.safe_load(file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of field: value")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return CaptionConfig(**data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"invalid configuration: {problems}") from None

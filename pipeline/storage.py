@@ -1,0 +1,177 @@
+"""Object storage: listing inputs, reading them, and the Parquet output.
+
+s3:// goes through boto3 (credentials from the standard AWS chain, never
+logged; an explicit endpoint for S3-compatible stores); anything else is a
+local path. One client per process, built lazily.
+
+The output is a folder (or prefix) of Parquet parts with one explicit schema.
+Rows are keyed by (video_uri, etag): a rerun reads the keys already written and
+captions only what is missing or changed. Parts are written whole (S3 PUT,
+local write-then-rename), so a crash never leaves half a part behind. Part
+names are generated here and never derived from input names, so no input can
+write outside the output prefix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("video_uri", pa.string(), nullable=False),
+        pa.field("etag", pa.string(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("acceptance_length", pa.float64(), nullable=False),
+        pa.field("decode_s", pa.float64(), nullable=False),
+        pa.field("generate_s", pa.float64(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("drafter", pa.string(), nullable=True),
+        pa.field("error", pa.string(), nullable=True),
+        pa.field("worker_node", pa.string(), nullable=False),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class VideoObject:
+    uri: str
+    size: int
+    etag: str  # S3 ETag, or mtime-size for local files: changes when the object does
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+@lru_cache(maxsize=8)
+def s3_client(settings: S3Settings):
+    """A boto3 S3 client with adaptive retries (throttling, resets, timeouts)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+    return boto3.client("s3", endpoint_url=settings.endpoint, region_name=settings.region, config=config)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(base.lower(), p.lower()) for p in patterns)
+
+
+def list_videos(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> list[VideoObject]:
+    """Every object under `uri` whose name matches, sorted by URI."""
+    found = []
+    if is_s3(uri):
+        bucket, prefix = split_s3(uri)
+        paginator = s3_client(settings).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                if _matches(obj["Key"], patterns):
+                    found.append(VideoObject(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["ETag"].strip('"')))
+    else:
+        root = Path(uri)
+        for path in root.rglob("*"):
+            if path.is_file() and _matches(path.name, patterns):
+                st = path.stat()
+                found.append(VideoObject(str(path.resolve()), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}"))
+    return sorted(found, key=lambda o: o.uri)
+
+
+def read_object(uri: str, settings: S3Settings) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(uri).read_bytes()
+
+
+class OutputStore:
+    """The Parquet output folder or prefix."""
+
+    def __init__(self, uri: str, settings: S3Settings) -> None:
+        self.uri = uri.rstrip("/")
+        self.settings = settings
+
+    def _key(self, name: str) -> str:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"output name {name!r} would leave the output prefix")
+        return f"{self.uri}/{name}"
+
+    def check_writable(self) -> None:
+        """Fail fast (before any model loads) if the output cannot be listed or written."""
+        probe = f"_flashcap-probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"")
+        self.delete(probe)
+
+    def parts(self) -> list[str]:
+        if is_s3(self.uri):
+            bucket, prefix = split_s3(self.uri + "/")
+            paginator = s3_client(self.settings).get_paginator("list_objects_v2")
+            return sorted(
+                f"s3://{bucket}/{o['Key']}"
+                for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", [])
+                if o["Key"].endswith(".parquet") and "/" not in o["Key"][len(prefix) :]
+            )
+        root = Path(self.uri)
+        return sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
+
+    def read_table(self) -> pa.Table:
+        tables = [pq.read_table(io.BytesIO(read_object(p, self.settings))) for p in self.parts()]
+        if not tables:
+            return OUTPUT_SCHEMA.empty_table()
+        return pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables])
+
+    def existing_keys(self) -> set[tuple[str, str]]:
+        table = self.read_table()
+        return set(zip(table.column("video_uri").to_pylist(), table.column("etag").to_pylist()))
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        key = self._key(name)
+        if is_s3(key):
+            bucket, object_key = split_s3(key)
+            s3_client(self.settings).put_object(Bucket=bucket, Key=object_key, Body=data)
+        else:
+            path = Path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return key
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        if is_s3(key):
+            bucket, object_key = split_s3(key)
+            s3_client(self.settings).delete_object(Bucket=bucket, Key=object_key)
+        else:
+            Path(key).unlink(missing_ok=True)
+
+    def write_part(self, rows: list[dict], name: str) -> str:
+        """Write rows as one Parquet part (whole or not at all)."""
+        table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return self.write_bytes(name, buf.getvalue())
