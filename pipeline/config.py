@@ -30,7 +30,7 @@ class CaptionConfig(BaseModel):
     model: str = Field(description="Target VLM checkpoint directory (safetensors).")
     drafter: str | None = Field(default=None, description="FLASH drafter directory; None: plain decoding.")
     trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint to run.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
         default="auto", description="Model dtype; auto: bfloat16 on GPU, float32 on CPU."
     )
     prompt: str = Field(

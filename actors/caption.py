@@ -1,0 +1,137 @@
+"""The caption actor: loads the target and the drafter once, then captions
+batches of decoded videos with `flash.generate` (GPU when given, CPU otherwise).
+
+Rows that arrive with a decode error pass through untouched. If a batch fails
+in generation, its rows are retried one by one so a single bad input only costs
+its own row (which gets the error).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import flash
+from pipeline.config import CaptionConfig
+from pipeline.decode import frames_of
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class CaptionActor:
+    def __init__(self, config: dict) -> None:
+        self.config = CaptionConfig.model_validate(config)
+        use_gpu = self.config.gpus_per_actor > 0 and torch.cuda.is_available()
+        device = "cuda" if use_gpu else "cpu"
+        dtype = DTYPES.get(self.config.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
+        self.target = flash.load_target(self.config.model, dtype=dtype, device=device,
+                                        trust_remote_code=self.config.trust_remote_code)
+        self.drafter = (
+            flash.FlashDrafter.from_pretrained(self.config.drafter, self.target) if self.config.drafter else None
+        )
+        self.node = _node_name()
+        self.actor_id = f"{self.node}:{os.getpid()}"
+        self._metrics = _Metrics()
+
+    def _generate(self, frames: list[np.ndarray]) -> tuple[list[str], list[int], list[float], float]:
+        processor = self.target.processor
+        inputs = processor(text=[self.config.prompt] * len(frames), videos=frames, return_tensors="pt",
+                           padding=True)
+        started = time.perf_counter()
+        out = flash.generate(self.target, self.drafter, inputs, max_new_tokens=self.config.max_new_tokens,
+                             temperature=self.config.temperature)
+        elapsed = time.perf_counter() - started
+        eos = set(self.target.eos_token_ids.tolist())
+        texts = [
+            processor.tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True).strip()
+            for seq in out.sequences
+        ]
+        lengths = [out.stats.row_acceptance_length(i) for i in range(len(frames))]
+        return texts, [len(s) for s in out.sequences], lengths, elapsed
+
+    def _caption(self, rows: list[dict]) -> None:
+        """Fill caption/num_tokens/acceptance_length/generate_s/error on rows without a decode error."""
+        todo = [r for r in rows if not r["error"]]
+        if not todo:
+            return
+        try:
+            groups = [todo]
+            results = [self._generate([frames_of(r) for r in todo])]
+        except Exception:  # isolate the bad row: retry one by one
+            groups, results = [], []
+            for r in todo:
+                try:
+                    results.append(self._generate([frames_of(r)]))
+                    groups.append([r])
+                except Exception as err:  # this input cannot be captioned: its row says why
+                    r["error"] = f"caption failed: {type(err).__name__}: {err}"[:2000]
+        for group, (texts, counts, accept, elapsed) in zip(groups, results):
+            for r, text, count, length in zip(group, texts, counts, accept):
+                r.update(caption=text, num_tokens=count, acceptance_length=length, generate_s=elapsed / len(group))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        started = time.perf_counter()
+        for r in rows:
+            r.update(caption="", num_tokens=0, acceptance_length=0.0, generate_s=0.0)
+        self._caption(rows)
+        now = datetime.now(timezone.utc)
+        out = []
+        for r in rows:
+            out.append({
+                "video_uri": str(r["video_uri"]), "etag": str(r["etag"]), "size": int(r["size"]),
+                "caption": r["caption"], "num_tokens": int(r["num_tokens"]),
+                "acceptance_length": float(r["acceptance_length"]), "decode_s": float(r["decode_s"]),
+                "generate_s": float(r["generate_s"]), "model": self.config.model,
+                "drafter": self.config.drafter or "", "error": str(r["error"]), "worker_node": self.node,
+                "finished_at": now, "actor": self.actor_id, "busy_s": 0.0,
+            })
+        busy = time.perf_counter() - started
+        for row in out:
+            row["busy_s"] = busy / len(out)
+        self._metrics.record(out, busy)
+        return pa.Table.from_pylist(out)
+
+
+def _node_name() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()[:12] + "@" + socket.gethostname()
+    except Exception:  # outside Ray (tests, notebooks): the host name is enough
+        return socket.gethostname()
+
+
+class _Metrics:
+    """Ray metrics for the dashboard (no-ops outside Ray)."""
+
+    def __init__(self) -> None:
+        try:
+            from ray.util.metrics import Counter, Gauge
+
+            self.clips = Counter("flashcap_clips_total", "Clips captioned or failed", tag_keys=("status",))
+            self.tokens = Counter("flashcap_tokens_total", "Caption tokens generated")
+            self.busy = Counter("flashcap_busy_seconds_total", "Seconds caption actors spent on batches")
+            self.acceptance = Gauge("flashcap_acceptance_length", "Mean FLASH acceptance length of the last batch")
+        except Exception:  # metrics are best effort
+            self.clips = None
+
+    def record(self, rows: list[dict], busy: float) -> None:
+        if self.clips is None:
+            return
+        ok = [r for r in rows if not r["error"]]
+        if ok:
+            self.clips.inc(len(ok), tags={"status": "ok"})
+            self.tokens.inc(sum(r["num_tokens"] for r in ok))
+            self.acceptance.set(float(np.mean([r["acceptance_length"] for r in ok])))
+        if len(ok) < len(rows):
+            self.clips.inc(len(rows) - len(ok), tags={"status": "error"})
+        self.busy.inc(busy)

@@ -1,0 +1,55 @@
+"""Configuration: YAML + flags, every bad value a clear error before any cluster work."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import CaptionConfig, load_config
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "model").mkdir()
+    return {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "model": str(tmp_path / "model")}
+
+
+def test_yaml_and_flags(tmp_path, dirs):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"input: {dirs['input']}\noutput: s3://bucket/captions/\nmodel: {dirs['model']}\nbatch_size: 8\n")
+    config = load_config(str(path), batch_size=2, max_new_tokens=None)
+    assert config.batch_size == 2 and config.output == "s3://bucket/captions/" and config.max_new_tokens == 64
+
+
+def test_config_is_frozen(dirs):
+    config = load_config(**dirs)
+    with pytest.raises(Exception):
+        config.batch_size = 3
+
+
+def test_every_field_is_documented():
+    assert all(f.description for f in CaptionConfig.model_fields.values())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"input": "gs://bucket/x"}, "only s3:// URIs"),
+        ({"input": "/does/not/exist"}, "is not a directory"),
+        ({"model": "/no/model"}, "model '/no/model' is not a directory"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"temperature": -1}, "temperature"),
+        ({"min_actors": 3, "max_actors": 2}, "max_actors"),
+        ({"s3_endpoint": "localhost:9000"}, "http:// or https://"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_bad_values_are_clear_errors(dirs, change, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(**{**dirs, **change})
+
+
+def test_missing_config_file():
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config("/no/such.yaml")
