@@ -32,8 +32,9 @@ class CaptionActor:
         dtype = DTYPES.get(self.config.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
         if not use_gpu:
             torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
-        self.target = flash.load_target(self.config.model, dtype=dtype, device=device,
-                                        trust_remote_code=self.config.trust_remote_code)
+        self.target = flash.load_target(
+            self.config.model, dtype=dtype, device=device, trust_remote_code=self.config.trust_remote_code
+        )
         self.drafter = (
             flash.FlashDrafter.from_pretrained(self.config.drafter, self.target) if self.config.drafter else None
         )
@@ -43,11 +44,15 @@ class CaptionActor:
 
     def _generate(self, frames: list[np.ndarray]) -> tuple[list[str], list[int], list[float], float]:
         processor = self.target.processor
-        inputs = processor(text=[self.config.prompt] * len(frames), videos=frames, return_tensors="pt",
-                           padding=True)
+        inputs = processor(text=[self.config.prompt] * len(frames), videos=frames, return_tensors="pt", padding=True)
         started = time.perf_counter()
-        out = flash.generate(self.target, self.drafter, inputs, max_new_tokens=self.config.max_new_tokens,
-                             temperature=self.config.temperature)
+        out = flash.generate(
+            self.target,
+            self.drafter,
+            inputs,
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+        )
         elapsed = time.perf_counter() - started
         eos = set(self.target.eos_token_ids.tolist())
         texts = [
@@ -86,14 +91,25 @@ class CaptionActor:
         now = datetime.now(timezone.utc)
         out = []
         for r in rows:
-            out.append({
-                "video_uri": str(r["video_uri"]), "etag": str(r["etag"]), "size": int(r["size"]),
-                "caption": r["caption"], "num_tokens": int(r["num_tokens"]),
-                "acceptance_length": float(r["acceptance_length"]), "decode_s": float(r["decode_s"]),
-                "generate_s": float(r["generate_s"]), "model": self.config.model,
-                "drafter": self.config.drafter or "", "error": str(r["error"]), "worker_node": self.node,
-                "finished_at": now, "actor": self.actor_id, "busy_s": 0.0,
-            })
+            out.append(
+                {
+                    "video_uri": str(r["video_uri"]),
+                    "etag": str(r["etag"]),
+                    "size": int(r["size"]),
+                    "caption": r["caption"],
+                    "num_tokens": int(r["num_tokens"]),
+                    "acceptance_length": float(r["acceptance_length"]),
+                    "decode_s": float(r["decode_s"]),
+                    "generate_s": float(r["generate_s"]),
+                    "model": self.config.model,
+                    "drafter": self.config.drafter or "",
+                    "error": str(r["error"]),
+                    "worker_node": self.node,
+                    "finished_at": now,
+                    "actor": self.actor_id,
+                    "busy_s": 0.0,
+                }
+            )
         busy = time.perf_counter() - started
         for row in out:
             row["busy_s"] = busy / len(out)

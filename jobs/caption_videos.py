@@ -54,11 +54,22 @@ def build_config(args: argparse.Namespace):
     from pipeline.config import load_config
 
     overrides = {
-        "input": args.input, "output": args.output, "s3_endpoint": args.s3_endpoint, "s3_region": args.s3_region,
-        "model": args.model, "drafter": args.drafter, "prompt": args.prompt, "num_frames": args.num_frames,
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "batch_size": args.batch_size,
-        "min_actors": args.min_actors, "max_actors": args.max_actors, "gpus_per_actor": args.gpus_per_actor,
-        "cpus_per_actor": args.cpus_per_actor, "cpus_per_decode": args.cpus_per_decode,
+        "input": args.input,
+        "output": args.output,
+        "s3_endpoint": args.s3_endpoint,
+        "s3_region": args.s3_region,
+        "model": args.model,
+        "drafter": args.drafter,
+        "prompt": args.prompt,
+        "num_frames": args.num_frames,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "batch_size": args.batch_size,
+        "min_actors": args.min_actors,
+        "max_actors": args.max_actors,
+        "gpus_per_actor": args.gpus_per_actor,
+        "cpus_per_actor": args.cpus_per_actor,
+        "cpus_per_decode": args.cpus_per_decode,
     }
     embedded = args.config is None and args.input is None
     if embedded:
@@ -101,8 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     else:  # a local Ray bound to loopback
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     report = run_job(config)
-    print(json.dumps({k: report[k] for k in ("clips", "errors", "clips_per_s", "tokens_per_s",
-                                             "mean_acceptance_length", "rows_written", "parts")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "clips",
+                    "errors",
+                    "clips_per_s",
+                    "tokens_per_s",
+                    "mean_acceptance_length",
+                    "rows_written",
+                    "parts",
+                )
+            },
+            indent=2,
+        )
+    )
     print(f"[flashcap] captions in {config.output}")
     return 0
 

@@ -31,7 +31,7 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 BACKGROUNDS = {"black": (10, 10, 10), "white": (245, 245, 245), "gray": (128, 128, 128), "brown": (110, 70, 40)}
-SIZES = {"small": 16, "large": 28}
+SIZES = {"small": 20, "large": 34}
 MOTIONS = {
     "left_to_right": "moves right",
     "right_to_left": "moves left",
@@ -48,7 +48,7 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SIDE = 112  # frame width and height in pixels
 FRAMES = 16  # frames per clip
 FPS = 8
-SAMPLED_FRAMES = 8  # frames a model sees
+SAMPLED_FRAMES = 4  # frames a model sees (2 temporal patches of 2 frames for Qwen)
 
 PROMPT = (
     "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|><|im_start|>assistant"
@@ -120,38 +120,48 @@ def _draw(frame: np.ndarray, shape: str, cx: float, cy: float, side: float, colo
     frame[mask] = colour
 
 
+VERTICAL = {"up", "down", "diagonal", "bouncing"}
+
+
 def render(scene: Scene, frames: int = FRAMES, side: int = SIDE) -> np.ndarray:
-    """uint8 [T, H, W, 3] frames of the scene."""
+    """uint8 [T, H, W, 3] frames of the scene.
+
+    Object i keeps to horizontal band i for sideways motion; vertical movers
+    travel the full height in their own column, so every motion is visible
+    whatever the number of objects.
+    """
     rng = np.random.default_rng(scene.seed + 1_000_003)
     out = np.empty((frames, side, side, 3), dtype=np.uint8)
     out[:] = BACKGROUNDS[scene.background]
-    lane = side / len(scene.objects)
+    n = len(scene.objects)
+    band = side / n
     for i, obj in enumerate(scene.objects):
         base = SIZES[obj.size] * side / 112
         margin = base / 2 + 2
-        cy0 = lane * (i + 0.5)
-        top, bottom = lane * i + margin, lane * (i + 1) - margin
-        start_x = float(rng.uniform(margin, side - margin))
+        column = side / n * (i + 0.5)
+        cy0 = band * (i + 0.5)
+        start_x = float(rng.uniform(margin, side - margin)) if obj.motion not in VERTICAL else column
         for t in range(frames):
             a = t / (frames - 1)  # 0 -> 1 over the clip
             cx, cy, s = start_x, cy0, base
+            travel = side - 2 * margin
             if obj.motion == "left_to_right":
-                cx = margin + a * (side - 2 * margin)
+                cx = margin + a * travel
             elif obj.motion == "right_to_left":
-                cx = side - margin - a * (side - 2 * margin)
+                cx = side - margin - a * travel
             elif obj.motion == "up":
-                cy = max(bottom, top) - a * max(bottom - top, 0)
+                cy = side - margin - a * travel
             elif obj.motion == "down":
-                cy = min(top, bottom) + a * max(bottom - top, 0)
+                cy = margin + a * travel
             elif obj.motion == "diagonal":
-                cx = margin + a * (side - 2 * margin)
-                cy = min(top, bottom) + a * max(bottom - top, 0)
+                cx = margin + a * travel
+                cy = margin + a * travel
             elif obj.motion == "growing":
                 s = base * (0.5 + a)
             elif obj.motion == "shrinking":
                 s = base * (1.5 - a)
             elif obj.motion == "bouncing":
-                cy = cy0 - abs(math.sin(a * 2 * math.pi)) * max((bottom - top) / 2, 3) + max((bottom - top) / 4, 1)
+                cy = side - margin - abs(math.sin(a * 2 * math.pi)) * travel * 0.8
             _draw(out[t], obj.shape, cx, cy, s, COLOURS[obj.colour])
     return out
 

@@ -27,6 +27,7 @@ from flash.build import build_qwen2_5_vl  # noqa: E402
 from jobs.demo_world import (  # noqa: E402
     FRAMES,
     PROMPT,
+    SAMPLED_FRAMES,
     decode_frames,
     encode_mp4,
     render,
@@ -53,7 +54,7 @@ def training_batch(processor, rng: np.random.Generator, batch: int):
     texts, videos = [], []
     for s in seeds:
         scene = scene_for_seed(int(s))
-        frames = render(scene)[sample_indices(FRAMES)].astype(np.int16)
+        frames = render(scene)[sample_indices(FRAMES, SAMPLED_FRAMES)].astype(np.int16)
         frames += rng.integers(-3, 4, size=frames.shape, dtype=np.int16)  # stands in for codec noise
         videos.append(np.clip(frames, 0, 255).astype(np.uint8))
         texts.append(f"{PROMPT} {scene.caption()}<|im_end|>")

@@ -18,7 +18,9 @@ class CaptionConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    input: str = Field(description="Videos to caption: s3://bucket/prefix/ or a local directory (searched recursively).")
+    input: str = Field(
+        description="Videos to caption: s3://bucket/prefix/ or a local directory (searched recursively)."
+    )
     output: str = Field(description="Where Parquet captions go: s3://bucket/prefix/ or a local directory.")
     include: tuple[str, ...] = Field(
         default=VIDEO_PATTERNS, description="Glob patterns on object names (basename) that count as videos."
@@ -111,7 +113,5 @@ def load_config(path: str | None = None, **overrides: Any) -> CaptionConfig:
     try:
         return CaptionConfig(**data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
         raise ValueError(f"invalid configuration: {problems}") from None

@@ -43,8 +43,9 @@ def sample_frames(
     return reader.get_batch(sample_indices(total, count)).asnumpy()
 
 
-def decode_row(row: dict, settings: S3Settings, num_frames: int, max_side: int, fps: float | None,
-               max_frames: int, max_bytes: int) -> dict:
+def decode_row(
+    row: dict, settings: S3Settings, num_frames: int, max_side: int, fps: float | None, max_frames: int, max_bytes: int
+) -> dict:
     """Ray Data map: a listed object -> the same row with frames (bytes + shape) or an error."""
     started = time.perf_counter()
     out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="")

@@ -26,8 +26,9 @@ OUTPUT_COLUMNS = [f.name for f in OUTPUT_SCHEMA]
 class PartWriter:
     """Buffers rows and writes them as Parquet parts; never writes a (uri, etag) key twice."""
 
-    def __init__(self, store: OutputStore, run_id: str, flush_rows: int, flush_seconds: float,
-                 known: set[tuple[str, str]]) -> None:
+    def __init__(
+        self, store: OutputStore, run_id: str, flush_rows: int, flush_seconds: float, known: set[tuple[str, str]]
+    ) -> None:
         self.store, self.run_id = store, run_id
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.known = set(known)
@@ -69,8 +70,14 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     ds = ds.map(
         decode_row,
-        fn_kwargs=dict(settings=settings, num_frames=config.num_frames, max_side=config.max_side, fps=config.fps,
-                       max_frames=config.max_frames, max_bytes=config.max_video_bytes),
+        fn_kwargs=dict(
+            settings=settings,
+            num_frames=config.num_frames,
+            max_side=config.max_side,
+            fps=config.fps,
+            max_frames=config.max_frames,
+            max_bytes=config.max_video_bytes,
+        ),
         num_cpus=config.cpus_per_decode,
     )
     return ds.map_batches(
@@ -95,8 +102,10 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     store.check_writable()
     objects = list_videos(config.input, config.include, settings)
     todo = [o for o in objects if (o.uri, o.etag) not in done]
-    log(f"[flashcap] {len(objects)} videos under {config.input}: {len(objects) - len(todo)} already captioned, "
-        f"{len(todo)} to caption")
+    log(
+        f"[flashcap] {len(objects)} videos under {config.input}: {len(objects) - len(todo)} already captioned, "
+        f"{len(todo)} to caption"
+    )
 
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     writer = PartWriter(store, run_id, config.flush_rows, config.flush_seconds, done)
@@ -117,13 +126,19 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         log(tracker.line())
 
     report = tracker.report(
-        run_id=run_id, input=config.input, output=config.output, listed=len(objects),
-        already_done=len(objects) - len(todo), rows_written=writer.rows_written,
-        duplicates_dropped=writer.duplicates_dropped, parts=writer.parts,
-        model=config.model, drafter=config.drafter, finished_at=datetime.now(timezone.utc).isoformat(),
+        run_id=run_id,
+        input=config.input,
+        output=config.output,
+        listed=len(objects),
+        already_done=len(objects) - len(todo),
+        rows_written=writer.rows_written,
+        duplicates_dropped=writer.duplicates_dropped,
+        parts=writer.parts,
+        model=config.model,
+        drafter=config.drafter,
+        finished_at=datetime.now(timezone.utc).isoformat(),
     )
     if config.report:
-        store.write_bytes(f"report-{run_id}.json", json.dumps(report, indent=2, default=str).encode())
-        store.write_bytes(f"throughput-{run_id}.png", tracker.chart_png())
+        store.write_bytes(f"_report-{run_id}.json", json.dumps(report, indent=2, default=str).encode())
+        store.write_bytes(f"_throughput-{run_id}.png", tracker.chart_png())
     return report
-

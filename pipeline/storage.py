@@ -9,7 +9,8 @@ Rows are keyed by (video_uri, etag): a rerun reads the keys already written and
 captions only what is missing or changed. Parts are written whole (S3 PUT,
 local write-then-rename), so a crash never leaves half a part behind. Part
 names are generated here and never derived from input names, so no input can
-write outside the output prefix.
+write outside the output prefix. Reports and probes start with "_", which
+Parquet readers (pyarrow, Spark) skip: the folder reads as one table.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ def s3_server():
     """An S3-protocol endpoint URL; credentials are set in the environment (workers inherit them)."""
     from moto.server import ThreadedMotoServer
 
-    os.environ.update(AWS_ACCESS_KEY_ID="flashcap-test", AWS_SECRET_ACCESS_KEY="flashcap-test-secret",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="flashcap-test", AWS_SECRET_ACCESS_KEY="flashcap-test-secret", AWS_DEFAULT_REGION="us-east-1"
+    )
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

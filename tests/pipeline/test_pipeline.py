@@ -39,17 +39,30 @@ def _upload_clips(endpoint, bucket, seeds, prefix="clips/"):
 def _read_output(endpoint, bucket, prefix="captions/"):
     s3 = _s3(endpoint)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    tables = [pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read()))
-              for k in keys if k.endswith(".parquet")]
+    tables = [
+        pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read()))
+        for k in keys
+        if k.endswith(".parquet")
+    ]
     rows = [r for t in tables for r in t.to_pylist()]
     return rows, keys
 
 
 def _config(endpoint, bucket, models, output="captions/", use_drafter=True, **extra):
     config = load_config(
-        input=f"s3://{bucket}/clips/", output=f"s3://{bucket}/{output}", s3_endpoint=endpoint,
-        model=models["model"], drafter=models["drafter"], prompt=PROMPT, max_new_tokens=MAX_NEW,
-        dtype="float64", batch_size=4, cpus_per_actor=0.5, cpus_per_decode=0.25, flush_rows=8, **extra,
+        input=f"s3://{bucket}/clips/",
+        output=f"s3://{bucket}/{output}",
+        s3_endpoint=endpoint,
+        model=models["model"],
+        drafter=models["drafter"],
+        prompt=PROMPT,
+        max_new_tokens=MAX_NEW,
+        dtype="float64",
+        batch_size=4,
+        cpus_per_actor=0.5,
+        cpus_per_decode=0.25,
+        flush_rows=8,
+        **extra,
     )
     return config if use_drafter else config.model_copy(update={"drafter": None})
 
@@ -59,8 +72,9 @@ def _direct_caption(target, data: bytes) -> str:
     inputs = target.processor(text=[PROMPT], videos=[frames], return_tensors="pt")
     out = flash.generate(target, None, inputs, max_new_tokens=MAX_NEW)
     eos = set(target.eos_token_ids.tolist())
-    return target.processor.tokenizer.decode([t for t in out.sequences[0] if t not in eos],
-                                             skip_special_tokens=True).strip()
+    return target.processor.tokenizer.decode(
+        [t for t in out.sequences[0] if t not in eos], skip_special_tokens=True
+    ).strip()
 
 
 def test_bucket_to_parquet_end_to_end(s3_server, ray_local, pipeline_models):
@@ -70,7 +84,7 @@ def test_bucket_to_parquet_end_to_end(s3_server, ray_local, pipeline_models):
     rows, keys = _read_output(s3_server, bucket)
     assert report["rows_written"] == 20 and len(rows) == 20
     assert len({r["video_uri"] for r in rows}) == 20 and not any(r["error"] for r in rows)
-    assert any(k.startswith("captions/report-") for k in keys) and any(k.endswith(".png") for k in keys)
+    assert any(k.startswith("captions/_report-") for k in keys) and any(k.endswith(".png") for k in keys)
 
     # Captions equal calling flash.generate directly on the same frames (float64).
     target = pipeline_models["target"]
@@ -122,7 +136,9 @@ def test_rerun_adds_only_new_objects(s3_server, ray_local, pipeline_models):
     assert third["rows_written"] == 3
     rows, _ = _read_output(s3_server, bucket)
     assert len(rows) == 9 and len({r["video_uri"] for r in rows}) == 9
-    new = {r["video_uri"].rsplit("/", 1)[-1] for r in rows if r["video_uri"].endswith(("206.mp4", "207.mp4", "208.mp4"))}
+    new = {
+        r["video_uri"].rsplit("/", 1)[-1] for r in rows if r["video_uri"].endswith(("206.mp4", "207.mp4", "208.mp4"))
+    }
     assert new == {"clip_000206.mp4", "clip_000207.mp4", "clip_000208.mp4"}
 
 
