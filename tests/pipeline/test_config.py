@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.config import CaptionConfig, load_config
 
@@ -23,7 +24,7 @@ def test_yaml_and_flags(tmp_path, dirs):
 
 def test_config_is_frozen(dirs):
     config = load_config(**dirs)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.batch_size = 3
 
 
