@@ -1,0 +1,215 @@
+"""FLASH speedup benchmark: every method on the same clips, in one run,
+alternating, with warm-up and medians, and a check that outputs are identical.
+
+    python jobs/bench_speedup.py --out report.json [--videos DIR] [--model DIR] [--drafter DIR]
+                                 [--text-drafter DIR] [--clips N] [--repeats R]
+
+Rows (batch size 1, greedy): `target` (flashcap's loop, no drafter: the
+baseline), `hf_generate` (Hugging Face generate, to show the baseline is not
+slowed down), `flash`, `flash_text_only` (the ablation drafter), and
+`prompt_lookup` (Hugging Face prompt-lookup decoding, an outside peer).
+speedup = baseline time / method time on the same clips; identical = share of
+clips whose tokens equal the baseline's. A mismatch (possible outside float64)
+is explained by the target's logit margin at the first differing token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import flash  # noqa: E402
+from jobs.demo_world import PROMPT, SAMPLED_FRAMES, decode_frames, write_videos  # noqa: E402
+
+METHODS = ["target", "hf_generate", "flash", "flash_text_only", "prompt_lookup"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{platform.system()} {platform.machine()}"
+    )
+
+
+def _trim(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+class Runner:
+    def __init__(self, target, drafters: dict, max_new_tokens: int, lookup_tokens: int) -> None:
+        self.target, self.drafters = target, drafters
+        self.max_new, self.lookup = max_new_tokens, lookup_tokens
+        self.eos = set(target.eos_token_ids.tolist())
+
+    def __call__(self, method: str, inputs) -> tuple[float, list[int], flash.DecodeStats | None]:
+        start = time.perf_counter()
+        stats = None
+        if method in ("target", "flash", "flash_text_only"):
+            out = flash.generate(self.target, self.drafters.get(method), inputs, max_new_tokens=self.max_new)
+            tokens, stats = out.sequences[0], out.stats
+        else:
+            kwargs = {"prompt_lookup_num_tokens": self.lookup} if method == "prompt_lookup" else {}
+            with torch.inference_mode():
+                ids = self.target.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new, **kwargs)
+            tokens = _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), self.eos)
+        return time.perf_counter() - start, tokens, stats
+
+
+def first_difference_margin(target, inputs, reference: list[int], other: list[int]) -> dict:
+    """Where two outputs part, and the target's top-1/top-2 logit margin there."""
+    index = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), min(len(reference), len(other)))
+    session, prefill = target.prefill(inputs)
+    logits = prefill.last_logits[0]
+    if index > 0:
+        _, verify_logits = session.verify(torch.tensor([reference[:index]], device=target.device))
+        logits = verify_logits[0, -1]
+    top = torch.topk(logits.float(), 2).values
+    return {"index": index, "margin": float(top[0] - top[1])}
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    target = flash.load_target(args.model, dtype=torch.float32)
+    drafters = {}
+    if Path(args.drafter).is_dir():
+        drafters["flash"] = flash.FlashDrafter.from_pretrained(args.drafter, target)
+    if args.text_drafter and Path(args.text_drafter).is_dir():
+        drafters["flash_text_only"] = flash.FlashDrafter.from_pretrained(args.text_drafter, target)
+    methods = [m for m in METHODS if m not in ("flash", "flash_text_only") or m in drafters]
+
+    videos = Path(args.videos) if args.videos else None
+    if videos is None:
+        videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-"))
+        write_videos(videos, args.clips, seed=args.seed)  # held-out seeds (training uses >= 1,000,000)
+    clips = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
+    inputs = [
+        target.processor(text=[args.prompt], videos=[decode_frames(c.read_bytes(), args.frames)], return_tensors="pt")
+        for c in clips
+    ]
+    runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens)
+
+    for i in range(min(args.warmup, len(inputs))):  # warm-up: every method once
+        for m in methods:
+            runner(m, inputs[i])
+
+    times = {m: [[] for _ in clips] for m in methods}
+    outputs: dict[str, list[list[int]]] = {m: [[] for _ in clips] for m in methods}
+    stats: dict[str, list] = {m: [None for _ in clips] for m in methods}
+    for rep in range(args.repeats):
+        for c, inp in enumerate(inputs):
+            order = methods[(rep + c) % len(methods) :] + methods[: (rep + c) % len(methods)]  # alternate
+            for m in order:
+                seconds, tokens, st = runner(m, inp)
+                times[m][c].append(seconds)
+                outputs[m][c] = tokens
+                stats[m][c] = st
+
+    baseline = outputs["target"]
+    base_time = sum(statistics.median(t) for t in times["target"])
+    rows = []
+    for m in methods:
+        total_time = sum(statistics.median(t) for t in times[m])
+        tokens = sum(len(o) for o in outputs[m])
+        same = [outputs[m][c] == baseline[c] for c in range(len(clips))]
+        row = {
+            "method": m,
+            "batch_size": 1,
+            "clips": len(clips),
+            "tokens": tokens,
+            "tokens_per_s": tokens / total_time,
+            "speedup": base_time / total_time,
+            "acceptance_length": 1.0,
+            "identical": sum(same) / len(same),
+        }
+        sts = [s for s in stats[m] if s is not None and s.cycles]
+        if sts and m.startswith("flash"):
+            row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
+            row["draft_ms_per_pass"] = 1000 * sum(s.draft_s for s in sts) / sum(s.cycles + 1 for s in sts)
+            row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
+        if m == "target" and sts:
+            row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
+        mismatches = [
+            {"clip": clips[c].name, **first_difference_margin(target, inputs[c], baseline[c], outputs[m][c])}
+            for c in range(len(clips))
+            if not same[c]
+        ]
+        if mismatches:
+            row["mismatches"] = mismatches
+        rows.append(row)
+    return {
+        "machine": machine(),
+        "date": date.today().isoformat(),
+        "model": args.model,
+        "drafter": args.drafter,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Measured {report['date']} on {report['machine']}; {report['rows'][0]['clips']} held-out clips, "
+        f"greedy, float32, median of {report['repeats']} alternating runs.",
+        "",
+        "| method | batch | tokens/s | speedup | acceptance length | identical | draft ms/pass | verify ms/pass |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in report["rows"]:
+        draft = f"{r['draft_ms_per_pass']:.2f}" if "draft_ms_per_pass" in r else ""
+        verify = f"{r['verify_ms_per_pass']:.2f}" if "verify_ms_per_pass" in r else ""
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['acceptance_length']:.2f} | {100 * r['identical']:.0f}% | {draft} | {verify} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="report.json")
+    p.add_argument("--videos", help="folder of clips (default: held-out demo clips, generated)")
+    p.add_argument("--model", default=str(ROOT / "models" / "demo-target"))
+    p.add_argument("--drafter", default=str(ROOT / "models" / "demo-drafter"))
+    p.add_argument("--text-drafter", default=str(ROOT / "models" / "demo-drafter-text-only"))
+    p.add_argument("--clips", type=int, default=20)
+    p.add_argument("--seed", type=int, default=500, help="first held-out scene seed for generated clips")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--lookup-tokens", type=int, default=4, help="prompt_lookup_num_tokens")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
+    args = p.parse_args(argv)
+    report = run(args)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
