@@ -79,9 +79,11 @@ def train_loop_per_worker(config: dict) -> None:
     drafter.train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     start_step = 0
+    # A restarted worker group resumes from this run's newest checkpoint; --resume from an earlier run's.
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
+    resume_dir = config.get("resume_from")
+    if checkpoint or resume_dir:
+        with checkpoint.as_directory() if checkpoint else _as_is(resume_dir) as d:
             state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
             drafter.load_state_dict(state["drafter"])
             opt.load_state_dict(state["optimizer"])
@@ -141,13 +143,23 @@ def train_loop_per_worker(config: dict) -> None:
         progress.close()
 
 
-def latest_checkpoint(storage: Path, name: str):
-    """The newest checkpoint of an earlier run under storage/name, if any."""
-    from ray.train import Checkpoint
+class _as_is:
+    """A context manager yielding a local directory unchanged."""
 
-    run = storage / name
-    found = sorted(run.glob("checkpoint_*/train_state.pt"), key=lambda p: p.stat().st_mtime) if run.exists() else []
-    return Checkpoint.from_directory(str(found[-1].parent)) if found else None
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The newest checkpoint of any earlier run under storage, if any."""
+    found = sorted(storage.glob("*/checkpoint_*/train_state.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,8 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         examples = build_distill_set(args.model, Path(args.videos), args.prompt, args.frames, args.max_new_tokens)
         torch.save(examples, distill)
     storage = out / "ray_train"
-    name = "drafter"
-    resume = latest_checkpoint(storage, name) if args.resume else None
+    name = "drafter-" + time.strftime("%Y%m%d-%H%M%S")
+    resume = latest_checkpoint(storage) if args.resume else None
     if args.resume and resume is None:
         print("no checkpoint to resume from; starting fresh", flush=True)
 
@@ -233,7 +245,6 @@ def main(argv: list[str] | None = None) -> None:
             resources_per_worker={"CPU": min(per_worker, cpus / args.workers)},
         ),
         run_config=RunConfig(name=name, storage_path=str(storage)),
-        resume_from_checkpoint=resume,
     )
     started = time.time()
     result = trainer.fit()

@@ -1,0 +1,65 @@
+"""train_drafter.py: self-distillation on 2 Ray Train workers, checkpoints, resume, --steps 0."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import flash
+from jobs.demo_world import write_videos
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "jobs" / "train_drafter.py")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_steps_zero_writes_an_untrained_drafter(tiny_checkpoints, tmp_path):
+    _run("--model", tiny_checkpoints["qwen2_5_vl"], "--out", str(tmp_path / "d"), "--steps", "0", "--text-only")
+    target = flash.load_target(tiny_checkpoints["qwen2_5_vl"])
+    drafter = flash.FlashDrafter.from_pretrained(tmp_path / "d", target)
+    assert drafter.config.use_visual_latents is False
+
+
+def test_trains_on_two_workers_and_resumes(tiny_checkpoints, tmp_path):
+    videos = tmp_path / "videos"
+    write_videos(videos, 6, seed=1_000_000)
+    out = tmp_path / "drafter"
+    common = [
+        "--model",
+        tiny_checkpoints["qwen2_5_vl"],
+        "--videos",
+        str(videos),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--batch",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--max-new-tokens",
+        "12",
+    ]
+    _run(*common, "--steps", "4")
+    first = json.loads((out / "training_summary.json").read_text())
+    assert first["metrics"]["step"] == 4
+    checkpoints = sorted((out / "ray_train").glob("*/checkpoint_*"))
+    assert len(checkpoints) >= 2
+    before = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
+
+    resumed = _run(*common, "--steps", "6", "--resume")
+    assert "no checkpoint to resume from" not in resumed.stdout
+    second = json.loads((out / "training_summary.json").read_text())
+    assert second["metrics"]["step"] == 6
+    after = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
+    changed = any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    assert changed
