@@ -111,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         ray.init()
     else:  # a local Ray bound to loopback
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    report = run_job(config)
+    from pipeline.storage import StorageError
+
+    try:
+        report = run_job(config)
+    except StorageError as err:  # permanent storage problems: say what, before any model loads
+        print(f"[flashcap] {err}", file=sys.stderr)
+        return 3
     print(
         json.dumps(
             {

@@ -45,6 +45,17 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
+class StorageError(RuntimeError):
+    """A storage operation failed for good (missing bucket, access denied, ...), after retries."""
+
+
+def _explain(err: Exception, what: str) -> StorageError:
+    response = getattr(err, "response", None) or {}
+    code = response.get("Error", {}).get("Code", type(err).__name__)
+    message = response.get("Error", {}).get("Message", str(err))
+    return StorageError(f"cannot {what}: {code}: {message}")
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint: str | None = None
@@ -84,14 +95,21 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 def list_videos(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> list[VideoObject]:
     """Every object under `uri` whose name matches, sorted by URI."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     found = []
     if is_s3(uri):
         bucket, prefix = split_s3(uri)
         paginator = s3_client(settings).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                if _matches(obj["Key"], patterns):
-                    found.append(VideoObject(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["ETag"].strip('"')))
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if _matches(obj["Key"], patterns):
+                        found.append(
+                            VideoObject(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["ETag"].strip('"'))
+                        )
+        except (ClientError, BotoCoreError) as err:
+            raise _explain(err, f"list {uri}") from None
     else:
         root = Path(uri)
         for path in root.rglob("*"):
@@ -127,15 +145,20 @@ class OutputStore:
         self.delete(probe)
 
     def parts(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         if is_s3(self.uri):
             bucket, prefix = split_s3(self.uri + "/")
             paginator = s3_client(self.settings).get_paginator("list_objects_v2")
-            return sorted(
-                f"s3://{bucket}/{o['Key']}"
-                for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-                for o in page.get("Contents", [])
-                if o["Key"].endswith(".parquet") and "/" not in o["Key"][len(prefix) :]
-            )
+            try:
+                return sorted(
+                    f"s3://{bucket}/{o['Key']}"
+                    for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+                    for o in page.get("Contents", [])
+                    if o["Key"].endswith(".parquet") and "/" not in o["Key"][len(prefix) :]
+                )
+            except (ClientError, BotoCoreError) as err:
+                raise _explain(err, f"list the output {self.uri}") from None
         root = Path(self.uri)
         return sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
 
@@ -150,10 +173,15 @@ class OutputStore:
         return set(zip(table.column("video_uri").to_pylist(), table.column("etag").to_pylist()))
 
     def write_bytes(self, name: str, data: bytes) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         key = self._key(name)
         if is_s3(key):
             bucket, object_key = split_s3(key)
-            s3_client(self.settings).put_object(Bucket=bucket, Key=object_key, Body=data)
+            try:
+                s3_client(self.settings).put_object(Bucket=bucket, Key=object_key, Body=data)
+            except (ClientError, BotoCoreError) as err:
+                raise _explain(err, f"write {key}") from None
         else:
             path = Path(key)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,19 @@ class Throughput:
             return self.line()
         return None
 
+    def steady(self) -> tuple[float, float]:
+        """(clips/s, tokens/s) after the first batch: start-up (Ray, model loads) excluded."""
+        if len(self.events) < 2:
+            return 0.0, 0.0
+        first = min(e[0] for e in self.events)
+        span = max(e[0] for e in self.events) - first
+        after = [e for e in self.events if e[0] > first]
+        if span <= 0:
+            return 0.0, 0.0
+        return sum(e[2] for e in after) / span, sum(e[3] for e in after) / span
+
     def report(self, **extra) -> dict:
+        steady_clips, steady_tokens = self.steady()
         return {
             "clips": self.clips,
             "errors": self.errors,
@@ -72,6 +84,8 @@ class Throughput:
             "seconds": self.elapsed,
             "clips_per_s": self.clips / self.elapsed,
             "tokens_per_s": self.tokens / self.elapsed,
+            "steady_clips_per_s": steady_clips,
+            "steady_tokens_per_s": steady_tokens,
             "mean_acceptance_length": self.acceptance_length,
             "actor_busy_s": self.busy_s,
             "actors": len(self.actors),

@@ -16,6 +16,7 @@ from jobs.demo_world import PROMPT, encode_mp4, render, scene_for_seed
 from pipeline.config import load_config
 from pipeline.decode import sample_frames
 from pipeline.run import run_job
+from pipeline.storage import StorageError
 
 MAX_NEW = 12
 
@@ -144,7 +145,9 @@ def test_rerun_adds_only_new_objects(s3_server, ray_local, pipeline_models):
 
 def test_missing_bucket_fails_before_any_model_loads(s3_server, ray_local, pipeline_models):
     config = _config(s3_server, "no-such-bucket-flashcap", pipeline_models)
-    with pytest.raises(Exception, match="NoSuchBucket|does not exist"):
+    with pytest.raises(
+        StorageError, match="cannot list the output s3://no-such-bucket-flashcap/captions: NoSuchBucket"
+    ):
         run_job(config)
 
 
