@@ -75,6 +75,7 @@ def _build_qwen(
     vision_depth: int = 2,
     vision_hidden: int = 32,
     image_side: int = 56,
+    tokens_per_second: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
@@ -101,7 +102,7 @@ def _build_qwen(
             out_hidden_size=hidden_size,
             window_size=image_side,
             fullatt_block_indexes=[vision_depth - 1],
-            tokens_per_second=2,
+            tokens_per_second=tokens_per_second,
         )
     else:
         config_class, model_class, processor_class = (

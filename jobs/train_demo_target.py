@@ -46,6 +46,9 @@ TARGET_SIZES = dict(
     vision_depth=4,
     vision_hidden=96,
     image_side=112,
+    # Frames handed over as arrays are taken as 24 fps by the processor; at 24 temporal positions per
+    # second the two temporal patches sit 2 positions apart (at Qwen's default of 2 they would collide).
+    tokens_per_second=24,
 )
 
 
