@@ -7,11 +7,13 @@ out = flash.generate(target, drafter, target.processor(text=[...], videos=[...],
 
 from flash.drafter import Block, DrafterConfig, FlashDrafter
 from flash.generate import DecodeStats, GenerateOutput, generate
+from flash.policy import BlockPolicy
 from flash.sampling import SamplingParams
 from flash.target import Prefill, Target, TargetSession, load_target
 
 __all__ = [
     "Block",
+    "BlockPolicy",
     "DecodeStats",
     "DrafterConfig",
     "FlashDrafter",

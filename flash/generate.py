@@ -19,6 +19,7 @@ import torch
 
 from flash.acceptance import clip_at_stop, greedy_accept, speculative_accept
 from flash.drafter import Block
+from flash.policy import BlockPolicy
 from flash.sampling import SamplingParams, choose, probabilities
 from flash.target import Prefill, Target
 
@@ -110,15 +111,20 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    block_size: int | None = None,
+    block_size: int | BlockPolicy | None = None,
 ) -> GenerateOutput:
-    """Decode `inputs` (a processor batch) with FLASH; `drafter=None` is plain decoding."""
+    """Decode `inputs` (a processor batch) with FLASH; `drafter=None` is plain decoding.
+
+    block_size: None uses the drafter's k; an int fixes k; a `BlockPolicy` picks k
+    per cycle (0 = a plain cycle) from measured acceptance and costs.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     device = target.device
     stats = DecodeStats()
     eos = target.eos_token_ids
+    policy = block_size if isinstance(block_size, BlockPolicy) else None
 
     t0 = _clock(device)
     session, prefill = target.prefill(inputs)
@@ -137,11 +143,16 @@ def generate(
         budget, last = budget[live], last[live]
         session.select_rows(live)
         prefill = prefill.select_rows(live)
-    block = None
+    block, draft_s = None, 0.0
+    pending = _Pending()  # verified rows the drafter has not read yet (after plain cycles)
     if drafter is not None:
         t1 = _clock(device)
-        block = drafter.start(prefill, last, params, generator, block_size)
-        stats.draft_s += _clock(device) - t1
+        k = policy.choose(last.shape[0]) if policy else block_size
+        block = drafter.start(prefill, last, params, generator, max(k, 1) if policy else k)
+        if policy and k == 0:
+            block = None  # the first cycle runs plain; the drafter has read the prompt
+        draft_s = _clock(device) - t1
+        stats.draft_s += draft_s
     del prefill
 
     while True:
@@ -161,6 +172,8 @@ def generate(
         live = rows.record(emitted, n_kept, finished, stats, n_accepted, k)  # one host sync
         t_draft = _clock(device)
         stats.verify_s += t_draft - t_verify
+        if policy is not None:
+            policy.observe(width, k, draft_s, t_draft - t_verify, rows.last_accepted)
         if live is None:
             break
         # The cache keeps [last, accepted drafts]; the bonus enters with the next verify.
@@ -170,13 +183,49 @@ def generate(
             session.select_rows(live)
             budget, features, emitted = budget[live], features[live], emitted[live]
             n_accepted, n_emit = n_accepted[live], n_emit[live]
+            pending.select_rows(live)
             if drafter is not None:
                 drafter.select_rows(live)
         last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
-        if drafter is not None:
-            block = drafter.step(features, emitted, n_emit, rows.max_accepted + 1, params, generator, block_size)
-            stats.draft_s += _clock(device) - t_draft
+        if drafter is None:
+            continue
+        k_next = policy.choose(last.shape[0]) if policy else block_size
+        pending.add(features, emitted, n_emit, rows.max_accepted + 1)
+        if k_next == 0:  # a plain cycle next: the drafter reads these rows later
+            block, draft_s = None, 0.0
+            continue
+        rows_f, rows_t, rows_n, rows_max = pending.take()
+        block = drafter.step(rows_f, rows_t, rows_n, rows_max, params, generator, k_next)
+        draft_s = _clock(device) - t_draft
+        stats.draft_s += draft_s
     return GenerateOutput(rows.sequences, stats)
+
+
+class _Pending:
+    """Verified rows (features, following tokens, count per row) waiting for the drafter."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+
+    def add(self, features: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor, n_max: int) -> None:
+        self.chunks.append((features[:, :n_max], tokens[:, :n_max], n, n_max))
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.chunks = [(f[rows], t[rows], n[rows], m) for f, t, n, m in self.chunks]
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """All pending rows, left-packed per row: (features [B, T, D], tokens [B, T], n [B], bound on n)."""
+        chunks, self.chunks = self.chunks, []
+        if len(chunks) == 1:
+            return chunks[0]
+        features = torch.cat([c[0] for c in chunks], dim=1)
+        tokens = torch.cat([c[1] for c in chunks], dim=1)
+        valid = torch.cat(
+            [torch.arange(c[0].shape[1], device=c[2].device).unsqueeze(0) < c[2].unsqueeze(1) for c in chunks], dim=1
+        )
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid rows first, in order
+        features = features.gather(1, order.unsqueeze(-1).expand_as(features))
+        return features, tokens.gather(1, order), valid.sum(dim=1), sum(c[3] for c in chunks)
 
 
 class _Rows:
@@ -186,6 +235,7 @@ class _Rows:
         self.sequences: list[list[int]] = [[] for _ in range(batch)]
         self.active = list(range(batch))  # original index of each row still decoding
         self.max_accepted = 0
+        self.last_accepted: list[int] = []
 
     def record(
         self,
@@ -220,6 +270,7 @@ class _Rows:
                 stats.row_accepted[row] += a
                 stats.row_cycle_count[row] += 1
             self.max_accepted = max(accepted)
+            self.last_accepted = accepted
         if not still:
             return None
         self.active = [self.active[i] for i in still]
