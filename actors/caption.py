@@ -38,6 +38,8 @@ class CaptionActor:
         self.drafter = (
             flash.FlashDrafter.from_pretrained(self.config.drafter, self.target) if self.config.drafter else None
         )
+        # One policy per actor: what it learns about acceptance and costs carries across batches.
+        self.policy = flash.BlockPolicy(max_block=self.drafter.block_size) if self.drafter else None
         self.node = _node_name()
         self.actor_id = f"{self.node}:{os.getpid()}"
         self._metrics = _Metrics()

@@ -52,6 +52,9 @@ class CaptionConfig(BaseModel):
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Caption length limit in tokens.")
     temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0: greedy (lossless) decoding.")
     batch_size: int = Field(default=4, ge=1, le=256, description="Videos per generate call in a caption actor.")
+    adaptive_block: bool = Field(
+        default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."
+    )
     min_actors: int = Field(default=1, ge=1, description="Caption actor pool lower bound.")
     max_actors: int = Field(default=1, ge=1, description="Caption actor pool upper bound (autoscaling).")
     gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs per caption actor; 0: CPU.")
