@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-clips", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state (same --steps)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -119,7 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     log = []
     started = time.time()
     best = -1.0
-    for step in range(1, args.steps + 1):
+    first_step = 1
+    state_dir = out / "train_state"  # the latest step (weights + optimizer), not shipped: see .gitignore
+    if args.resume and (state_dir / "state.pt").is_file():
+        state = torch.load(state_dir / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        first_step, best, log = state["step"] + 1, state["best"], state["log"]
+        print(f"resumed at step {state['step']} (best exact match {best:.3f})", flush=True)
+    for step in range(first_step, args.steps + 1):
         model.train()
         inputs, labels = training_batch(processor, rng, args.batch)
         loss = model(**inputs, labels=labels).loss
@@ -146,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
                 best = acc
                 model.save_pretrained(out, safe_serialization=True)
                 processor.save_pretrained(out)
+            state_dir.mkdir(exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "rng": rng, "step": step, "best": best, "log": log}, state_dir / "state.pt")
             (out / "training_log.json").write_text(
                 json.dumps(
                     {

@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--distill", help="self-distillation set to (re)use (default: <out>/distill.pt)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray.train.torch import TorchTrainer
 
     out.mkdir(parents=True, exist_ok=True)
-    distill = out / "distill.pt"
+    distill = Path(args.distill).resolve() if args.distill else out / "distill.pt"
     if not distill.exists():
         examples = build_distill_set(args.model, Path(args.videos), args.prompt, args.frames, args.max_new_tokens)
         torch.save(examples, distill)
