@@ -113,39 +113,57 @@ def run(args: argparse.Namespace) -> dict:
     ]
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens)
 
+    failures: dict[str, dict[int, str]] = {m: {} for m in methods}
+
+    def attempt(m: str, c: int):
+        """Run one method on one clip; an outside method may fail on some inputs (recorded, not fatal)."""
+        if c in failures[m]:
+            return None
+        try:
+            return runner(m, inputs[c])
+        except (ValueError, RuntimeError, IndexError) as err:
+            failures[m][c] = f"{type(err).__name__}: {err}"[:300]
+            return None
+
     for i in range(min(args.warmup, len(inputs))):  # warm-up: every method once
         for m in methods:
-            runner(m, inputs[i])
+            attempt(m, i)
 
     times = {m: [[] for _ in clips] for m in methods}
     outputs: dict[str, list[list[int]]] = {m: [[] for _ in clips] for m in methods}
     stats: dict[str, list] = {m: [None for _ in clips] for m in methods}
     for rep in range(args.repeats):
-        for c, inp in enumerate(inputs):
+        for c in range(len(inputs)):
             order = methods[(rep + c) % len(methods) :] + methods[: (rep + c) % len(methods)]  # alternate
             for m in order:
-                seconds, tokens, st = runner(m, inp)
+                result = attempt(m, c)
+                if result is None:
+                    continue
+                seconds, tokens, st = result
                 times[m][c].append(seconds)
                 outputs[m][c] = tokens
                 stats[m][c] = st
 
     baseline = outputs["target"]
-    base_time = sum(statistics.median(t) for t in times["target"])
     rows = []
     for m in methods:
-        total_time = sum(statistics.median(t) for t in times[m])
-        tokens = sum(len(o) for o in outputs[m])
-        same = [outputs[m][c] == baseline[c] for c in range(len(clips))]
+        ok = [c for c in range(len(clips)) if c not in failures[m]]  # speed compared on the same clips
+        if not ok:
+            rows.append({"method": m, "batch_size": 1, "clips": 0, "failed_clips": len(clips),
+                         "error": next(iter(failures[m].values()))})
+            continue
+        base_time = sum(statistics.median(times["target"][c]) for c in ok)
+        total_time = sum(statistics.median(times[m][c]) for c in ok)
+        tokens = sum(len(outputs[m][c]) for c in ok)
+        same = [outputs[m][c] == baseline[c] for c in ok]
         row = {
-            "method": m,
-            "batch_size": 1,
-            "clips": len(clips),
-            "tokens": tokens,
-            "tokens_per_s": tokens / total_time,
-            "speedup": base_time / total_time,
-            "acceptance_length": 1.0,
-            "identical": sum(same) / len(same),
+            "method": m, "batch_size": 1, "clips": len(ok), "tokens": tokens,
+            "tokens_per_s": tokens / total_time, "speedup": base_time / total_time,
+            "acceptance_length": 1.0, "identical": sum(same) / len(same),
         }
+        if failures[m]:
+            row["failed_clips"] = len(failures[m])
+            row["error"] = next(iter(failures[m].values()))
         sts = [s for s in stats[m] if s is not None and s.cycles]
         if sts and m.startswith("flash"):
             row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
@@ -155,8 +173,8 @@ def run(args: argparse.Namespace) -> dict:
             row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
         mismatches = [
             {"clip": clips[c].name, **first_difference_margin(target, inputs[c], baseline[c], outputs[m][c])}
-            for c in range(len(clips))
-            if not same[c]
+            for c in ok
+            if outputs[m][c] != baseline[c]
         ]
         if mismatches:
             row["mismatches"] = mismatches
@@ -181,11 +199,15 @@ def markdown(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
+        if not r["clips"]:
+            lines.append(f"| {r['method']} | {r['batch_size']} | failed on every clip: {r['error'][:80]} |||||| ")
+            continue
         draft = f"{r['draft_ms_per_pass']:.2f}" if "draft_ms_per_pass" in r else ""
         verify = f"{r['verify_ms_per_pass']:.2f}" if "verify_ms_per_pass" in r else ""
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['acceptance_length']:.2f} | {100 * r['identical']:.0f}% | {draft} | {verify} |"
+            + (f" failed on {r['failed_clips']} clips" if r.get("failed_clips") else "")
         )
     return "\n".join(lines)
 
