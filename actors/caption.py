@@ -119,19 +119,27 @@ class CaptionActor:
         return pa.Table.from_pylist(out)
 
 
-def _node_name() -> str:
-    try:
-        import ray
+def _in_ray() -> bool:
+    import ray
 
-        return ray.get_runtime_context().get_node_id()[:12] + "@" + socket.gethostname()
-    except Exception:  # outside Ray (tests, notebooks): the host name is enough
+    return ray.is_initialized()  # never start a Ray instance from here
+
+
+def _node_name() -> str:
+    if not _in_ray():  # outside Ray (benchmarks, notebooks): the host name is enough
         return socket.gethostname()
+    import ray
+
+    return ray.get_runtime_context().get_node_id()[:12] + "@" + socket.gethostname()
 
 
 class _Metrics:
     """Ray metrics for the dashboard (no-ops outside Ray)."""
 
     def __init__(self) -> None:
+        self.clips = None
+        if not _in_ray():
+            return
         try:
             from ray.util.metrics import Counter, Gauge
 

@@ -61,4 +61,5 @@ def decode_row(
 
 
 def frames_of(row: dict) -> np.ndarray:
-    return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+    # A writable copy: torch refuses to wrap read-only buffers without a warning.
+    return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()

@@ -67,7 +67,8 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
     from pipeline.decode import decode_row
 
     items = [{"video_uri": o.uri, "size": o.size, "etag": o.etag} for o in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    # ~8 objects per read/decode task: fewer, larger tasks cut Ray overhead; frames stay small per block.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // 8)))
     ds = ds.map(
         decode_row,
         fn_kwargs=dict(
