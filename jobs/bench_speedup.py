@@ -149,17 +149,29 @@ def run(args: argparse.Namespace) -> dict:
     for m in methods:
         ok = [c for c in range(len(clips)) if c not in failures[m]]  # speed compared on the same clips
         if not ok:
-            rows.append({"method": m, "batch_size": 1, "clips": 0, "failed_clips": len(clips),
-                         "error": next(iter(failures[m].values()))})
+            rows.append(
+                {
+                    "method": m,
+                    "batch_size": 1,
+                    "clips": 0,
+                    "failed_clips": len(clips),
+                    "error": next(iter(failures[m].values())),
+                }
+            )
             continue
         base_time = sum(statistics.median(times["target"][c]) for c in ok)
         total_time = sum(statistics.median(times[m][c]) for c in ok)
         tokens = sum(len(outputs[m][c]) for c in ok)
         same = [outputs[m][c] == baseline[c] for c in ok]
         row = {
-            "method": m, "batch_size": 1, "clips": len(ok), "tokens": tokens,
-            "tokens_per_s": tokens / total_time, "speedup": base_time / total_time,
-            "acceptance_length": 1.0, "identical": sum(same) / len(same),
+            "method": m,
+            "batch_size": 1,
+            "clips": len(ok),
+            "tokens": tokens,
+            "tokens_per_s": tokens / total_time,
+            "speedup": base_time / total_time,
+            "acceptance_length": 1.0,
+            "identical": sum(same) / len(same),
         }
         if failures[m]:
             row["failed_clips"] = len(failures[m])

@@ -157,8 +157,18 @@ def main(argv: list[str] | None = None) -> None:
                 model.save_pretrained(out, safe_serialization=True)
                 processor.save_pretrained(out)
             state_dir.mkdir(exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": rng, "step": step, "best": best, "log": log}, state_dir / "state.pt")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rng,
+                    "step": step,
+                    "best": best,
+                    "log": log,
+                },
+                state_dir / "state.pt",
+            )
             (out / "training_log.json").write_text(
                 json.dumps(
                     {
