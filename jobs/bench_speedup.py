@@ -2,15 +2,17 @@
 alternating, with warm-up and medians, and a check that outputs are identical.
 
     python jobs/bench_speedup.py --out report.json [--videos DIR] [--model DIR] [--drafter DIR]
-                                 [--text-drafter DIR] [--clips N] [--repeats R]
+                                 [--text-drafter DIR] [--clips N] [--repeats R] [--batch-sizes 1,4,8,16]
 
-Rows (batch size 1, greedy): `target` (flashcap's loop, no drafter: the
+Rows per batch size (greedy): `target` (flashcap's loop, no drafter: the
 baseline), `hf_generate` (Hugging Face generate, to show the baseline is not
-slowed down), `flash`, `flash_text_only` (the ablation drafter), and
-`prompt_lookup` (Hugging Face prompt-lookup decoding, an outside peer).
-speedup = baseline time / method time on the same clips; identical = share of
-clips whose tokens equal the baseline's. A mismatch (possible outside float64)
-is explained by the target's logit margin at the first differing token.
+slowed down), `flash` (fixed block), `flash_adaptive` (BlockPolicy), and at
+batch 1 also `flash_text_only` (the ablation drafter) and `prompt_lookup`
+(Hugging Face prompt-lookup decoding, an outside peer). speedup = baseline
+time / method time on the same clips at the same batch size; identical =
+share of clips whose tokens equal that clip decoded alone by the baseline. A
+mismatch (possible outside float64) is explained by the target's logit margin
+at the first differing token.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 import flash  # noqa: E402
 from jobs.demo_world import PROMPT, SAMPLED_FRAMES, decode_frames, write_videos  # noqa: E402
 
-METHODS = ["target", "hf_generate", "flash", "flash_text_only", "prompt_lookup"]
+METHODS = ["target", "hf_generate", "flash", "flash_adaptive", "flash_text_only", "prompt_lookup"]
 
 
 def machine() -> str:
@@ -65,18 +67,25 @@ class Runner:
         self.target, self.drafters = target, drafters
         self.max_new, self.lookup = max_new_tokens, lookup_tokens
         self.eos = set(target.eos_token_ids.tolist())
+        self.policies: dict[int, flash.BlockPolicy] = {}  # one adaptive policy per batch size, kept across calls
 
-    def __call__(self, method: str, inputs) -> tuple[float, list[int], flash.DecodeStats | None]:
+    def __call__(self, method: str, inputs) -> tuple[float, list[list[int]], flash.DecodeStats | None]:
+        """Decode a processor batch with one method: (seconds, new tokens per row, stats)."""
+        batch = inputs["input_ids"].shape[0]
         start = time.perf_counter()
         stats = None
-        if method in ("target", "flash", "flash_text_only"):
-            out = flash.generate(self.target, self.drafters.get(method), inputs, max_new_tokens=self.max_new)
-            tokens, stats = out.sequences[0], out.stats
+        if method in ("target", "flash", "flash_text_only", "flash_adaptive"):
+            drafter = self.drafters.get("flash" if method == "flash_adaptive" else method)
+            block = None
+            if method == "flash_adaptive":
+                block = self.policies.setdefault(batch, flash.BlockPolicy(max_block=drafter.block_size))
+            out = flash.generate(self.target, drafter, inputs, max_new_tokens=self.max_new, block_size=block)
+            tokens, stats = out.sequences, out.stats
         else:
             kwargs = {"prompt_lookup_num_tokens": self.lookup} if method == "prompt_lookup" else {}
             with torch.inference_mode():
                 ids = self.target.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new, **kwargs)
-            tokens = _trim(ids[0, inputs["input_ids"].shape[1] :].tolist(), self.eos)
+            tokens = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), self.eos) for row in ids]
         return time.perf_counter() - start, tokens, stats
 
 
@@ -92,6 +101,101 @@ def first_difference_margin(target, inputs, reference: list[int], other: list[in
     return {"index": index, "margin": float(top[0] - top[1])}
 
 
+def measure(
+    runner: Runner,
+    target,
+    inputs_for,
+    clips: list[Path],
+    batch: int,
+    methods: list[str],
+    repeats: int,
+    warmup: int,
+    alone: list[list[int]] | None,
+) -> tuple[list[dict], list[list[int]]]:
+    """Rows for one batch size. Units are consecutive groups of `batch` clips, decoded as one batch."""
+    units = [list(range(i, min(i + batch, len(clips)))) for i in range(0, len(clips), batch)]
+    unit_inputs = [inputs_for(u) for u in units]
+    failures: dict[str, dict[int, str]] = {m: {} for m in methods}
+
+    def attempt(m: str, u: int):
+        """One method on one unit; an outside method may fail on some inputs (recorded, not fatal)."""
+        if u in failures[m]:
+            return None
+        try:
+            return runner(m, unit_inputs[u])
+        except (ValueError, RuntimeError, IndexError) as err:
+            failures[m][u] = f"{type(err).__name__}: {err}"[:300]
+            return None
+
+    for u in range(min(warmup, len(units))):  # warm-up: every method once
+        for m in methods:
+            attempt(m, u)
+    times = {m: [[] for _ in units] for m in methods}
+    outputs: dict[str, list[list[int]]] = {m: [[] for _ in clips] for m in methods}
+    stats: dict[str, list] = {m: [None for _ in units] for m in methods}
+    for rep in range(repeats):
+        for u in range(len(units)):
+            shift = (rep + u) % len(methods)
+            for m in methods[shift:] + methods[:shift]:  # alternate the order
+                result = attempt(m, u)
+                if result is None:
+                    continue
+                seconds, tokens, st = result
+                times[m][u].append(seconds)
+                for c, t in zip(units[u], tokens):
+                    outputs[m][c] = t
+                stats[m][u] = st
+
+    reference = alone if alone is not None else outputs["target"]  # each row decoded alone (batch 1)
+    rows = []
+    for m in methods:
+        ok = [u for u in range(len(units)) if u not in failures[m]]  # speed compared on the same units
+        if not ok:
+            rows.append(
+                {
+                    "method": m,
+                    "batch_size": batch,
+                    "clips": 0,
+                    "failed_clips": len(clips),
+                    "error": next(iter(failures[m].values())),
+                }
+            )
+            continue
+        ok_clips = [c for u in ok for c in units[u]]
+        base_time = sum(statistics.median(times["target"][u]) for u in ok)
+        total_time = sum(statistics.median(times[m][u]) for u in ok)
+        tokens = sum(len(outputs[m][c]) for c in ok_clips)
+        same = [outputs[m][c] == reference[c] for c in ok_clips]
+        row = {
+            "method": m,
+            "batch_size": batch,
+            "clips": len(ok_clips),
+            "tokens": tokens,
+            "tokens_per_s": tokens / total_time,
+            "speedup": base_time / total_time,
+            "acceptance_length": 1.0,
+            "identical": sum(same) / len(same),
+        }
+        if failures[m]:
+            row["failed_clips"] = sum(len(units[u]) for u in failures[m])
+            row["error"] = next(iter(failures[m].values()))
+        sts = [stats[m][u] for u in ok if stats[m][u] is not None and stats[m][u].cycles]
+        if sts and m.startswith("flash"):
+            row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
+            row["draft_ms_per_pass"] = 1000 * sum(s.draft_s for s in sts) / sum(s.cycles + 1 for s in sts)
+        if sts:
+            row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
+        mismatches = [
+            {"clip": clips[c].name, **first_difference_margin(target, inputs_for([c]), reference[c], outputs[m][c])}
+            for c in ok_clips
+            if outputs[m][c] != reference[c]
+        ]
+        if mismatches:
+            row["mismatches"] = mismatches
+        rows.append(row)
+    return rows, outputs["target"]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     target = flash.load_target(args.model, dtype=torch.float32)
@@ -100,97 +204,40 @@ def run(args: argparse.Namespace) -> dict:
         drafters["flash"] = flash.FlashDrafter.from_pretrained(args.drafter, target)
     if args.text_drafter and Path(args.text_drafter).is_dir():
         drafters["flash_text_only"] = flash.FlashDrafter.from_pretrained(args.text_drafter, target)
-    methods = [m for m in METHODS if m not in ("flash", "flash_text_only") or m in drafters]
 
     videos = Path(args.videos) if args.videos else None
     if videos is None:
         videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-"))
         write_videos(videos, args.clips, seed=args.seed)  # held-out seeds (training uses >= 1,000,000)
     clips = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
-    inputs = [
-        target.processor(text=[args.prompt], videos=[decode_frames(c.read_bytes(), args.frames)], return_tensors="pt")
-        for c in clips
-    ]
+    frames = [decode_frames(c.read_bytes(), args.frames) for c in clips]
+
+    def inputs_for(indices: list[int]):
+        return target.processor(
+            text=[args.prompt] * len(indices), videos=[frames[i] for i in indices], return_tensors="pt", padding=True
+        )
+
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens)
-
-    failures: dict[str, dict[int, str]] = {m: {} for m in methods}
-
-    def attempt(m: str, c: int):
-        """Run one method on one clip; an outside method may fail on some inputs (recorded, not fatal)."""
-        if c in failures[m]:
-            return None
-        try:
-            return runner(m, inputs[c])
-        except (ValueError, RuntimeError, IndexError) as err:
-            failures[m][c] = f"{type(err).__name__}: {err}"[:300]
-            return None
-
-    for i in range(min(args.warmup, len(inputs))):  # warm-up: every method once
-        for m in methods:
-            attempt(m, i)
-
-    times = {m: [[] for _ in clips] for m in methods}
-    outputs: dict[str, list[list[int]]] = {m: [[] for _ in clips] for m in methods}
-    stats: dict[str, list] = {m: [None for _ in clips] for m in methods}
-    for rep in range(args.repeats):
-        for c in range(len(inputs)):
-            order = methods[(rep + c) % len(methods) :] + methods[: (rep + c) % len(methods)]  # alternate
-            for m in order:
-                result = attempt(m, c)
-                if result is None:
-                    continue
-                seconds, tokens, st = result
-                times[m][c].append(seconds)
-                outputs[m][c] = tokens
-                stats[m][c] = st
-
-    baseline = outputs["target"]
-    rows = []
-    for m in methods:
-        ok = [c for c in range(len(clips)) if c not in failures[m]]  # speed compared on the same clips
-        if not ok:
-            rows.append(
-                {
-                    "method": m,
-                    "batch_size": 1,
-                    "clips": 0,
-                    "failed_clips": len(clips),
-                    "error": next(iter(failures[m].values())),
-                }
-            )
-            continue
-        base_time = sum(statistics.median(times["target"][c]) for c in ok)
-        total_time = sum(statistics.median(times[m][c]) for c in ok)
-        tokens = sum(len(outputs[m][c]) for c in ok)
-        same = [outputs[m][c] == baseline[c] for c in ok]
-        row = {
-            "method": m,
-            "batch_size": 1,
-            "clips": len(ok),
-            "tokens": tokens,
-            "tokens_per_s": tokens / total_time,
-            "speedup": base_time / total_time,
-            "acceptance_length": 1.0,
-            "identical": sum(same) / len(same),
-        }
-        if failures[m]:
-            row["failed_clips"] = len(failures[m])
-            row["error"] = next(iter(failures[m].values()))
-        sts = [s for s in stats[m] if s is not None and s.cycles]
-        if sts and m.startswith("flash"):
-            row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
-            row["draft_ms_per_pass"] = 1000 * sum(s.draft_s for s in sts) / sum(s.cycles + 1 for s in sts)
-            row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
-        if m == "target" and sts:
-            row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
-        mismatches = [
-            {"clip": clips[c].name, **first_difference_margin(target, inputs[c], baseline[c], outputs[m][c])}
-            for c in ok
-            if outputs[m][c] != baseline[c]
+    rows: list[dict] = []
+    alone = None
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        wanted = METHODS if batch == 1 else ["target", "hf_generate", "flash", "flash_adaptive"]
+        methods = [
+            m
+            for m in wanted
+            if m not in ("flash", "flash_text_only", "flash_adaptive")
+            or ("flash" if m == "flash_adaptive" else m) in drafters
         ]
-        if mismatches:
-            row["mismatches"] = mismatches
-        rows.append(row)
+        batch_rows, plain = measure(runner, target, inputs_for, clips, batch, methods, args.repeats, args.warmup, alone)
+        if batch == 1:
+            alone = plain
+        rows.extend(batch_rows)
+        print(
+            markdown(
+                {"date": date.today().isoformat(), "machine": machine(), "repeats": args.repeats, "rows": batch_rows}
+            ),
+            flush=True,
+        )
     return {
         "machine": machine(),
         "date": date.today().isoformat(),
@@ -204,8 +251,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [
-        f"Measured {report['date']} on {report['machine']}; {report['rows'][0]['clips']} held-out clips, "
-        f"greedy, float32, median of {report['repeats']} alternating runs.",
+        f"Measured {report['date']} on {report['machine']}; held-out clips, "
+        f"greedy, float32, median of {report['repeats']} alternating runs; speedup over plain decoding at the "
+        f"same batch size; identical = rows equal to that clip decoded alone.",
         "",
         "| method | batch | tokens/s | speedup | acceptance length | identical | draft ms/pass | verify ms/pass |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -231,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(ROOT / "models" / "demo-target"))
     p.add_argument("--drafter", default=str(ROOT / "models" / "demo-drafter"))
     p.add_argument("--text-drafter", default=str(ROOT / "models" / "demo-drafter-text-only"))
-    p.add_argument("--clips", type=int, default=20)
+    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--batch-sizes", default="1", help="comma-separated, e.g. 1,4,8,16 (batch 1 always first)")
     p.add_argument("--seed", type=int, default=500, help="first held-out scene seed for generated clips")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -240,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
     args = p.parse_args(argv)
+    if not args.batch_sizes.startswith("1"):
+        args.batch_sizes = "1," + args.batch_sizes  # rows are compared with each clip decoded alone
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
