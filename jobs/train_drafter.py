@@ -32,7 +32,6 @@ import torch  # noqa: E402
 import flash  # noqa: E402
 from flash.train import DistillExample, distill_example, drafter_loss  # noqa: E402
 
-PROMPT_DEFAULT = None  # the demo prompt unless --prompt is given
 
 
 def _clips(videos: Path) -> list[Path]:
