@@ -33,7 +33,6 @@ import flash  # noqa: E402
 from flash.train import DistillExample, distill_example, drafter_loss  # noqa: E402
 
 
-
 def _clips(videos: Path) -> list[Path]:
     clips = sorted(p for p in videos.iterdir() if p.suffix.lower() in {".mp4", ".mkv", ".webm", ".avi", ".mov"})
     if not clips:
