@@ -123,15 +123,16 @@ def _draw(frame: np.ndarray, shape: str, cx: float, cy: float, side: float, colo
 VERTICAL = {"up", "down", "diagonal", "bouncing"}
 
 
-def render(scene: Scene, frames: int = FRAMES, side: int = SIDE) -> np.ndarray:
-    """uint8 [T, H, W, 3] frames of the scene.
+def render(scene: Scene, frames: int = FRAMES, side: int = SIDE, only=None) -> np.ndarray:
+    """uint8 [T, H, W, 3] frames of the scene (`only`: just these frame indices, same pixels).
 
     Object i keeps to horizontal band i for sideways motion; vertical movers
     travel the full height in their own column, so every motion is visible
     whatever the number of objects.
     """
     rng = np.random.default_rng(scene.seed + 1_000_003)
-    out = np.empty((frames, side, side, 3), dtype=np.uint8)
+    times = list(range(frames)) if only is None else [int(t) for t in only]
+    out = np.empty((len(times), side, side, 3), dtype=np.uint8)
     out[:] = BACKGROUNDS[scene.background]
     n = len(scene.objects)
     band = side / n
@@ -141,7 +142,7 @@ def render(scene: Scene, frames: int = FRAMES, side: int = SIDE) -> np.ndarray:
         column = side / n * (i + 0.5)
         cy0 = band * (i + 0.5)
         start_x = float(rng.uniform(margin, side - margin)) if obj.motion not in VERTICAL else column
-        for t in range(frames):
+        for j, t in enumerate(times):
             a = t / (frames - 1)  # 0 -> 1 over the clip
             cx, cy, s = start_x, cy0, base
             travel = side - 2 * margin
@@ -162,7 +163,7 @@ def render(scene: Scene, frames: int = FRAMES, side: int = SIDE) -> np.ndarray:
                 s = base * (1.5 - a)
             elif obj.motion == "bouncing":
                 cy = side - margin - abs(math.sin(a * 2 * math.pi)) * travel * 0.8
-            _draw(out[t], obj.shape, cx, cy, s, COLOURS[obj.colour])
+            _draw(out[j], obj.shape, cx, cy, s, COLOURS[obj.colour])
     return out
 
 

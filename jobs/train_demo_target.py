@@ -57,7 +57,7 @@ def training_batch(processor, rng: np.random.Generator, batch: int):
     texts, videos = [], []
     for s in seeds:
         scene = scene_for_seed(int(s))
-        frames = render(scene)[sample_indices(FRAMES, SAMPLED_FRAMES)].astype(np.int16)
+        frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES)).astype(np.int16)
         frames += rng.integers(-3, 4, size=frames.shape, dtype=np.int16)  # stands in for codec noise
         videos.append(np.clip(frames, 0, 255).astype(np.uint8))
         texts.append(f"{PROMPT} {scene.caption()}<|im_end|>")
@@ -98,13 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-clips", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state (same --steps)")
+    parser.add_argument("--init", help="start from this trained checkpoint's weights (new optimizer and schedule)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
     torch.manual_seed(args.seed)
-    if not args.resume:
-        build_qwen2_5_vl(out, vocabulary(), seed=args.seed, **TARGET_SIZES)
-    target = flash.load_target(out, dtype=torch.float32)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.init:
+        target = flash.load_target(args.init, dtype=torch.float32)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        if not args.resume:
+            build_qwen2_5_vl(out, vocabulary(), seed=args.seed, **TARGET_SIZES)
+        target = flash.load_target(out, dtype=torch.float32)
     model, processor = target.model, target.processor
     model.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
