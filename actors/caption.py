@@ -3,12 +3,15 @@ batches of decoded videos with `flash.generate` (GPU when given, CPU otherwise).
 
 Rows that arrive with a decode error pass through untouched. If a batch fails
 in generation, its rows are retried one by one so a single bad input only costs
-its own row (which gets the error).
+its own row (which gets the error). If a batch's rows were in flight when an
+earlier worker process died (see pipeline/ledger.py), they are captioned one at
+a time, and a row charged with `max_worker_crashes` deaths becomes an error row.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from datetime import datetime, timezone
@@ -18,14 +21,16 @@ import pyarrow as pa
 import torch
 
 import flash
+from pipeline import faults
 from pipeline.config import CaptionConfig
 from pipeline.decode import frames_of
+from pipeline.ledger import Guard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class CaptionActor:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, ledger=None) -> None:
         self.config = CaptionConfig.model_validate(config)
         use_gpu = self.config.gpus_per_actor > 0 and torch.cuda.is_available()
         device = "cuda" if use_gpu else "cpu"
@@ -43,6 +48,7 @@ class CaptionActor:
         self.node = _node_name()
         self.actor_id = f"{self.node}:{os.getpid()}"
         self._metrics = _Metrics()
+        self.guard = Guard(ledger, "caption", self.config.max_worker_crashes, self.actor_id)
 
     def _generate(self, frames: list[np.ndarray]) -> tuple[list[str], list[int], list[float], float]:
         processor = self.target.processor
@@ -67,8 +73,26 @@ class CaptionActor:
     def _caption(self, rows: list[dict]) -> None:
         """Fill caption/num_tokens/acceptance_length/generate_s/error on rows without a decode error."""
         todo = [r for r in rows if not r["error"]]
+        crashes = self.guard.begin(todo)
+        if not any(crashes):
+            self._caption_rows(todo)
+            self.guard.done(todo)
+            return
+        # An earlier attempt at some of these rows died with its process: one row at a time, so that
+        # only the row that kills the process is charged again.
+        self.guard.done(todo)
+        for r in todo:
+            (count,) = self.guard.begin([r])
+            if self.guard.gave_up(count):
+                r["error"] = self.guard.message(count)
+            else:
+                self._caption_rows([r])
+            self.guard.done([r])
+
+    def _caption_rows(self, todo: list[dict]) -> None:
         if not todo:
             return
+        faults.maybe_crash("caption", todo)
         try:
             groups = [todo]
             results = [self._generate([frames_of(r) for r in todo])]
@@ -110,6 +134,7 @@ class CaptionActor:
                     "finished_at": now,
                     "actor": self.actor_id,
                     "busy_s": 0.0,
+                    "rss_mb": _rss_mb(),
                 }
             )
         busy = time.perf_counter() - started
@@ -117,6 +142,15 @@ class CaptionActor:
             row["busy_s"] = busy / len(out)
         self._metrics.record(out, busy)
         return pa.Table.from_pylist(out)
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now (peak as a fallback off Linux)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _in_ray() -> bool:

@@ -29,6 +29,10 @@ class CaptionConfig(BaseModel):
         default=None, description="Endpoint URL of an S3-compatible store (MinIO, R2, ...); None: AWS."
     )
     s3_region: str | None = Field(default=None, description="S3 region; None: the standard AWS chain decides.")
+    s3_max_attempts: int = Field(
+        default=8, ge=1, le=50, description="Tries per S3 request (throttling, 5xx, resets, timeouts), with backoff."
+    )
+    s3_timeout_s: float = Field(default=60.0, gt=0, description="Connect and read timeout per S3 request.")
     model: str = Field(description="Target VLM checkpoint directory (safetensors).")
     drafter: str | None = Field(default=None, description="FLASH drafter directory; None: plain decoding.")
     trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint to run.")
@@ -62,6 +66,16 @@ class CaptionConfig(BaseModel):
     cpus_per_decode: float = Field(default=1.0, gt=0.0, description="CPUs per video-decoding task.")
     flush_rows: int = Field(default=256, ge=1, description="Rows buffered before a Parquet part is written.")
     flush_seconds: float = Field(default=60.0, gt=0, description="Longest wait before buffered rows are written.")
+    max_worker_crashes: int = Field(
+        default=3,
+        ge=1,
+        description="A video in flight when its worker process died this many times becomes an error row.",
+    )
+    max_rounds: int = Field(
+        default=3,
+        ge=1,
+        description="Times the driver reruns what is still missing after the cluster lost work it cannot retry.",
+    )
     report: bool = Field(default=True, description="Write report.json and throughput.png beside the output.")
 
     @field_validator("input", "output")
@@ -95,7 +109,16 @@ class CaptionConfig(BaseModel):
         return self
 
     def describe(self) -> str:
-        return "\n".join(f"  {name}: {getattr(self, name)!r}" for name in type(self).model_fields)
+        return "\n".join(f"  {name}: {redact(getattr(self, name))!r}" for name in type(self).model_fields)
+
+
+def redact(value: Any) -> Any:
+    """A URL's user:password part is replaced, so no secret from a config value reaches a log or report."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        host = rest.split("/", 1)
+        return f"{scheme}://***@{host[0].rsplit('@', 1)[1]}" + (f"/{host[1]}" if len(host) > 1 else "")
+    return value
 
 
 def load_config(path: str | None = None, **overrides: Any) -> CaptionConfig:

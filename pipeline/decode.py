@@ -5,10 +5,14 @@ longer side fits `max_side`. Any failure becomes an `error` on the row."""
 from __future__ import annotations
 
 import io
+import os
+import socket
 import time
 
 import numpy as np
 
+from pipeline import faults
+from pipeline.ledger import Guard
 from pipeline.storage import S3Settings, read_object
 
 
@@ -44,18 +48,34 @@ def sample_frames(
 
 
 def decode_row(
-    row: dict, settings: S3Settings, num_frames: int, max_side: int, fps: float | None, max_frames: int, max_bytes: int
+    row: dict,
+    settings: S3Settings,
+    num_frames: int,
+    max_side: int,
+    fps: float | None,
+    max_frames: int,
+    max_bytes: int,
+    ledger=None,
+    max_crashes: int = 3,
 ) -> dict:
     """Ray Data map: a listed object -> the same row with frames (bytes + shape) or an error."""
     started = time.perf_counter()
     out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="")
+    guard = Guard(ledger, "decode", max_crashes, f"{socket.gethostname()}:{os.getpid()}")
+    crashes = guard.begin([row])[0]
     try:
-        if row["size"] > max_bytes:
-            raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
-        frames = sample_frames(read_object(row["video_uri"], settings), num_frames, max_side, fps, max_frames)
-        out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
+        if guard.gave_up(crashes):
+            out["error"] = guard.message(crashes)
+        else:
+            faults.maybe_crash("decode", [row])
+            if row["size"] > max_bytes:
+                raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
+            frames = sample_frames(read_object(row["video_uri"], settings), num_frames, max_side, fps, max_frames)
+            out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
     except Exception as err:  # any failure on one input must become that input's error row
         out["error"] = f"decode failed: {type(err).__name__}: {err}"[:2000]
+    finally:
+        guard.done([row])
     out["decode_s"] = time.perf_counter() - started
     return out
 

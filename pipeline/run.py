@@ -6,6 +6,16 @@ The driver consumes rows as they stream out, writes them in Parquet parts
 (whole parts only) and aggregates throughput. Before anything runs on the
 cluster it reads what the output already holds, so a rerun captions only new
 or changed objects and a row is never written twice.
+
+Every listed object ends as exactly one row (a caption or an error):
+- a dead actor or task is restarted and its work retried by Ray Data; the
+  attempt ledger (pipeline/ledger.py) turns a video that keeps killing its
+  worker into an error row after `max_worker_crashes` deaths;
+- if the cluster loses work it cannot retry (a node's results gone with it),
+  the run stops, and the driver runs again on what is still missing, up to
+  `max_rounds` times;
+- if the driver itself dies, rerunning the same command finishes the job:
+  rows already written are skipped, nothing is written twice.
 """
 
 from __future__ import annotations
@@ -16,11 +26,15 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from pipeline.config import CaptionConfig
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject, list_videos
+from pipeline.config import CaptionConfig, redact
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, list_videos
 from pipeline.throughput import Throughput
 
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_SCHEMA]
+
+
+class JobIncomplete(RuntimeError):
+    """Some videos have no row after max_rounds; rerunning the same command finishes them."""
 
 
 class PartWriter:
@@ -59,7 +73,7 @@ class PartWriter:
         self.buffer = []
 
 
-def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3Settings):
+def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3Settings, ledger=None):
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -78,12 +92,14 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
             fps=config.fps,
             max_frames=config.max_frames,
             max_bytes=config.max_video_bytes,
+            ledger=ledger,
+            max_crashes=config.max_worker_crashes,
         ),
         num_cpus=config.cpus_per_decode,
     )
     return ds.map_batches(
         CaptionActor,
-        fn_constructor_kwargs={"config": config.model_dump()},
+        fn_constructor_kwargs={"config": config.model_dump(), "ledger": ledger},
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
@@ -93,10 +109,16 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
 
 
 def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
-    """Caption everything under config.input not yet in config.output. Ray must be initialised."""
+    """Caption everything under config.input not yet in config.output. Ray must be initialised.
+
+    Raises StorageError for permanent storage problems (before any model loads when they are there
+    from the start) and JobIncomplete if videos are still without a row after config.max_rounds.
+    """
     import ray.data
 
-    settings = S3Settings(config.s3_endpoint, config.s3_region)
+    from pipeline.ledger import start_ledger
+
+    settings = S3Settings(config.s3_endpoint, config.s3_region, config.s3_max_attempts, config.s3_timeout_s)
     store = OutputStore(config.output, settings)
     # Storage problems surface here, before any model loads.
     done = store.existing_keys()
@@ -104,36 +126,59 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     objects = list_videos(config.input, config.include, settings)
     todo = [o for o in objects if (o.uri, o.etag) not in done]
     log(
-        f"[flashcap] {len(objects)} videos under {config.input}: {len(objects) - len(todo)} already captioned, "
-        f"{len(todo)} to caption"
+        f"[flashcap] {len(objects)} videos under {redact(config.input)}: {len(objects) - len(todo)} already "
+        f"captioned, {len(todo)} to caption"
     )
 
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     writer = PartWriter(store, run_id, config.flush_rows, config.flush_seconds, done)
     tracker = Throughput(len(todo))
+    remaining, rounds, round_errors, ledger = list(todo), 0, [], None
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
-        dataset = _build_dataset(config, todo, settings)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = batch.to_pylist()
-            writer.add(rows)
-            tracker.add(rows)
-            line = tracker.maybe_line()
-            if line:
-                log(line)
+        ledger = start_ledger()
+    while remaining and rounds < config.max_rounds:
+        rounds += 1
+        try:
+            for batch in _build_dataset(config, remaining, settings, ledger).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
+                rows = batch.to_pylist()
+                writer.add(rows)
+                tracker.add(rows)
+                line = tracker.maybe_line()
+                if line:
+                    log(line)
+        except StorageError:  # the output cannot be written: stop (a rerun resumes from what was written)
+            raise
+        except Exception as err:  # the cluster lost work it could not retry: run again on what is missing
+            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
+            round_errors.append(message)
+            log(f"[flashcap] round {rounds} stopped early: {message}")
         writer.flush()
+        remaining = [o for o in remaining if (o.uri, o.etag) not in writer.known]
+        if remaining and rounds < config.max_rounds:
+            log(f"[flashcap] {len(remaining)} videos without a row; round {rounds + 1} starts")
+    if todo:
         log(tracker.line())
 
+    crashes = ray.get(ledger.summary.remote()) if ledger is not None else {"worker_crashes": {}, "crashed_videos": []}
     report = tracker.report(
         run_id=run_id,
-        input=config.input,
-        output=config.output,
+        input=redact(config.input),
+        output=redact(config.output),
         listed=len(objects),
         already_done=len(objects) - len(todo),
+        expected_rows=len(todo),
         rows_written=writer.rows_written,
+        missing=len(remaining),
         duplicates_dropped=writer.duplicates_dropped,
+        rounds=rounds,
+        round_errors=round_errors,
+        worker_crashes=crashes["worker_crashes"],
+        videos_in_flight_at_a_crash=len(crashes["crashed_videos"]),
         parts=writer.parts,
         model=config.model,
         drafter=config.drafter,
@@ -142,4 +187,11 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     if config.report:
         store.write_bytes(f"_report-{run_id}.json", json.dumps(report, indent=2, default=str).encode())
         store.write_bytes(f"_throughput-{run_id}.png", tracker.chart_png())
+    if ledger is not None:
+        ray.kill(ledger)
+    if remaining:
+        raise JobIncomplete(
+            f"{len(remaining)} of {len(todo)} videos have no row after {rounds} rounds (last: {round_errors[-1]}); "
+            "rerun the same command to finish them: rows already written are kept and never duplicated"
+        )
     return report

@@ -18,6 +18,8 @@ from __future__ import annotations
 import fnmatch
 import io
 import os
+import random
+import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,6 +62,8 @@ def _explain(err: Exception, what: str) -> StorageError:
 class S3Settings:
     endpoint: str | None = None
     region: str | None = None
+    max_attempts: int = 8  # per request, throttling/5xx/resets/timeouts, with backoff
+    timeout_s: float = 60.0  # connect and read timeout per request
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,35 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 @lru_cache(maxsize=8)
 def s3_client(settings: S3Settings):
-    """A boto3 S3 client with adaptive retries (throttling, resets, timeouts)."""
+    """A boto3 S3 client whose requests retry throttling (503 SlowDown), 5xx, resets and timeouts with
+    backoff (botocore's adaptive mode); permanent errors (403, 404) are not retried."""
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=60)
+    config = Config(
+        retries={"max_attempts": settings.max_attempts, "mode": "adaptive"},
+        connect_timeout=settings.timeout_s,
+        read_timeout=settings.timeout_s,
+    )
     return boto3.client("s3", endpoint_url=settings.endpoint, region_name=settings.region, config=config)
+
+
+def _transient_body_errors() -> tuple[type[Exception], ...]:
+    from botocore import exceptions as e
+
+    return (
+        e.ResponseStreamingError,
+        e.IncompleteReadError,
+        e.ReadTimeoutError,
+        e.ConnectTimeoutError,
+        e.ConnectionClosedError,
+        e.EndpointConnectionError,
+    )
+
+
+def _backoff(attempt: int) -> float:
+    """Full-jitter exponential backoff: up to 0.2 s, 0.4 s, ... capped at 10 s."""
+    return random.uniform(0, min(10.0, 0.2 * 2**attempt))
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -120,10 +147,24 @@ def list_videos(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> li
 
 
 def read_object(uri: str, settings: S3Settings) -> bytes:
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
-    return Path(uri).read_bytes()
+    """The object's bytes. botocore retries the request; a body cut off mid-stream (reset, timeout,
+    short read), which botocore does not retry, is fetched again here, with backoff."""
+    if not is_s3(uri):
+        return Path(uri).read_bytes()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    transient = _transient_body_errors()
+    for attempt in range(settings.max_attempts):
+        try:
+            return s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except transient as err:
+            if attempt + 1 == settings.max_attempts:
+                raise _explain(err, f"read {uri} ({settings.max_attempts} attempts)") from None
+            time.sleep(_backoff(attempt))
+        except (ClientError, BotoCoreError) as err:
+            raise _explain(err, f"read {uri}") from None
+    raise AssertionError("unreachable")
 
 
 class OutputStore:
@@ -191,10 +232,15 @@ class OutputStore:
         return key
 
     def delete(self, name: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         key = self._key(name)
         if is_s3(key):
             bucket, object_key = split_s3(key)
-            s3_client(self.settings).delete_object(Bucket=bucket, Key=object_key)
+            try:
+                s3_client(self.settings).delete_object(Bucket=bucket, Key=object_key)
+            except (ClientError, BotoCoreError) as err:
+                raise _explain(err, f"delete {key}") from None
         else:
             Path(key).unlink(missing_ok=True)
 

@@ -21,6 +21,7 @@ class Throughput:
         self.actors: set[str] = set()
         self.nodes: set[str] = set()
         self.events: list[tuple[float, str, int, int]] = []  # (seconds since start, node, clips, tokens)
+        self.rss_mb: dict[str, list[float]] = {}  # actor -> resident memory after each batch, in order
         self._last_line = 0.0
 
     def add(self, rows: list[dict]) -> None:
@@ -31,6 +32,10 @@ class Throughput:
             self.actors.add(r.get("actor", ""))
             self.nodes.add(r["worker_node"])
             self.busy_s += r.get("busy_s", 0.0)
+            if r.get("rss_mb"):
+                series = self.rss_mb.setdefault(r.get("actor", ""), [])
+                if not series or series[-1] != r["rss_mb"]:
+                    series.append(r["rss_mb"])
             if r["error"]:
                 self.errors += 1
                 continue
@@ -91,8 +96,19 @@ class Throughput:
             "actors": len(self.actors),
             "nodes": sorted(self.nodes),
             "per_node": self._per_node(),
+            "memory": self.memory(),
             **extra,
         }
+
+    def memory(self) -> dict:
+        """Caption actors' resident memory (MB): the peak over each actor's first and last quarter of
+        batches, and the largest growth between them (a leak shows here on long runs)."""
+        first = last = growth = 0.0
+        for series in self.rss_mb.values():
+            q = max(1, len(series) // 4)
+            head, tail = max(series[:q]), max(series[-q:])
+            first, last, growth = max(first, head), max(last, tail), max(growth, tail - head)
+        return {"actor_rss_mb_start": first, "actor_rss_mb_end": last, "actor_rss_growth_mb": growth}
 
     def _per_node(self) -> dict[str, dict]:
         out: dict[str, dict] = {}

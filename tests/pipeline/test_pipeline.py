@@ -3,117 +3,51 @@
 
 from __future__ import annotations
 
-import io
-import uuid
-
-import boto3
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-import flash
-from jobs.demo_world import PROMPT, encode_mp4, render, scene_for_seed
-from pipeline.config import load_config
-from pipeline.decode import sample_frames
+from jobs.demo_world import encode_mp4, render, scene_for_seed
 from pipeline.run import run_job
 from pipeline.storage import StorageError
-
-MAX_NEW = 12
-
-
-def _s3(endpoint):
-    return boto3.client("s3", endpoint_url=endpoint)
-
-
-def _bucket(endpoint) -> str:
-    name = f"flashcap-{uuid.uuid4().hex[:10]}"
-    _s3(endpoint).create_bucket(Bucket=name)
-    return name
-
-
-def _upload_clips(endpoint, bucket, seeds, prefix="clips/"):
-    s3 = _s3(endpoint)
-    for s in seeds:
-        s3.put_object(Bucket=bucket, Key=f"{prefix}clip_{s:06d}.mp4", Body=encode_mp4(render(scene_for_seed(s))))
-
-
-def _read_output(endpoint, bucket, prefix="captions/"):
-    s3 = _s3(endpoint)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-    tables = [
-        pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=k)["Body"].read()))
-        for k in keys
-        if k.endswith(".parquet")
-    ]
-    rows = [r for t in tables for r in t.to_pylist()]
-    return rows, keys
-
-
-def _config(endpoint, bucket, models, output="captions/", use_drafter=True, **extra):
-    config = load_config(
-        input=f"s3://{bucket}/clips/",
-        output=f"s3://{bucket}/{output}",
-        s3_endpoint=endpoint,
-        model=models["model"],
-        drafter=models["drafter"],
-        prompt=PROMPT,
-        max_new_tokens=MAX_NEW,
-        dtype="float64",
-        batch_size=4,
-        cpus_per_actor=0.5,
-        cpus_per_decode=0.25,
-        flush_rows=8,
-        **extra,
-    )
-    return config if use_drafter else config.model_copy(update={"drafter": None})
-
-
-def _direct_caption(target, data: bytes) -> str:
-    frames = sample_frames(data)
-    inputs = target.processor(text=[PROMPT], videos=[frames], return_tensors="pt")
-    out = flash.generate(target, None, inputs, max_new_tokens=MAX_NEW)
-    eos = set(target.eos_token_ids.tolist())
-    return target.processor.tokenizer.decode(
-        [t for t in out.sequences[0] if t not in eos], skip_special_tokens=True
-    ).strip()
+from tests.pipeline.common import config_for, direct_caption, new_bucket, read_output, s3_client, upload_clips
 
 
 def test_bucket_to_parquet_end_to_end(s3_server, ray_local, pipeline_models):
-    bucket = _bucket(s3_server)
-    _upload_clips(s3_server, bucket, range(20))
-    report = run_job(_config(s3_server, bucket, pipeline_models))
-    rows, keys = _read_output(s3_server, bucket)
+    bucket = new_bucket(s3_server)
+    upload_clips(s3_server, bucket, range(20))
+    report = run_job(config_for(s3_server, bucket, pipeline_models))
+    rows, keys = read_output(s3_server, bucket)
     assert report["rows_written"] == 20 and len(rows) == 20
     assert len({r["video_uri"] for r in rows}) == 20 and not any(r["error"] for r in rows)
     assert any(k.startswith("captions/_report-") for k in keys) and any(k.endswith(".png") for k in keys)
 
     # Captions equal calling flash.generate directly on the same frames (float64).
     target = pipeline_models["target"]
-    s3 = _s3(s3_server)
+    s3 = s3_client(s3_server)
     for r in rows[:8]:
         data = s3.get_object(Bucket=bucket, Key=r["video_uri"].split("/", 3)[3])["Body"].read()
-        assert r["caption"] == _direct_caption(target, data), r["video_uri"]
+        assert r["caption"] == direct_caption(target, data), r["video_uri"]
         assert r["num_tokens"] > 0 and r["acceptance_length"] >= 1.0 and r["drafter"]
 
     # The same job without a drafter gives the same captions.
-    run_job(_config(s3_server, bucket, pipeline_models, output="plain/", use_drafter=False))
-    plain, _ = _read_output(s3_server, bucket, "plain/")
+    run_job(config_for(s3_server, bucket, pipeline_models, output="plain/", use_drafter=False))
+    plain, _ = read_output(s3_server, bucket, "plain/")
     assert {r["video_uri"]: r["caption"] for r in plain} == {r["video_uri"]: r["caption"] for r in rows}
     assert all(r["drafter"] == "" for r in plain)
 
 
 def test_bad_objects_become_error_rows(s3_server, ray_local, pipeline_models):
-    bucket = _bucket(s3_server)
-    _upload_clips(s3_server, bucket, range(100, 104))
-    s3 = _s3(s3_server)
+    bucket = new_bucket(s3_server)
+    upload_clips(s3_server, bucket, range(100, 104))
+    s3 = s3_client(s3_server)
     good = encode_mp4(render(scene_for_seed(7)))
     s3.put_object(Bucket=bucket, Key="clips/empty.mp4", Body=b"")
     s3.put_object(Bucket=bucket, Key="clips/random.mp4", Body=bytes(range(256)) * 40)
     s3.put_object(Bucket=bucket, Key="clips/truncated.mp4", Body=good[: len(good) // 3])
     s3.put_object(Bucket=bucket, Key="clips/notes.mp4", Body=b"this is a text file, not a video\n")
     s3.put_object(Bucket=bucket, Key="clips/readme.txt", Body=b"not listed: not a video name")
-    run_job(_config(s3_server, bucket, pipeline_models))
-    rows, _ = _read_output(s3_server, bucket)
+    run_job(config_for(s3_server, bucket, pipeline_models))
+    rows, _ = read_output(s3_server, bucket)
     by_name = {r["video_uri"].rsplit("/", 1)[-1]: r for r in rows}
     assert len(rows) == 8 and "readme.txt" not in by_name
     for bad in ("empty.mp4", "random.mp4", "truncated.mp4", "notes.mp4"):
@@ -126,16 +60,16 @@ def test_bad_objects_become_error_rows(s3_server, ray_local, pipeline_models):
 
 
 def test_rerun_adds_only_new_objects(s3_server, ray_local, pipeline_models):
-    bucket = _bucket(s3_server)
-    _upload_clips(s3_server, bucket, range(200, 206))
-    config = _config(s3_server, bucket, pipeline_models)
+    bucket = new_bucket(s3_server)
+    upload_clips(s3_server, bucket, range(200, 206))
+    config = config_for(s3_server, bucket, pipeline_models)
     assert run_job(config)["rows_written"] == 6
     again = run_job(config)
     assert again["rows_written"] == 0 and again["already_done"] == 6
-    _upload_clips(s3_server, bucket, range(206, 209))
+    upload_clips(s3_server, bucket, range(206, 209))
     third = run_job(config)
     assert third["rows_written"] == 3
-    rows, _ = _read_output(s3_server, bucket)
+    rows, _ = read_output(s3_server, bucket)
     assert len(rows) == 9 and len({r["video_uri"] for r in rows}) == 9
     new = {
         r["video_uri"].rsplit("/", 1)[-1] for r in rows if r["video_uri"].endswith(("206.mp4", "207.mp4", "208.mp4"))
@@ -144,7 +78,7 @@ def test_rerun_adds_only_new_objects(s3_server, ray_local, pipeline_models):
 
 
 def test_missing_bucket_fails_before_any_model_loads(s3_server, ray_local, pipeline_models):
-    config = _config(s3_server, "no-such-bucket-flashcap", pipeline_models)
+    config = config_for(s3_server, "no-such-bucket-flashcap", pipeline_models)
     with pytest.raises(StorageError, match="cannot list the output s3://no-such-bucket-flashcap/captions: NoSuch"):
         run_job(config)
 
