@@ -90,7 +90,7 @@ def s3_client(settings: S3Settings):
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": settings.max_attempts, "mode": "adaptive"},
+        retries={"total_max_attempts": settings.max_attempts, "mode": "adaptive"},
         connect_timeout=settings.timeout_s,
         read_timeout=settings.timeout_s,
     )
