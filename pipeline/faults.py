@@ -10,7 +10,8 @@ a Ray cluster is up (workers inherit the variable, not the file's contents):
 A rule kills the worker process (os._exit, as an out-of-memory kill or a
 segfault would) when a row whose video_uri contains `match` reaches `stage`;
 `times` bounds how often per video across all processes (-1: every time),
-counted with marker files beside the rules file.
+counted with marker files beside the rules file. A rule with `delay_s` sleeps
+that long instead of killing (a slow worker, for tests that act mid-job).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 ENV = "FLASHCAP_FAULTS_FILE"
@@ -61,4 +63,7 @@ def maybe_crash(stage: str, rows: list[dict]) -> None:
         for r in rows:
             uri = str(r["video_uri"])
             if rule["match"] in uri and _claim(markers, uri, stage, int(rule.get("times", -1))):
+                if "delay_s" in rule:
+                    time.sleep(float(rule["delay_s"]))
+                    break
                 os._exit(77)
