@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import time
 
@@ -23,6 +24,31 @@ def sample_indices(total: int, count: int) -> list[int]:
     return np.linspace(0, total - 1, num=min(count, total)).round().astype(int).tolist()
 
 
+def probe(data: bytes) -> tuple[int, int]:
+    """Check with PyAV (headers only) that the bytes hold a container with a video stream, so that
+    non-videos get a clear error and never reach decord (which echoes the bytes it fails on).
+    Returns the first video stream's (width, height)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+                raise ValueError(f"no video stream (the file holds: {', '.join(kinds)})")
+            stream = container.streams.video[0]
+            return stream.codec_context.width, stream.codec_context.height
+    except av.error.FFmpegError as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ValueError(f"not a readable video: {len(data)} bytes, no container ffmpeg can open ({reason})") from None
+
+
+def _decord_message(err: Exception) -> str:
+    """decord's errors start with a source location and may quote the input: keep the reason only."""
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    return text[:300]
+
+
 def sample_frames(
     data: bytes, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
 ) -> np.ndarray:
@@ -31,20 +57,26 @@ def sample_frames(
 
     if not data:
         raise ValueError("empty object (0 bytes)")
-    reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    total = len(reader)
-    if total == 0:
-        raise ValueError("the video has no frames")
-    height, width = reader[0].shape[:2]
-    scale = max_side / max(height, width)
-    if scale < 1:  # decode straight to the smaller size: 4K frames are never held whole
-        w, h = max(2, round(width * scale) // 2 * 2), max(2, round(height * scale) // 2 * 2)
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, width=w, height=h)
-    count = num_frames
-    if fps is not None:
-        duration = total / max(reader.get_avg_fps(), 1e-6)
-        count = max(1, min(max_frames, int(duration * fps)))
-    return reader.get_batch(sample_indices(total, count)).asnumpy()
+    width, height = probe(data)
+    try:
+        size = {}
+        scale = max_side / max(height, width, 1)
+        if scale < 1:  # decode straight to the smaller size: 4K frames are never converted whole
+            size = dict(width=max(2, round(width * scale) // 2 * 2), height=max(2, round(height * scale) // 2 * 2))
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, **size)
+        total = len(reader)
+        if total == 0:
+            raise ValueError("the video has no frames")
+        count = num_frames
+        if fps is not None:
+            duration = total / max(reader.get_avg_fps(), 1e-6)
+            count = max(1, min(max_frames, int(duration * fps)))
+        # Only the sampled frames are kept; memory is bounded by count x the scaled frame size.
+        return reader.get_batch(sample_indices(total, count)).asnumpy()
+    except ValueError:
+        raise
+    except Exception as err:  # decord's own errors: the reason without source paths or quoted bytes
+        raise ValueError(f"video could not be decoded: {_decord_message(err)}") from None
 
 
 def decode_row(
