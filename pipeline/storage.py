@@ -175,7 +175,7 @@ class OutputStore:
         self.settings = settings
 
     def _key(self, name: str) -> str:
-        if "/" in name or name.startswith("."):
+        if not name or "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
             raise ValueError(f"output name {name!r} would leave the output prefix")
         return f"{self.uri}/{name}"
 
