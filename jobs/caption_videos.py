@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init()
     else:  # a local Ray bound to loopback
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    from pipeline.run import JobIncomplete
     from pipeline.storage import StorageError
 
     try:
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as err:  # permanent storage problems: say what, before any model loads
         print(f"[flashcap] {err}", file=sys.stderr)
         return 3
+    except JobIncomplete as err:  # the cluster kept losing work: what was written stays; a rerun finishes
+        print(f"[flashcap] {err}", file=sys.stderr)
+        return 4
     print(
         json.dumps(
             {
@@ -129,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_s",
                     "mean_acceptance_length",
                     "rows_written",
+                    "missing",
+                    "rounds",
+                    "worker_crashes",
+                    "memory",
                     "parts",
                 )
             },

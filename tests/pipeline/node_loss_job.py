@@ -67,11 +67,26 @@ def main(videos: str, output: str, model: str, drafter: str, faults_file: str) -
                     return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_a_captioning_node, daemon=True)
-    killer.start()
-    report = run_job(config, log=lambda line: print(line, file=sys.stderr, flush=True))
-    killer.join(timeout=5)
-    print(json.dumps({"report": report, "killed": killed}, default=str))
+    # The job runs in a thread; nodes are added and removed from the main thread (Ray needs it for signals).
+    result: dict = {}
+
+    def job() -> None:
+        try:
+            result["report"] = run_job(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+        except BaseException as err:  # reported below
+            result["error"] = repr(err)
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    kill_a_captioning_node()
+    runner.join(timeout=900)
+    print(json.dumps({**result, "killed": killed}, default=str), flush=True)
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+    sys.stderr.flush()
+    os._exit(0)  # the verdict is the JSON line; interpreter teardown of a killed cluster may exit non-zero
 
 
 if __name__ == "__main__":

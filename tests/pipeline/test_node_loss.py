@@ -27,6 +27,7 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(pipeline_mod
     result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "report" in out, out.get("error")
     report, killed = out["report"], out["killed"]
     assert killed, "no node was killed: " + result.stderr[-3000:]
 
