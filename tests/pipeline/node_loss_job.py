@@ -52,9 +52,8 @@ def main(videos: str, output: str, model: str, drafter: str, faults_file: str) -
     )
     killed: dict = {}
 
-    def kill_a_captioning_node() -> None:
-        deadline = time.time() + 600
-        while time.time() < deadline:
+    def kill_a_captioning_node(running) -> None:
+        while running():
             parts = sorted(Path(output).glob("*.parquet"))
             if parts:
                 seen = {n.split("@")[0] for n in pq.read_table(parts[0]).column("worker_node").to_pylist()}
@@ -78,7 +77,7 @@ def main(videos: str, output: str, model: str, drafter: str, faults_file: str) -
 
     runner = threading.Thread(target=job, daemon=True)
     runner.start()
-    kill_a_captioning_node()
+    kill_a_captioning_node(runner.is_alive)
     runner.join(timeout=900)
     print(json.dumps({**result, "killed": killed}, default=str), flush=True)
     import ray

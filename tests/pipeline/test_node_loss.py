@@ -26,10 +26,11 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(pipeline_mod
     args = [str(videos), str(output), pipeline_models["model"], pipeline_models["drafter"], str(faults)]
     result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     assert "report" in out, out.get("error")
     report, killed = out["report"], out["killed"]
     assert killed, "no node was killed: " + result.stderr[-3000:]
+    print(f"\nnode loss: killed {killed}, rounds {report['rounds']}, rows {report['rows_written']}/48")
 
     table = pq.read_table(str(output))
     uris = table.column("video_uri").to_pylist()
