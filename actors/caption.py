@@ -145,12 +145,16 @@ class CaptionActor:
 
 
 def _rss_mb() -> float:
-    """This process's resident memory now (peak as a fallback off Linux)."""
+    """This process's private resident memory (Linux RssAnon: heap and tensors, without the shared
+    object-store pages a Ray worker maps as it reads blocks); peak RSS as a fallback elsewhere."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _in_ray() -> bool:

@@ -21,7 +21,7 @@ class Throughput:
         self.actors: set[str] = set()
         self.nodes: set[str] = set()
         self.events: list[tuple[float, str, int, int]] = []  # (seconds since start, node, clips, tokens)
-        self.rss_mb: dict[str, list[float]] = {}  # actor -> resident memory after each batch, in order
+        self.rss_mb: dict[str, list[float]] = {}  # actor -> private resident memory after each batch, in order
         self._last_line = 0.0
 
     def add(self, rows: list[dict]) -> None:
@@ -101,8 +101,8 @@ class Throughput:
         }
 
     def memory(self) -> dict:
-        """Caption actors' resident memory (MB): the peak over each actor's first and last quarter of
-        batches, and the largest growth between them (a leak shows here on long runs)."""
+        """Caption actors' private resident memory (MB, Linux RssAnon): the peak over each actor's first
+        and last quarter of batches, and the largest growth between them (a leak shows here on long runs)."""
         first = last = growth = 0.0
         for series in self.rss_mb.values():
             q = max(1, len(series) // 4)
