@@ -1,12 +1,20 @@
 """Hostile and odd inputs for the pipeline, generated here (PyAV): each case is an
 object name, its bytes, and what the row must say (a caption, or an error that
-contains the given words)."""
+contains the given words).
+
+Generate them in a fresh process (`python -m tests.pipeline.hostile DIR`, see
+`generate`): once decord is imported, its bundled ffmpeg libraries shadow
+PyAV's and the VP9 encoder fails to open (decoding is unaffected)."""
 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
@@ -100,3 +108,20 @@ def cases() -> list[Case]:
         Case("name with spaces ünïcødé 視頻.mp4", good, None),
         Case("sub/../../escape attempt.mp4", good, None),
     ]
+
+
+def generate(folder: Path) -> list[Case]:
+    """The cases, built in a fresh interpreter (no decord loaded) and read back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "tests.pipeline.hostile", str(folder)], cwd=root, check=True)
+    index = json.loads((folder / "index.json").read_text())
+    return [Case(c["name"], (folder / f"{i}.bin").read_bytes(), c["error"]) for i, c in enumerate(index)]
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    built = cases()
+    for i, case in enumerate(built):
+        (out / f"{i}.bin").write_bytes(case.data)
+    (out / "index.json").write_text(json.dumps([{"name": c.name, "error": c.error} for c in built]))
