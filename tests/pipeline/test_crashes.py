@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.run
 from pipeline.faults import ENV
-from pipeline.run import run_job
+from pipeline.run import JobIncomplete, run_job
 from tests.pipeline.common import config_for, direct_caption, new_bucket, read_output, s3_client, upload_clips
 
 
@@ -60,3 +61,54 @@ def test_crashed_workers_lose_nothing_and_poison_pills_become_error_rows(s3_serv
     assert by_name["poison_decode.mp4"]["error"].startswith("decode failed: the worker process died 3 times")
     assert report["worker_crashes"]["caption"] >= 3 + 1 + 2 and report["worker_crashes"]["decode"] >= 3 + 1
     assert report["duplicates_dropped"] == 0
+
+
+def _lossy_first_round(monkeypatch, fail_rounds: int):
+    """The first `fail_rounds` datasets stop after one batch with an error, as Ray Data does when a
+    node's results are gone for good (actor outputs are not reconstructable); later ones are real."""
+    real = pipeline.run._build_dataset
+    rounds: list[int] = []
+
+    def build(config, todo, settings, ledger=None):
+        dataset = real(config, todo, settings, ledger)
+        rounds.append(len(todo))
+        if len(rounds) > fail_rounds:
+            return dataset
+
+        class Lossy:
+            def iter_batches(self, **kwargs):
+                for batch in dataset.iter_batches(**kwargs):
+                    yield batch
+                    raise RuntimeError("ObjectLostError: the node holding this block died (simulated)")
+
+        return Lossy()
+
+    monkeypatch.setattr(pipeline.run, "_build_dataset", build)
+    return rounds
+
+
+def test_driver_reruns_what_the_cluster_lost(s3_server, ray_local, pipeline_models, monkeypatch):
+    bucket = new_bucket(s3_server)
+    upload_clips(s3_server, bucket, range(720, 736))
+    rounds = _lossy_first_round(monkeypatch, fail_rounds=1)
+    report = run_job(config_for(s3_server, bucket, pipeline_models))
+    rows, _ = read_output(s3_server, bucket)
+    assert len(rounds) == 2 and rounds[0] == 16 and 0 < rounds[1] < 16
+    assert report["rounds"] == 2 and "ObjectLostError" in report["round_errors"][0]
+    assert len(rows) == len({r["video_uri"] for r in rows}) == 16 and report["missing"] == 0
+
+
+def test_job_incomplete_after_max_rounds_and_a_rerun_finishes(s3_server, ray_local, pipeline_models, monkeypatch):
+    bucket = new_bucket(s3_server)
+    upload_clips(s3_server, bucket, range(740, 756))
+    _lossy_first_round(monkeypatch, fail_rounds=1)
+    config = config_for(s3_server, bucket, pipeline_models, max_rounds=1)
+    with pytest.raises(JobIncomplete, match=r"of 16 videos have no row after 1 rounds .*rerun the same command"):
+        run_job(config)
+    partial, _ = read_output(s3_server, bucket)
+    assert 0 < len(partial) < 16
+    monkeypatch.undo()  # the cluster is healthy again
+    again = run_job(config)
+    rows, _ = read_output(s3_server, bucket)
+    assert again["already_done"] == len(partial) and again["missing"] == 0
+    assert len(rows) == len({r["video_uri"] for r in rows}) == 16
