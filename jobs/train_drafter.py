@@ -4,8 +4,10 @@
                                  [--text-only] [--resume]
 
 1. The target captions every clip in --videos itself (greedy, batched) and its
-   features over prompt + answer are recorded (`<out>/distill.pt`, reused on
-   rerun).
+   features over prompt + answer are recorded (`<out>/distill.pt`). The set
+   names what made it (a digest of the target's weights and configs, of the
+   clips, and the prompt, frames and token budget); a rerun reuses it only if
+   all of them are unchanged, and rebuilds it otherwise.
 2. A `TorchTrainer` runs W workers (CPU here, GPU with --gpu) over shards of
    that set; rank 0 reports a checkpoint every --checkpoint-every steps.
    --resume continues from the newest checkpoint under <out>/ray_train.
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -62,6 +65,58 @@ def build_distill_set(
     return examples
 
 
+DISTILL_FORMAT = 2
+# Files of a checkpoint directory that decide what the target answers (logs and READMEs do not).
+_MODEL_FILES = ("*.safetensors", "*.bin", "*config.json", "tokenizer*", "vocab*", "merges.txt", "chat_template*")
+
+
+def _digest(paths: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def distill_key(model_dir: str | Path, videos: Path, prompt: str, frames: int, max_new_tokens: int) -> dict:
+    """What a self-distillation set depends on; a set is reused only under an equal key."""
+    model = Path(model_dir)
+    files = sorted({p for pattern in _MODEL_FILES for p in model.glob(pattern) if p.is_file()})
+    return {
+        "format": DISTILL_FORMAT,
+        "target": _digest(files, model),
+        "clips": _digest(_clips(videos), videos),
+        "prompt": prompt,
+        "frames": frames,
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def load_or_build_distill(
+    path: Path, model_dir: str, videos: Path, prompt: str, frames: int, max_new_tokens: int
+) -> tuple[list[dict], bool]:
+    """The self-distillation set at `path` if it was made by this target from these clips and settings;
+    otherwise build it there. Returns (examples, whether it was built)."""
+    path, videos = Path(path), Path(videos)
+    key = distill_key(model_dir, videos, prompt, frames, max_new_tokens)
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        old = saved.get("key") if isinstance(saved, dict) else None
+        if old == key:
+            print(f"distill: reusing {path} ({len(saved['examples'])} clips)", flush=True)
+            return saved["examples"], False
+        changed = sorted(k for k in key if old is None or old.get(k) != key[k])
+        print(f"distill: {path} was made from another {', '.join(changed)}; rebuilding it", flush=True)
+    examples = build_distill_set(model_dir, videos, prompt, frames, max_new_tokens)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "examples": examples}, tmp)
+    os.replace(tmp, path)
+    return examples, True
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -91,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
         for p in module.parameters():
             torch.distributed.broadcast(p.data, src=0)
 
-    data = torch.load(config["distill"], weights_only=True)
+    data = torch.load(config["distill"], weights_only=True)["examples"]
     shard = [DistillExample.from_dict(d) for d in data[rank::world]]
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     steps, batch = config["steps"], config["batch"]
@@ -204,9 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     distill = Path(args.distill).resolve() if args.distill else out / "distill.pt"
-    if not distill.exists():
-        examples = build_distill_set(args.model, Path(args.videos), args.prompt, args.frames, args.max_new_tokens)
-        torch.save(examples, distill)
+    load_or_build_distill(distill, args.model, Path(args.videos), args.prompt, args.frames, args.max_new_tokens)
     storage = out / "ray_train"
     name = "drafter-" + time.strftime("%Y%m%d-%H%M%S")
     resume = latest_checkpoint(storage) if args.resume else None

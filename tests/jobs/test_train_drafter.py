@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import flash
-from jobs.demo_world import write_videos
+from jobs.demo_world import PROMPT, write_videos
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "jobs" / "train_drafter.py")
@@ -63,3 +63,52 @@ def test_trains_on_two_workers_and_resumes(tiny_checkpoints, tmp_path):
     after = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
     changed = any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
     assert changed
+
+
+def test_distill_set_is_rebuilt_when_the_target_or_clips_change(tiny_checkpoints, tmp_path):
+    """A self-distillation set records what made it: reused only for the same target, clips and settings.
+
+    (A stale set silently trains the drafter on another target's answers and features.)"""
+    import shutil
+
+    from flash.build import build_qwen2_5_vl
+    from jobs.train_drafter import load_or_build_distill
+
+    videos = tmp_path / "videos"
+    write_videos(videos, 2, seed=1_000_000)
+    first = tiny_checkpoints["qwen2_5_vl"]
+    path = tmp_path / "distill.pt"
+    settings = dict(prompt=PROMPT, frames=4, max_new_tokens=6)
+
+    examples, built = load_or_build_distill(path, first, videos, **settings)
+    assert built and len(examples) == 2
+    again, built = load_or_build_distill(path, first, videos, **settings)
+    assert not built and [e["input_ids"].tolist() for e in again] == [e["input_ids"].tolist() for e in examples]
+
+    # Another target (same config, other weights), then one whose weights are the first's (content, not
+    # the directory name, decides), then that directory retrained in place.
+    other = build_qwen2_5_vl(tmp_path / "other", seed=12345)
+    rebuilt, built = load_or_build_distill(path, str(other), videos, **settings)
+    assert built
+    assert any(not torch.equal(a["features"], b["features"]) for a, b in zip(rebuilt, examples))
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    _, built = load_or_build_distill(path, str(copy), videos, **settings)
+    assert built
+    _, built = load_or_build_distill(path, first, videos, **settings)
+    assert not built
+    shutil.copy(other / "model.safetensors", copy / "model.safetensors")
+    _, built = load_or_build_distill(path, str(copy), videos, **settings)
+    assert built
+
+    # A clip added, and other generation settings.
+    write_videos(videos, 3, seed=1_000_000)
+    examples, built = load_or_build_distill(path, str(copy), videos, **settings)
+    assert built and len(examples) == 3
+    _, built = load_or_build_distill(path, str(copy), videos, **{**settings, "max_new_tokens": 7})
+    assert built
+
+    # A set in the old format (a bare list) is rebuilt, not trusted.
+    torch.save(examples, path)
+    _, built = load_or_build_distill(path, str(copy), videos, **{**settings, "max_new_tokens": 7})
+    assert built
