@@ -108,8 +108,11 @@ def load_or_build_distill(
         if old == key:
             print(f"distill: reusing {path} ({len(saved['examples'])} clips)", flush=True)
             return saved["examples"], False
-        changed = sorted(k for k in key if old is None or old.get(k) != key[k])
-        print(f"distill: {path} was made from another {', '.join(changed)}; rebuilding it", flush=True)
+        if old is None:
+            why = "does not record what made it"
+        else:
+            why = "was made with a different " + ", ".join(sorted(k for k in key if old.get(k) != key[k]))
+        print(f"distill: {path} {why}; rebuilding it", flush=True)
     examples = build_distill_set(model_dir, videos, prompt, frames, max_new_tokens)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"key": key, "examples": examples}, tmp)
