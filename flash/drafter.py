@@ -87,17 +87,36 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # One fused op (equal to x * rsqrt(mean(x^2) + eps) * weight): a drafter pass is dispatch-bound.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+_ROTARY_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rotary_table(
+    head_dim: int, theta: float, length: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length', hd] (length' >= length) for positions 0.., computed in float64 once and grown by doubling."""
+    key = (head_dim, theta, dtype, device)
+    table = _ROTARY_TABLES.get(key)
+    if table is None or table[0].shape[0] < length:
+        size = max(length, 2 * table[0].shape[0] if table is not None else 1024)
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+        angles = torch.arange(size, device=device, dtype=torch.float64).unsqueeze(-1) * inv  # [size, hd/2]
+        angles = torch.cat([angles, angles], dim=-1)
+        table = (angles.cos().to(dtype), angles.sin().to(dtype))
+        _ROTARY_TABLES[key] = table
+    return table
 
 
 def rotary(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, max_position: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, hd] for integer positions [B, T]."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
-    angles = positions.to(torch.float64).unsqueeze(-1) * inv  # [B, T, hd/2]
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    """cos, sin [B, 1, T, hd] for integer positions [B, T] in [0, max_position] (a host-side bound)."""
+    bound = int(positions.max()) if max_position is None else max_position
+    cos, sin = _rotary_table(head_dim, theta, bound + 1, dtype, positions.device)
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -238,10 +257,19 @@ class FlashDrafter(nn.Module):
         return self.latent_out(weights @ visual)
 
     def run_layers(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DrafterCache
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: DrafterCache,
+        max_position: int | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D] at positions [B, T] through the layers; mask [B, 1, T, span] over cache + new entries."""
-        cos, sin = rotary(positions.clamp_min(0), self.layers[0].head_dim, self.config.rope_theta, x.dtype)
+        """x [B, T, D] at positions [B, T] through the layers; mask [B, 1, T, span] over cache + new entries.
+
+        max_position: a host-side upper bound of the positions (saves a device sync when decoding).
+        """
+        head_dim = self.layers[0].head_dim
+        cos, sin = rotary(positions.clamp_min(0), head_dim, self.config.rope_theta, x.dtype, max_position)
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, index, mask)
         return x
@@ -251,7 +279,7 @@ class FlashDrafter(nn.Module):
         cache = self.cache
         cache.reserve(x.shape[1])
         positions = cache.lengths.unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
-        return self.run_layers(x, positions, cache.attention_mask(valid), cache)
+        return self.run_layers(x, positions, cache.attention_mask(valid), cache, cache.span(x.shape[1]) - 1)
 
     def new_cache(self, batch: int, capacity: int, like: torch.Tensor) -> DrafterCache:
         heads = self.config.num_heads
