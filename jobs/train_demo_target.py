@@ -73,6 +73,42 @@ def training_batch(processor, rng: np.random.Generator, batch: int):
     return inputs, labels
 
 
+class EMA:
+    """An exponential moving average of a model's parameters (decay warmed up as (1 + t) / (10 + t))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"--ema must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, param in model.named_parameters():
+            self.shadow[name].lerp_(param.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def swap_in(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Load the average into the model; return the live weights for `swap_out`."""
+        live = {}
+        for name, param in model.named_parameters():
+            live[name] = param.detach().clone()
+            param.copy_(self.shadow[name])
+        return live
+
+    @torch.no_grad()
+    def swap_out(self, model: torch.nn.Module, live: dict[str, torch.Tensor]) -> None:
+        for name, param in model.named_parameters():
+            param.copy_(live[name])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
+
+
 def evaluate(target, seeds: range, max_new_tokens: int = 48) -> tuple[float, list[dict]]:
     """Exact-match rate on real mp4 clips decoded with decord."""
     tok = target.processor.tokenizer
@@ -100,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state (same --steps)")
     parser.add_argument("--init", help="start from this trained checkpoint's weights (new optimizer and schedule)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="evaluate and save an exponential moving average of the weights with this decay (e.g. 0.999; 0: off)",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -128,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     best = -1.0
     first_step = 1
+    ema = EMA(model, args.ema) if args.ema else None
     state_dir = out / "train_state"  # the latest step (weights + optimizer), not shipped: see .gitignore
     if args.resume and (state_dir / "state.pt").is_file():
         state = torch.load(state_dir / "state.pt", weights_only=False)
@@ -136,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         sched.load_state_dict(state["scheduler"])
         rng = state["rng"]
         first_step, best, log = state["step"] + 1, state["best"], state["log"]
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         print(f"resumed at step {state['step']} (best exact match {best:.3f})", flush=True)
     for step in range(first_step, args.steps + 1):
         model.train()
@@ -146,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(model, step)
         if step % 50 == 0:
             print(
                 f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - started:.0f}s",
@@ -153,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
+            live = ema.swap_in(model) if ema is not None else None  # evaluate (and save) the average
             acc, rows = evaluate(target, range(0, args.eval_clips))
             elapsed = time.time() - started
             log.append({"step": step, "loss": loss.item(), "exact_match": acc, "seconds": elapsed})
@@ -164,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
                 best = acc
                 model.save_pretrained(out, safe_serialization=True)
                 processor.save_pretrained(out)
+            if live is not None:
+                ema.swap_out(model, live)
             state_dir.mkdir(exist_ok=True)
             torch.save(
                 {
@@ -174,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                     "step": step,
                     "best": best,
                     "log": log,
+                    "ema": ema.state_dict() if ema is not None else None,
                 },
                 state_dir / "state.pt",
             )
@@ -183,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                         "sizes": TARGET_SIZES,
                         "batch": args.batch,
                         "lr": args.lr,
+                        "ema": args.ema,
                         "steps": args.steps,
                         "parameters": n_params,
                         "log": log,
