@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flash
+from flash.lookup import PromptLookupDrafter
 from tests.helpers import PROMPT_TEXTS, OracleDrafter, chat, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
@@ -48,6 +49,7 @@ def test_batched_rows_equal_rows_alone(targets64, family, seed):
         OracleDrafter(alone, target.vocab_size, K),
         OracleDrafter(alone, target.vocab_size, K, right_for=1),
         OracleDrafter(alone, target.vocab_size, K, right_for=3),
+        PromptLookupDrafter(K),
     ]
     for drafter in drafters:
         out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import flash
+from flash.lookup import PromptLookupDrafter
 from tests.helpers import OracleDrafter, cases, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
@@ -57,6 +58,14 @@ def test_untrained_drafter_is_exact(targets64, references, family):
     drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
     for case, inputs, ref in references[family]:
         out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)
+        assert out.sequences == [ref], case.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_lookup_drafter_is_exact(targets64, references, family):
+    target = targets64[family]
+    for case, inputs, ref in references[family]:
+        out = flash.generate(target, PromptLookupDrafter(K), inputs, max_new_tokens=MAX_NEW)
         assert out.sequences == [ref], case.name
 
 

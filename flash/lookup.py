@@ -1,0 +1,93 @@
+"""Prompt-lookup drafting in flashcap's loop: a model-free peer for the benchmark.
+
+Prompt lookup decoding (Saxena 2023; Hugging Face's `PromptLookupCandidateGenerator`)
+proposes, after the text so far, the tokens that followed the most recent earlier
+occurrence of its last n tokens (n from `max_ngram` down to `min_ngram`), in the
+prompt or in what was already generated. Hugging Face's version fails on video
+prompts in transformers 5.x (it copies video placeholders into its candidates
+and then trips over its own placeholder count), so the benchmark's outside peer
+runs here instead, through the same draft/verify loop as FLASH: lossless in the
+same way, and timed against the same baseline.
+
+Visual placeholders never take part in a match or a proposal. A block is as
+wide as the longest match among the rows (at least one token, at most the block
+size); rows with shorter matches are padded with their last token, which the
+target will almost always reject. Proposals are deterministic, so for sampling
+the draft distribution is one-hot and speculative sampling stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash.drafter import Block
+from flash.sampling import SamplingParams
+from flash.target import Prefill
+
+_NO_TOKEN = -1  # stands in for visual placeholders: matches nothing, proposes nothing
+
+
+class PromptLookupDrafter:
+    def __init__(self, block_size: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if block_size < 1 or not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need block_size >= 1 and 1 <= min_ngram <= max_ngram")
+        self.block_size, self.max_ngram, self.min_ngram = block_size, max_ngram, min_ngram
+        self.history: list[list[int]] = []
+        self.vocab_size, self.dtype = 0, torch.float32
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix n-gram."""
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            suffix = tokens[-n:]
+            if _NO_TOKEN in suffix:
+                continue
+            for start in range(len(tokens) - n - 1, -1, -1):  # latest occurrence first, not the suffix itself
+                if tokens[start : start + n] == suffix:
+                    follow = tokens[start + n : start + n + k]
+                    if _NO_TOKEN in follow:
+                        follow = follow[: follow.index(_NO_TOKEN)]
+                    if follow:
+                        return follow
+        return []
+
+    def _block(self, params: SamplingParams, block_size: int | None, device: torch.device) -> Block:
+        k = block_size or self.block_size
+        proposals = [self.propose(row, k) for row in self.history]
+        width = max(1, max(len(p) for p in proposals))
+        padded = [p + [p[-1] if p else row[-1]] * (width - len(p)) for p, row in zip(proposals, self.history)]
+        tokens = torch.tensor(padded, dtype=torch.long, device=device)
+        probs = None
+        if not params.greedy:
+            probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(self.dtype)
+        return Block(tokens=tokens, probs=probs, features=tokens.new_zeros(tokens.shape[0], width, 0).float())
+
+    def start(
+        self,
+        prefill: Prefill,
+        first_tokens: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
+    ) -> Block:
+        ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
+        keep = prefill.attention_mask.bool()
+        self.vocab_size, self.dtype = prefill.last_logits.shape[-1], prefill.last_logits.dtype
+        self.history = [row[m].tolist() + [int(t)] for row, m, t in zip(ids, keep, first_tokens)]
+        return self._block(params, block_size, first_tokens.device)
+
+    def step(
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        n_new: torch.Tensor,
+        n_new_max: int,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
+    ) -> Block:
+        for row, tokens, n in zip(self.history, next_tokens.tolist(), n_new.tolist()):
+            row.extend(tokens[:n])
+        return self._block(params, block_size, next_tokens.device)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        self.history = [self.history[i] for i in rows.tolist()]
