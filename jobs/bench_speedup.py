@@ -36,7 +36,16 @@ import torch  # noqa: E402
 
 import flash  # noqa: E402
 from flash.lookup import PromptLookupDrafter  # noqa: E402
-from jobs.demo_world import PROMPT, SAMPLED_FRAMES, decode_frames, write_videos  # noqa: E402
+from jobs.demo_world import (  # noqa: E402
+    FRAMES,
+    PROMPT,
+    SAMPLED_FRAMES,
+    decode_frames,
+    render,
+    sample_indices,
+    scene_for_seed,
+    write_videos,
+)
 
 METHODS = ["target", "hf_generate", "flash", "flash_adaptive", "flash_text_only", "prompt_lookup", "prompt_lookup_loop"]
 LOOP_METHODS = ("target", "flash", "flash_text_only", "flash_adaptive", "prompt_lookup_loop")  # flash.generate
@@ -53,9 +62,10 @@ def machine() -> str:
         pass
     import os
 
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"{platform.system()} {platform.machine()}"
+        f"{platform.system()} {platform.machine()}{gpu}"
     )
 
 
@@ -89,6 +99,7 @@ class Runner:
             tokens, stats = out.sequences, out.stats
         else:
             kwargs = {"prompt_lookup_num_tokens": self.lookup} if method == "prompt_lookup" else {}
+            inputs = inputs.to(self.target.device)
             with torch.inference_mode():
                 ids = self.target.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new, **kwargs)
             tokens = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), self.eos) for row in ids]
@@ -204,7 +215,7 @@ def measure(
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
-    target = flash.load_target(args.model, dtype=torch.float32)
+    target = flash.load_target(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     drafters = {}
     if Path(args.drafter).is_dir():
         drafters["flash"] = flash.FlashDrafter.from_pretrained(args.drafter, target)
@@ -212,11 +223,16 @@ def run(args: argparse.Namespace) -> dict:
         drafters["flash_text_only"] = flash.FlashDrafter.from_pretrained(args.text_drafter, target)
 
     videos = Path(args.videos) if args.videos else None
-    if videos is None:
-        videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-"))
-        write_videos(videos, args.clips, seed=args.seed)  # held-out seeds (training uses >= 1,000,000)
-    clips = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
-    frames = [decode_frames(c.read_bytes(), args.frames) for c in clips]
+    if args.rendered:  # frames straight from the renderer: no codec needed (machines without PyAV/decord)
+        clips = [Path(f"scene_{s}") for s in range(args.seed, args.seed + args.clips)]
+        only = sample_indices(FRAMES, args.frames)
+        frames = [render(scene_for_seed(s), only=only) for s in range(args.seed, args.seed + args.clips)]
+    else:
+        if videos is None:
+            videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-"))
+            write_videos(videos, args.clips, seed=args.seed)  # held-out seeds (training uses >= 1,000,000)
+        clips = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
+        frames = [decode_frames(c.read_bytes(), args.frames) for c in clips]
 
     def inputs_for(indices: list[int]):
         return target.processor(
@@ -251,6 +267,8 @@ def run(args: argparse.Namespace) -> dict:
         "drafter": args.drafter,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
+        "device": args.device,
+        "dtype": args.dtype,
         "rows": rows,
     }
 
@@ -258,8 +276,8 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(report: dict) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']}; held-out clips, "
-        f"greedy, float32, median of {report['repeats']} alternating runs; speedup over plain decoding at the "
-        f"same batch size; identical = rows equal to that clip decoded alone.",
+        f"greedy, {report.get('dtype', 'float32')}, median of {report['repeats']} alternating runs; "
+        f"speedup over plain decoding at the same batch size; identical = rows equal to that clip decoded alone.",
         "",
         "| method | batch | tokens/s | speedup | acceptance length | identical | draft ms/pass | verify ms/pass |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -293,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--lookup-tokens", type=int, default=4, help="tokens proposed per cycle by the prompt-lookup rows")
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--rendered", action="store_true", help="rendered demo frames instead of encoded clips")
     p.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
     args = p.parse_args(argv)
     if not args.batch_sizes.startswith("1"):
