@@ -109,13 +109,47 @@ class EMA:
         self.shadow = {n: t.clone() for n, t in state["shadow"].items()}
 
 
-def evaluate(target, seeds: range, max_new_tokens: int = 48) -> tuple[float, list[dict]]:
-    """Exact-match rate on real mp4 clips decoded with decord."""
+_WORKER_PROCESSOR = None
+
+
+def _init_worker(processor_dir: str) -> None:
+    global _WORKER_PROCESSOR
+    from transformers import AutoProcessor
+
+    torch.set_num_threads(1)
+    _WORKER_PROCESSOR = AutoProcessor.from_pretrained(processor_dir)
+
+
+def _worker_batch(task: tuple[int, int, int]):
+    seed, step, batch = task
+    return training_batch(_WORKER_PROCESSOR, np.random.default_rng([seed, step]), batch)
+
+
+def batches(processor, processor_dir: str, rng, seed: int, first_step: int, steps: int, batch: int, workers: int):
+    """Training batches for steps first_step..steps. With workers, prepared ahead in worker processes
+    (for fast accelerators), each step's scenes drawn from its own seed (seed, step), so a resumed run
+    continues the same stream; without, drawn in turn from `rng` (kept in the resume state)."""
+    if workers <= 0:
+        for _ in range(first_step, steps + 1):
+            yield training_batch(processor, rng, batch)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (processor_dir,)) as pool:
+        tasks = ((seed, step, batch) for step in range(first_step, steps + 1))
+        yield from pool.imap(_worker_batch, tasks, chunksize=1)
+
+
+def evaluate(target, seeds: range, max_new_tokens: int = 48, rendered: bool = False) -> tuple[float, list[dict]]:
+    """Exact-match rate on real mp4 clips decoded with decord (rendered: the renderer's frames, no codec)."""
     tok = target.processor.tokenizer
     hits, rows = 0, []
     for s in seeds:
         scene = scene_for_seed(s)
-        frames = decode_frames(encode_mp4(render(scene)))
+        if rendered:
+            frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES))
+        else:
+            frames = decode_frames(encode_mp4(render(scene)))
         inputs = target.processor(text=[PROMPT], videos=[frames], return_tensors="pt")
         out = flash.generate(target, None, inputs, max_new_tokens=max_new_tokens)
         text = tok.decode(out.sequences[0], skip_special_tokens=True).strip()
@@ -142,6 +176,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="evaluate and save an exponential moving average of the weights with this decay (e.g. 0.999; 0: off)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument(
+        "--data-workers", type=int, default=0, help="processes preparing batches ahead (0: in the training loop)"
+    )
+    parser.add_argument(
+        "--eval-rendered", action="store_true", help="evaluate on rendered frames (machines without PyAV/decord)"
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -149,12 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.init:
-        target = flash.load_target(args.init, dtype=torch.float32)
+        target = flash.load_target(args.init, dtype=torch.float32, device=args.device)
         out.mkdir(parents=True, exist_ok=True)
     else:
         if not args.resume:
             build_qwen2_5_vl(out, vocabulary(), seed=args.seed, **TARGET_SIZES)
-        target = flash.load_target(out, dtype=torch.float32)
+        target = flash.load_target(out, dtype=torch.float32, device=args.device)
     model, processor = target.model, target.processor
     model.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -173,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMA(model, args.ema) if args.ema else None
     state_dir = out / "train_state"  # the latest step (weights + optimizer), not shipped: see .gitignore
     if args.resume and (state_dir / "state.pt").is_file():
-        state = torch.load(state_dir / "state.pt", weights_only=False)
+        state = torch.load(state_dir / "state.pt", weights_only=False, map_location="cpu")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -182,10 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         print(f"resumed at step {state['step']} (best exact match {best:.3f})", flush=True)
-    for step in range(first_step, args.steps + 1):
+    stream = batches(processor, target.path, rng, args.seed, first_step, args.steps, args.batch, args.data_workers)
+    for step, (inputs, labels) in zip(range(first_step, args.steps + 1), stream):
         model.train()
-        inputs, labels = training_batch(processor, rng, args.batch)
-        loss = model(**inputs, labels=labels).loss
+        loss = model(**inputs.to(args.device), labels=labels.to(args.device)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -201,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             live = ema.swap_in(model) if ema is not None else None  # evaluate (and save) the average
-            acc, rows = evaluate(target, range(0, args.eval_clips))
+            acc, rows = evaluate(target, range(0, args.eval_clips), rendered=args.eval_rendered)
             elapsed = time.time() - started
             log.append({"step": step, "loss": loss.item(), "exact_match": acc, "seconds": elapsed})
             print(f"eval step {step}: exact match {acc:.3f} ({elapsed:.0f}s)", flush=True)
@@ -240,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
                         "log": log,
                         "best_exact_match": best,
                         "torch_threads": torch.get_num_threads(),
+                        "device": args.device,
+                        "data_workers": args.data_workers,
+                        "eval_frames": "rendered" if args.eval_rendered else "h264",
                     },
                     indent=2,
                 )

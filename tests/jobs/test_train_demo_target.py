@@ -4,6 +4,7 @@ state, and with --ema evaluates and saves the averaged weights, not the live one
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -37,3 +38,28 @@ def test_trains_saves_the_average_and_resumes(tmp_path):
     resumed = torch.load(out / "train_state" / "state.pt", weights_only=False)
     assert resumed["step"] == 4
     assert any(not torch.equal(resumed["ema"]["shadow"][n], shadow[n]) for n in shadow)
+
+
+def test_worker_batches_follow_the_per_step_seeds_in_order(tmp_path):
+    """--data-workers: batches come back in step order, each drawn from its own (seed, step), so a
+    resumed run continues the same stream whatever the number of workers."""
+    import numpy as np
+
+    target = flash.load_target(Path(__file__).resolve().parents[2] / "models" / "demo-target")
+    got = list(train_demo_target.batches(target.processor, target.path, None, 7, 3, 5, 2, workers=2))
+    assert len(got) == 3
+    for step, (inputs, labels) in zip(range(3, 6), got):
+        want_inputs, want_labels = train_demo_target.training_batch(
+            target.processor, np.random.default_rng([7, step]), 2
+        )
+        assert torch.equal(labels, want_labels)
+        assert torch.equal(inputs["pixel_values_videos"], want_inputs["pixel_values_videos"])
+
+
+def test_rendered_evaluation_on_a_device_flag(tmp_path):
+    out = tmp_path / "target"
+    train_demo_target.main(
+        ["--out", str(out), "--batch", "2", "--steps", "1", "--eval-clips", "1", "--device", "cpu", "--eval-rendered"]
+    )
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["eval_frames"] == "rendered" and log["device"] == "cpu" and len(log["log"]) == 1
