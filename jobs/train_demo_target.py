@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import BatchFeature  # noqa: E402
 
 import flash  # noqa: E402
 from flash.build import build_qwen2_5_vl  # noqa: E402
@@ -120,9 +121,12 @@ def _init_worker(processor_dir: str) -> None:
     _WORKER_PROCESSOR = AutoProcessor.from_pretrained(processor_dir)
 
 
-def _worker_batch(task: tuple[int, int, int]):
+def _worker_batch(task: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    # Numpy, not tensors: torch would pass tensors between processes as file descriptors, which
+    # failed on the GPU machine ("received 0 items of ancdata") and killed the pool's result thread.
     seed, step, batch = task
-    return training_batch(_WORKER_PROCESSOR, np.random.default_rng([seed, step]), batch)
+    inputs, labels = training_batch(_WORKER_PROCESSOR, np.random.default_rng([seed, step]), batch)
+    return {k: v.numpy() for k, v in inputs.items()}, labels.numpy()
 
 
 def batches(processor, processor_dir: str, rng, seed: int, first_step: int, steps: int, batch: int, workers: int):
@@ -137,7 +141,8 @@ def batches(processor, processor_dir: str, rng, seed: int, first_step: int, step
 
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (processor_dir,)) as pool:
         tasks = ((seed, step, batch) for step in range(first_step, steps + 1))
-        yield from pool.imap(_worker_batch, tasks, chunksize=1)
+        for arrays, labels in pool.imap(_worker_batch, tasks, chunksize=1):
+            yield BatchFeature({k: torch.from_numpy(v) for k, v in arrays.items()}), torch.from_numpy(labels)
 
 
 def evaluate(target, seeds: range, max_new_tokens: int = 48, rendered: bool = False) -> tuple[float, list[dict]]:
