@@ -90,14 +90,18 @@ def _layout(example: DistillExample, n_latents: int, k: int):
     return text, trainable, slot_row_t, slot_i_t, positions, mask
 
 
-def drafter_loss(
-    drafter: FlashDrafter,
-    example: DistillExample,
-    noise: float = 0.05,
-    feature_weight: float = 1.0,
-    token_weight: float = 0.1,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Distillation loss of one example, and top-1 agreement with the target per slot."""
+@dataclass
+class TeacherForced:
+    """One teacher-forced drafter pass: predicted features of every slot of every trainable row."""
+
+    predicted: torch.Tensor  # [N, D] drafter features (after the final norm)
+    wanted: torch.Tensor  # [N, D] the target's features there
+    row: torch.Tensor  # [N] sequence position p of the row whose block the prediction belongs to
+    slot: torch.Tensor  # [N] slot i: predicts the feature at p + 1 + i, hence the token at p + 2 + i
+
+
+def teacher_forced(drafter: FlashDrafter, example: DistillExample, noise: float = 0.0) -> TeacherForced:
+    """Run the drafter over a whole self-distilled answer in one pass, as it would draft at every position."""
     config = drafter.config
     k = config.block_size
     param = next(drafter.parameters())
@@ -120,26 +124,41 @@ def drafter_loss(
     n_lat, n_rows = latents.shape[0], text.shape[0]
     row_h = hidden[n_lat + trainable]  # slot 0 of each trainable row
     slot_h = hidden[n_lat + n_rows :]
-    # Refinement reads the token the previous slot drafts: teacher-forced, the target's own token.
-    prev_tokens = ids[text[slot_row] + slot_i]
+    # Refinement reads the token drafted by the slot before (slot i-1 drafts the token at p + 1 + i);
+    # teacher-forced, that is the target's own token there.
+    prev_tokens = ids[text[slot_row] + 1 + slot_i]
     slot_h = drafter.slot_hidden(slot_h, prev_tokens)
     predicted = drafter.norm(torch.cat([row_h, slot_h], dim=0))
     wanted_at = torch.cat([text[trainable] + 1, text[slot_row] + 1 + slot_i])
-    wanted = feats[wanted_at]
+    return TeacherForced(
+        predicted=predicted,
+        wanted=feats[wanted_at],
+        row=torch.cat([text[trainable], text[slot_row]]),
+        slot=torch.cat([torch.zeros_like(trainable), slot_i]),
+    )
 
-    feature_loss = F.smooth_l1_loss(predicted, wanted)
+
+def drafter_loss(
+    drafter: FlashDrafter,
+    example: DistillExample,
+    noise: float = 0.05,
+    feature_weight: float = 1.0,
+    token_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Distillation loss of one example, and top-1 agreement with the target per slot."""
+    tf = teacher_forced(drafter, example, noise)
+    feature_loss = F.smooth_l1_loss(tf.predicted, tf.wanted)
     with torch.no_grad():
-        target_probs = torch.softmax(drafter.lm_head(wanted), dim=-1)
-    draft_logits = drafter.lm_head(predicted)
+        target_probs = torch.softmax(drafter.lm_head(tf.wanted), dim=-1)
+    draft_logits = drafter.lm_head(tf.predicted)
     token_loss = -(target_probs * F.log_softmax(draft_logits, dim=-1)).sum(-1).mean()
     loss = feature_weight * feature_loss + token_weight * token_loss
 
     with torch.no_grad():
         agree = (draft_logits.argmax(-1) == target_probs.argmax(-1)).float()
-        which = torch.cat([torch.zeros_like(trainable), slot_i])
         metrics = {"feature_loss": feature_loss.item(), "token_loss": token_loss.item()}
-        for i in range(k):
-            sel = which == i
+        for i in range(drafter.config.block_size):
+            sel = tf.slot == i
             if sel.any():
                 metrics[f"top1_slot{i}"] = agree[sel].mean().item()
     return loss, metrics

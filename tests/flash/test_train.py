@@ -4,11 +4,12 @@ decoding, and a few optimisation steps lower the loss."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 import flash
 from flash.sampling import SamplingParams
-from flash.train import distill_example, drafter_loss
+from flash.train import distill_example, drafter_loss, teacher_forced
 from tests.helpers import chat, hf_greedy
 
 
@@ -38,27 +39,38 @@ def test_distill_features_equal_a_full_forward(targets64):
     assert ex.answer_start == inputs["input_ids"].shape[1]
 
 
-def test_training_layout_matches_decoding(targets64):
-    """With refinement off and no noise, the training pass predicts exactly the
-    features the drafter drafts at the first answer position."""
+@pytest.mark.parametrize("refine", [True, False])
+def test_training_pass_equals_decoding(targets64, refine):
+    """The teacher-forced pass predicts exactly the features the drafter drafts,
+    for the block start() drafts after the prompt and the block step() drafts
+    after a fully accepted cycle, refinement included: the answer the pass is
+    forced on is made of the drafter's own tokens, so every slot's previous
+    token is the one it saw when drafting."""
     target = targets64["qwen2_5_vl"]
     torch.manual_seed(0)
-    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4, refine=False))
-    inputs, answer, ex = _example(target)
+    k = 4
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=k, refine=refine))
+    inputs, answer, _ = _example(target)
+    params = SamplingParams()
+
+    session, prefill = target.prefill(inputs)
+    first = torch.tensor([answer[0]])
+    block0 = drafter.start(prefill, first, params)
+    features, _ = session.verify(torch.cat([first.unsqueeze(1), block0.tokens], dim=1))  # all accepted
+    bonus = answer[1]
+    next_tokens = torch.cat([block0.tokens, torch.tensor([[bonus]])], dim=1)
+    block1 = drafter.step(features, next_tokens, torch.tensor([k + 1]), k + 1, params)
+
+    forced = [answer[0], *block0.tokens[0].tolist(), bonus, *block1.tokens[0].tolist()[:-1]]
+    assert not any(t in target.visual_token_ids for t in forced)
+    ex = distill_example(target, inputs, forced)
     ex.features = ex.features.to(torch.float64)
-
-    _, prefill = target.prefill(inputs)
-    block = drafter.start(prefill, torch.tensor([answer[0]]), SamplingParams())
-
-    captured = {}
-    original = drafter.norm.forward
-    drafter.norm.forward = lambda h: captured.setdefault("h", original(h))
-    drafter_loss(drafter, ex, noise=0.0)
-    predicted = captured["h"]
-    # Row 0 of the trainable rows is the last prompt row; its slots follow all rows' slot-0s.
-    n_train = len(answer)  # rows from answer_start-1 to L-2
-    first_block = torch.cat([predicted[:1], predicted[n_train : n_train + 3]])
-    assert torch.allclose(first_block, block.features[0], atol=1e-9)
+    tf = teacher_forced(drafter, ex)
+    for row, block in ((ex.answer_start - 1, block0), (ex.answer_start + k, block1)):
+        mine = tf.predicted[tf.row == row]
+        order = tf.slot[tf.row == row].argsort()
+        assert len(order) == k
+        assert torch.allclose(mine[order], block.features[0], atol=1e-9), f"block at row {row}"
 
 
 def test_a_few_steps_lower_the_loss(targets64):
