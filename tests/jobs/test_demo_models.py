@@ -13,8 +13,9 @@ from jobs.demo_world import COLOURS, PROMPT, decode_frames, encode_mp4, render, 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFTER = ROOT / "models" / "demo-target", ROOT / "models" / "demo-drafter"
 HELD_OUT = range(0, 8)  # training used seeds >= 1,000,000
-# An untrained drafter gets ~1.0 here; the shipped one must clear this floor (measured: see README).
-ACCEPTANCE_FLOOR = 2.5
+# An untrained drafter gets ~1.0 here; the shipped one 4.22 (2026-11-27 night). Drafters trained with the
+# refinement reading the wrong token reached only 3.1-3.2, so the floor sits above that.
+ACCEPTANCE_FLOOR = 3.8
 
 
 def _inputs(target, seed: int):
