@@ -314,6 +314,10 @@ class FlashDrafter(nn.Module):
 
         last = hidden.gather(1, (n_real - 1).view(batch, 1, 1).expand(batch, 1, hidden.shape[-1]))  # [B, 1, D]
         slot_hidden = hidden[:, rows.shape[1] :]  # [B, k-1, D]
+        if not self.config.refine:  # no slot depends on a drafted token: the whole block in one pass
+            features = self.norm(torch.cat([last, slot_hidden], dim=1))  # [B, k, D]
+            tokens, probs = choose(self.lm_head(features), params, generator)
+            return Block(tokens=tokens, probs=probs, features=features)
         tokens, probs, feats = [], [], []
         h = last.squeeze(1)
         for i in range(k):

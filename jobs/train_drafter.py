@@ -234,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--num-layers", type=int, default=1)
     parser.add_argument("--text-only", action="store_true", help="ablation: no visual latents")
+    parser.add_argument(
+        "--no-refine", action="store_true", help="no sequential refinement: a block's slots are read in one pass"
+    )
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -246,7 +249,10 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out).resolve()
     drafter_config = flash.DrafterConfig(
-        block_size=args.block_size, num_layers=args.num_layers, use_visual_latents=not args.text_only
+        block_size=args.block_size,
+        num_layers=args.num_layers,
+        use_visual_latents=not args.text_only,
+        refine=not args.no_refine,
     )
     if args.steps == 0:
         target = flash.load_target(args.model, dtype=torch.float32)

@@ -93,3 +93,26 @@ def test_visual_latents_reach_the_drafts(targets64):
     drafter.config.use_visual_latents = False
     without = drafter.start(prefill, first, GREEDY).features
     assert not torch.allclose(with_latents, without)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8, top_k=20)])
+def test_block_without_refinement_equals_the_slot_loop(targets64, params):
+    """With refinement off a block is drafted in one pass: the same block as the slot-by-slot loop
+    of a drafter whose refinement adds nothing."""
+    target = targets64["qwen2_5_vl"]
+    torch.manual_seed(0)
+    looped = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4))
+    torch.nn.init.zeros_(looped.refine[-1].weight)
+    torch.nn.init.zeros_(looped.refine[-1].bias)
+    one_pass = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4, refine=False))
+    one_pass.load_state_dict(looped.state_dict())
+    _, prefill = _prefill(target)
+    first = prefill.last_logits.argmax(-1)
+    a = looped.start(prefill, first, params, torch.Generator().manual_seed(1))
+    b = one_pass.start(prefill, first, params, torch.Generator().manual_seed(1))
+    assert a.features.shape == b.features.shape == (1, 4, target.hidden_size)
+    assert torch.allclose(a.features, b.features, atol=1e-12)
+    if params.greedy:
+        assert torch.equal(a.tokens, b.tokens) and a.probs is None and b.probs is None
+    else:
+        assert b.tokens.shape == (1, 4) and torch.allclose(a.probs, b.probs, atol=1e-12)
