@@ -53,11 +53,26 @@ TARGET_SIZES = dict(
 )
 
 
-def training_batch(processor, rng: np.random.Generator, batch: int):
-    seeds = rng.integers(TRAIN_SEED_START, 2**31 - 1, size=batch)
+def training_scenes(rng: np.random.Generator, batch: int, object_weights: tuple[float, ...] | None = None):
+    """`batch` training scenes; object_weights (w1, w2, w3): relative shares of one-, two- and three-object
+    scenes (None: the world's own mix, a third each)."""
+    if object_weights is None:
+        return [scene_for_seed(int(s)) for s in rng.integers(TRAIN_SEED_START, 2**31 - 1, size=batch)]
+    shares = np.asarray(object_weights, dtype=np.float64)
+    if shares.shape != (3,) or (shares < 0).any() or shares.sum() <= 0:
+        raise ValueError(f"object weights must be three non-negative numbers, not all 0; got {object_weights}")
+    scenes = []
+    for n in rng.choice(3, size=batch, p=shares / shares.sum()) + 1:
+        scene = scene_for_seed(int(rng.integers(TRAIN_SEED_START, 2**31 - 1)))
+        while len(scene.objects) != n:  # the object count is uniform over seeds: about 3 draws
+            scene = scene_for_seed(int(rng.integers(TRAIN_SEED_START, 2**31 - 1)))
+        scenes.append(scene)
+    return scenes
+
+
+def training_batch(processor, rng: np.random.Generator, batch: int, object_weights=None):
     texts, videos = [], []
-    for s in seeds:
-        scene = scene_for_seed(int(s))
+    for scene in training_scenes(rng, batch, object_weights):
         frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES)).astype(np.int16)
         frames += rng.integers(-3, 4, size=frames.shape, dtype=np.int16)  # stands in for codec noise
         videos.append(np.clip(frames, 0, 255).astype(np.uint8))
@@ -121,26 +136,36 @@ def _init_worker(processor_dir: str) -> None:
     _WORKER_PROCESSOR = AutoProcessor.from_pretrained(processor_dir)
 
 
-def _worker_batch(task: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _worker_batch(task: tuple) -> tuple[dict[str, np.ndarray], np.ndarray]:
     # Numpy, not tensors: torch would pass tensors between processes as file descriptors, which
     # failed on the GPU machine ("received 0 items of ancdata") and killed the pool's result thread.
-    seed, step, batch = task
-    inputs, labels = training_batch(_WORKER_PROCESSOR, np.random.default_rng([seed, step]), batch)
+    seed, step, batch, object_weights = task
+    inputs, labels = training_batch(_WORKER_PROCESSOR, np.random.default_rng([seed, step]), batch, object_weights)
     return {k: v.numpy() for k, v in inputs.items()}, labels.numpy()
 
 
-def batches(processor, processor_dir: str, rng, seed: int, first_step: int, steps: int, batch: int, workers: int):
+def batches(
+    processor,
+    processor_dir: str,
+    rng,
+    seed: int,
+    first_step: int,
+    steps: int,
+    batch: int,
+    workers: int,
+    object_weights: tuple[float, ...] | None = None,
+):
     """Training batches for steps first_step..steps. With workers, prepared ahead in worker processes
     (for fast accelerators), each step's scenes drawn from its own seed (seed, step), so a resumed run
     continues the same stream; without, drawn in turn from `rng` (kept in the resume state)."""
     if workers <= 0:
         for _ in range(first_step, steps + 1):
-            yield training_batch(processor, rng, batch)
+            yield training_batch(processor, rng, batch, object_weights)
         return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (processor_dir,)) as pool:
-        tasks = ((seed, step, batch) for step in range(first_step, steps + 1))
+        tasks = ((seed, step, batch, object_weights) for step in range(first_step, steps + 1))
         for arrays, labels in pool.imap(_worker_batch, tasks, chunksize=1):
             yield BatchFeature({k: torch.from_numpy(v) for k, v in arrays.items()}), torch.from_numpy(labels)
 
@@ -180,6 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="evaluate and save an exponential moving average of the weights with this decay (e.g. 0.999; 0: off)",
+    )
+    parser.add_argument(
+        "--object-weights",
+        help="relative shares of one-, two- and three-object training scenes, e.g. 1,1,2 (default: a third each)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument(
@@ -228,7 +257,21 @@ def main(argv: list[str] | None = None) -> None:
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         print(f"resumed at step {state['step']} (best exact match {best:.3f})", flush=True)
-    stream = batches(processor, target.path, rng, args.seed, first_step, args.steps, args.batch, args.data_workers)
+    object_weights = None
+    if args.object_weights:
+        object_weights = tuple(float(w) for w in args.object_weights.split(","))
+        training_scenes(np.random.default_rng(0), 1, object_weights)  # refuse bad weights before training
+    stream = batches(
+        processor,
+        target.path,
+        rng,
+        args.seed,
+        first_step,
+        args.steps,
+        args.batch,
+        args.data_workers,
+        object_weights,
+    )
     for step, (inputs, labels) in zip(range(first_step, args.steps + 1), stream):
         model.train()
         loss = model(**inputs.to(args.device), labels=labels.to(args.device)).loss
@@ -281,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                         "batch": args.batch,
                         "lr": args.lr,
                         "ema": args.ema,
+                        "object_weights": object_weights,
                         "steps": args.steps,
                         "parameters": n_params,
                         "log": log,

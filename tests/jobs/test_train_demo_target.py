@@ -63,3 +63,21 @@ def test_rendered_evaluation_on_a_device_flag(tmp_path):
     )
     log = json.loads((out / "training_log.json").read_text())
     assert log["eval_frames"] == "rendered" and log["device"] == "cpu" and len(log["log"]) == 1
+
+
+def test_object_weights_set_the_mix_of_scenes():
+    import numpy as np
+    import pytest
+
+    rng = np.random.default_rng(0)
+    assert {len(s.objects) for s in train_demo_target.training_scenes(rng, 20, (0, 0, 1))} == {3}
+    assert {len(s.objects) for s in train_demo_target.training_scenes(rng, 20, (1, 0, 0))} == {1}
+    counts = np.bincount([len(s.objects) for s in train_demo_target.training_scenes(rng, 600, (1, 1, 2))], minlength=4)
+    assert 250 < counts[3] < 350 and 100 < counts[1] < 200 and 100 < counts[2] < 200
+    # Without weights: the world's own mix, drawn as before (the stream of a resumed run is unchanged).
+    plain = train_demo_target.training_scenes(np.random.default_rng(5), 4)
+    seeds = np.random.default_rng(5).integers(train_demo_target.TRAIN_SEED_START, 2**31 - 1, size=4)
+    assert [s.seed for s in plain] == seeds.tolist()
+    for bad in [(1, 1), (0, 0, 0), (1, -1, 1)]:
+        with pytest.raises(ValueError, match="object weights"):
+            train_demo_target.training_scenes(rng, 1, bad)
