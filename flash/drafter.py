@@ -150,7 +150,7 @@ class DrafterLayer(nn.Module):
         batch, width, dim = x.shape  # [B, T, D]
         q, k, v = self.qkv(self.attn_norm(x)).view(batch, width, 3, self.heads, self.head_dim).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
-        q, k = apply_rotary(torch.cat([q, k], dim=1), cos, sin).split(self.heads, dim=1)  # one rotation for both
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.write(index, k, v)  # [B, H, S, hd]
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.out(attn.transpose(1, 2).reshape(batch, width, dim))
@@ -245,7 +245,7 @@ class FlashDrafter(nn.Module):
         """Gated fusion of [e(x_{j+1}); f_j].  features [B, T, D], next_tokens [B, T] -> [B, T, D]"""
         both = torch.cat([self.fuse_norm_e(self.embed_tokens(next_tokens)), self.fuse_norm_f(features)], dim=-1)
         gate = torch.sigmoid(self.fuse_gate(both))
-        return torch.lerp(features, self.fuse(both), gate)  # gate * fuse(both) + (1 - gate) * features
+        return gate * self.fuse(both) + (1 - gate) * features
 
     def compress(self, visual: torch.Tensor) -> torch.Tensor:
         """Visual latents from the features of one row's visual tokens.  [N, D] -> [C, D]"""
@@ -291,9 +291,7 @@ class FlashDrafter(nn.Module):
         """Refine slot states h [..., D] from the embedding of the token drafted just before each."""
         if not self.config.refine:
             return h
-        first, _, second = self.refine  # called as functions: a module call per op costs more than the op here
-        both = torch.cat([h, self.embed_tokens(previous_tokens)], dim=-1)
-        return h + F.linear(F.silu(F.linear(both, first.weight, first.bias)), second.weight, second.bias)
+        return h + self.refine(torch.cat([h, self.embed_tokens(previous_tokens)], dim=-1))
 
     def _draft(
         self,
