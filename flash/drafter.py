@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flash.cache import DrafterCache
-from flash.sampling import SamplingParams, choose
+from flash.sampling import SamplingParams, choose, mark_seen
 
 if TYPE_CHECKING:
     from flash.target import Prefill, Target
@@ -302,8 +302,12 @@ class FlashDrafter(nn.Module):
         params: SamplingParams,
         generator: torch.Generator | None,
         block_size: int | None,
+        seen: torch.Tensor | None = None,
     ) -> Block:
-        """Append real rows [B, R, D] (row b's first n_real[b] valid), draft a block, commit the real rows."""
+        """Append real rows [B, R, D] (row b's first n_real[b] valid), draft a block, commit the real rows.
+
+        seen [B, V]: tokens each row has seen (repetition penalty); slot i also sees the slots before it.
+        """
         k = block_size or self.config.block_size
         batch = rows.shape[0]
         slots = self.slots[: k - 1].unsqueeze(0).expand(batch, -1, -1)
@@ -314,17 +318,21 @@ class FlashDrafter(nn.Module):
 
         last = hidden.gather(1, (n_real - 1).view(batch, 1, 1).expand(batch, 1, hidden.shape[-1]))  # [B, 1, D]
         slot_hidden = hidden[:, rows.shape[1] :]  # [B, k-1, D]
-        if not self.config.refine:  # no slot depends on a drafted token: the whole block in one pass
+        one_pass = not self.config.refine and not (params.penalized and seen is not None)
+        if one_pass:  # no slot depends on a drafted token: the whole block in one pass
             features = self.norm(torch.cat([last, slot_hidden], dim=1))  # [B, k, D]
             tokens, probs = choose(self.lm_head(features), params, generator)
             return Block(tokens=tokens, probs=probs, features=features)
         tokens, probs, feats = [], [], []
         h = last.squeeze(1)
+        ones = torch.ones(batch, dtype=torch.long, device=rows.device)
         for i in range(k):
             if i > 0:
                 h = self.slot_hidden(slot_hidden[:, i - 1], tokens[-1])
+                if seen is not None:
+                    seen = mark_seen(seen, tokens[-1].unsqueeze(1), ones)
             feature = self.norm(h)
-            token, prob = choose(self.lm_head(feature), params, generator)
+            token, prob = choose(self.lm_head(feature), params, generator, seen)
             tokens.append(token)
             probs.append(prob)
             feats.append(feature)
@@ -344,6 +352,7 @@ class FlashDrafter(nn.Module):
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        seen: torch.Tensor | None = None,
     ) -> Block:
         """Read the prompt (latents + text rows) into a fresh cache and draft the first block.
 
@@ -368,7 +377,7 @@ class FlashDrafter(nn.Module):
             valid[b, : seq.shape[0]] = True
         self.cache = self.new_cache(batch, longest + 256, features)
         n_real = torch.tensor(lengths, device=features.device)
-        return self._draft(rows, valid, n_real, longest, params, generator, block_size)
+        return self._draft(rows, valid, n_real, longest, params, generator, block_size, seen)
 
     @torch.inference_mode()
     def step(
@@ -380,6 +389,7 @@ class FlashDrafter(nn.Module):
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        seen: torch.Tensor | None = None,
     ) -> Block:
         """Add the newly verified rows and draft the next block.
 
@@ -388,7 +398,7 @@ class FlashDrafter(nn.Module):
         """
         valid = torch.arange(features.shape[1], device=features.device).unsqueeze(0) < n_new.unsqueeze(1)
         rows = self.fuse_rows(features, next_tokens)
-        return self._draft(rows, valid, n_new, n_new_max, params, generator, block_size)
+        return self._draft(rows, valid, n_new, n_new_max, params, generator, block_size, seen)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.select_rows(rows)

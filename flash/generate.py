@@ -20,7 +20,7 @@ import torch
 from flash.acceptance import clip_at_stop, greedy_accept, speculative_accept
 from flash.drafter import Block
 from flash.policy import BlockPolicy
-from flash.sampling import SamplingParams, choose, probabilities
+from flash.sampling import SamplingParams, choose, mark_seen, probabilities, process, seen_mask, seen_through
 from flash.target import Prefill, Target
 
 
@@ -36,6 +36,7 @@ class Drafter(Protocol):
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        seen: torch.Tensor | None = None,
     ) -> Block: ...
 
     def step(
@@ -47,6 +48,7 @@ class Drafter(Protocol):
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        seen: torch.Tensor | None = None,
     ) -> Block: ...
 
     def select_rows(self, rows: torch.Tensor) -> None: ...
@@ -107,20 +109,26 @@ def generate(
     drafter: Drafter | None,
     inputs,
     max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
     generator: torch.Generator | None = None,
     block_size: int | BlockPolicy | None = None,
 ) -> GenerateOutput:
     """Decode `inputs` (a processor batch) with FLASH; `drafter=None` is plain decoding.
 
+    Tokens are chosen as the target's `model.generate()` would with its generation config
+    (repetition penalty, do_sample, temperature, top-k, top-p); a sampling argument that is
+    not None overrides the config's (temperature 0: greedy, the penalty still applies).
     block_size: None uses the drafter's k; an int fixes k; a `BlockPolicy` picks k
     per cycle (0 = a plain cycle) from measured acceptance and costs.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    params = SamplingParams.from_generation_config(
+        target.model.generation_config, temperature, top_k, top_p, repetition_penalty
+    )
     device = target.device
     stats = DecodeStats()
     eos = target.eos_token_ids
@@ -128,7 +136,9 @@ def generate(
 
     t0 = _clock(device)
     session, prefill = target.prefill(inputs)
-    first, _ = choose(prefill.last_logits, params, generator)  # [B]
+    # [B, V] tokens each row has seen, for the repetition penalty (None: no penalty)
+    seen = seen_mask(prefill.input_ids, prefill.attention_mask, target.vocab_size) if params.penalized else None
+    first, _ = choose(prefill.last_logits, params, generator, seen)  # [B]
     batch = first.shape[0]
     budget = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
     n_kept, finished = clip_at_stop(first.unsqueeze(1), torch.ones_like(budget), eos, budget)
@@ -139,8 +149,11 @@ def generate(
     if live is None:
         return GenerateOutput(rows.sequences, stats)
     budget, last = budget - n_kept, first  # last [B]: newest emitted token, not yet in the target cache
+    if seen is not None:
+        seen = mark_seen(seen, first.unsqueeze(1), n_kept)
     if len(rows.active) < batch:
         budget, last = budget[live], last[live]
+        seen = seen[live] if seen is not None else None
         session.select_rows(live)
         prefill = prefill.select_rows(live)
     block, draft_s = None, 0.0
@@ -148,7 +161,7 @@ def generate(
     if drafter is not None:
         t1 = _clock(device)
         k = policy.choose(last.shape[0]) if policy else block_size
-        block = drafter.start(prefill, last, params, generator, max(k, 1) if policy else k)
+        block = drafter.start(prefill, last, params, generator, max(k, 1) if policy else k, seen=seen)
         if policy and k == 0:
             block = None  # the first cycle runs plain; the drafter has read the prompt
         draft_s = _clock(device) - t1
@@ -160,11 +173,13 @@ def generate(
         width = last.shape[0]
         draft = block.tokens if block is not None else last.new_zeros(width, 0)  # [B, k]
         k = draft.shape[1]
-        features, logits = session.verify(torch.cat([last.unsqueeze(1), draft], dim=1))  # [B, k+1, *]
+        verified = torch.cat([last.unsqueeze(1), draft], dim=1)  # [B, k+1]
+        features, logits = session.verify(verified)  # [B, k+1, *]
+        context = seen_through(seen, verified) if seen is not None else None  # [B, k+1, V]
         if params.greedy:
-            n_accepted, emitted = greedy_accept(draft, logits.argmax(dim=-1))
+            n_accepted, emitted = greedy_accept(draft, process(logits, params, context).argmax(dim=-1))
         else:
-            p = probabilities(logits, params)
+            p = probabilities(logits, params, context)
             q = block.probs if block is not None else p.new_zeros(width, 0, p.shape[-1])
             n_accepted, emitted = speculative_accept(draft, q, p, generator)
         n_emit = n_accepted + 1
@@ -179,9 +194,12 @@ def generate(
         # The cache keeps [last, accepted drafts]; the bonus enters with the next verify.
         session.commit(n_emit, kept_max=rows.max_accepted + 1)
         budget = budget - n_kept
+        if seen is not None:
+            seen = mark_seen(seen, emitted, n_emit)
         if len(rows.active) < width:  # finished rows leave the batch and stop costing compute
             session.select_rows(live)
             budget, features, emitted = budget[live], features[live], emitted[live]
+            seen = seen[live] if seen is not None else None
             n_accepted, n_emit = n_accepted[live], n_emit[live]
             pending.select_rows(live)
             if drafter is not None:
@@ -195,7 +213,7 @@ def generate(
             block, draft_s = None, 0.0
             continue
         rows_f, rows_t, rows_n, rows_max = pending.take()
-        block = drafter.step(rows_f, rows_t, rows_n, rows_max, params, generator, k_next)
+        block = drafter.step(rows_f, rows_t, rows_n, rows_max, params, generator, k_next, seen=seen)
         draft_s = _clock(device) - t_draft
         stats.draft_s += draft_s
     return GenerateOutput(rows.sequences, stats)

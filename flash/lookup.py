@@ -68,6 +68,7 @@ class PromptLookupDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        seen: torch.Tensor | None = None,
     ) -> Block:
         ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
         keep = prefill.attention_mask.bool()
@@ -84,6 +85,7 @@ class PromptLookupDrafter:
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
+        seen: torch.Tensor | None = None,
     ) -> Block:
         for row, tokens, n in zip(self.history, next_tokens.tolist(), n_new.tolist()):
             row.extend(tokens[:n])

@@ -116,11 +116,11 @@ class OracleDrafter:
             probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(torch.float64)
         return Block(tokens=tokens, probs=probs, features=torch.zeros(0))
 
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None) -> Block:
+    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None) -> Block:
         self.positions = [1] * first_tokens.shape[0]  # the prompt pass emitted reference[0]
         return self._block(params, first_tokens.device, block_size)
 
-    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None) -> Block:
+    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None) -> Block:
         self.positions = [p + n for p, n in zip(self.positions, n_new.tolist())]
         return self._block(params, next_tokens.device, block_size)
 
@@ -143,11 +143,11 @@ class FixedDistributionDrafter:
         tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
         return Block(tokens=tokens.view(self.batch, self.block_size), probs=probs, features=torch.zeros(0))
 
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None) -> Block:
+    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None) -> Block:
         self.batch = first_tokens.shape[0]
         return self._block(generator)
 
-    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None) -> Block:
+    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None) -> Block:
         return self._block(generator)
 
     def select_rows(self, rows: torch.Tensor) -> None:
