@@ -2,7 +2,11 @@
 
 With no arguments this is the embedded default: it starts a local Ray, writes
 sample demo videos to ./out/sample_videos, captions them with the bundled demo
-target and drafter, and writes Parquet under ./out/captions/.
+target and drafter, writes Parquet under ./out/captions/, and counts how many
+captions equal the samples' true captions (out/sample_videos/captions.jsonl).
+
+Every CaptionConfig field is a flag (`--max-side 224`, `--no-report`); flags
+override the YAML file given with --config.
 
 On a cluster:
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/caption_videos.py \\
@@ -15,62 +19,78 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from pipeline.config import CaptionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DEMO_TARGET = ROOT / "models" / "demo-target"
 DEMO_DRAFTER = ROOT / "models" / "demo-drafter"
-SAMPLE_VIDEOS = Path("out") / "sample_videos"
+SAMPLE_VIDEOS = Path("out") / "sample_videos"  # relative to the working directory, as is SAMPLE_OUTPUT
 SAMPLE_OUTPUT = Path("out") / "captions"
 SAMPLE_COUNT = 12
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _field_flag(name: str, field: FieldInfo) -> tuple[str, dict[str, Any]]:
+    """The argparse flag and keyword arguments for one CaptionConfig field, read off its annotation.
+
+    Every flag defaults to None, so a flag that is not given never overrides the YAML file."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = members[0] if len(members) == 1 else Any
+    origin, type_args = typing.get_origin(annotation), typing.get_args(annotation)
+    default = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
+    help_text = f"{field.description} ({default})".replace("%", "%%")  # argparse %-formats help
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif origin is typing.Literal:
+        kwargs.update(type=type(type_args[0]), choices=type_args)
+    elif origin in (tuple, list) and (origin is list or type_args[1:] == (...,)) and type_args[0] in (int, float, str):
+        kwargs.update(type=type_args[0], nargs="+", metavar=name.upper())
+    elif annotation in (int, float, str):
+        kwargs["type"] = annotation
+    else:  # any other type: the value is read as YAML and pydantic validates it
+        import yaml
+
+        kwargs.update(type=yaml.safe_load, metavar="YAML")
+    return "--" + name.replace("_", "-"), kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per CaptionConfig field (generated from the model) plus --config and --no-drafter."""
+    from pipeline.config import CaptionConfig
+
+    # No abbreviations: a field added later must not change what a short flag in a scheduled job means.
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     p.add_argument("--config", help="YAML file with CaptionConfig fields (flags override it)")
-    p.add_argument("--input", help="s3://bucket/prefix/ or a local folder of videos")
-    p.add_argument("--output", help="s3://bucket/prefix/ or a local folder for Parquet")
-    p.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store")
-    p.add_argument("--s3-region")
-    p.add_argument("--model", help="target checkpoint directory")
-    p.add_argument("--drafter", help="FLASH drafter directory")
     p.add_argument("--no-drafter", action="store_true", help="plain decoding (same captions, slower)")
-    p.add_argument("--prompt")
-    p.add_argument("--num-frames", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--min-actors", type=int)
-    p.add_argument("--max-actors", type=int)
-    p.add_argument("--gpus-per-actor", type=float)
-    p.add_argument("--cpus-per-actor", type=float)
-    p.add_argument("--cpus-per-decode", type=float)
-    return p.parse_args(argv)
+    fields = p.add_argument_group("CaptionConfig fields (each overrides the YAML file)")
+    for name, field in CaptionConfig.model_fields.items():
+        flag, kwargs = _field_flag(name, field)
+        fields.add_argument(flag, **kwargs)
+    return p
 
 
-def build_config(args: argparse.Namespace):
-    from pipeline.config import load_config
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
-    overrides = {
-        "input": args.input,
-        "output": args.output,
-        "s3_endpoint": args.s3_endpoint,
-        "s3_region": args.s3_region,
-        "model": args.model,
-        "drafter": args.drafter,
-        "prompt": args.prompt,
-        "num_frames": args.num_frames,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "batch_size": args.batch_size,
-        "min_actors": args.min_actors,
-        "max_actors": args.max_actors,
-        "gpus_per_actor": args.gpus_per_actor,
-        "cpus_per_actor": args.cpus_per_actor,
-        "cpus_per_decode": args.cpus_per_decode,
-    }
+
+def build_config(args: argparse.Namespace) -> tuple[CaptionConfig, bool]:
+    from pipeline.config import CaptionConfig, load_config
+
+    overrides = {name: getattr(args, name) for name in CaptionConfig.model_fields}  # None: not given
     embedded = args.config is None and args.input is None
     if embedded:
         from jobs.demo_world import write_videos
@@ -94,11 +114,32 @@ def build_config(args: argparse.Namespace):
     return config, embedded
 
 
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def sample_captions_exact(config: CaptionConfig, videos: Path = SAMPLE_VIDEOS) -> tuple[int, int]:
+    """(exact, total): the newest caption of each sample video against its true caption in
+    captions.jsonl, equal after whitespace normalisation; an error row counts as not equal."""
+    from pipeline.storage import OutputStore, S3Settings
+
+    records = [json.loads(line) for line in (videos / "captions.jsonl").read_text().splitlines() if line.strip()]
+    want = {str((videos / r["file"]).resolve()): r["caption"] for r in records}
+    settings = S3Settings(config.s3_endpoint, config.s3_region, config.s3_max_attempts, config.s3_timeout_s)
+    newest: dict[str, dict] = {}
+    for row in OutputStore(config.output, settings).read_table().to_pylist():
+        uri = row["video_uri"]
+        if uri in want and (uri not in newest or row["finished_at"] > newest[uri]["finished_at"]):
+            newest[uri] = row
+    exact = sum(not row["error"] and _words(row["caption"]) == _words(want[uri]) for uri, row in newest.items())
+    return exact, len(want)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     try:
-        config, _ = build_config(args)
+        config, embedded = build_config(args)
     except ValueError as err:
         print(f"[flashcap] {err}", file=sys.stderr)
         return 2
@@ -122,27 +163,26 @@ def main(argv: list[str] | None = None) -> int:
     except JobIncomplete as err:  # the cluster kept losing work: what was written stays; a rerun finishes
         print(f"[flashcap] {err}", file=sys.stderr)
         return 4
-    print(
-        json.dumps(
-            {
-                k: report[k]
-                for k in (
-                    "clips",
-                    "errors",
-                    "clips_per_s",
-                    "tokens_per_s",
-                    "mean_acceptance_length",
-                    "rows_written",
-                    "missing",
-                    "rounds",
-                    "worker_crashes",
-                    "memory",
-                    "parts",
-                )
-            },
-            indent=2,
-        )
+    keys = (
+        "clips",
+        "errors",
+        "clips_per_s",
+        "tokens_per_s",
+        "mean_acceptance_length",
+        "rows_written",
+        "missing",
+        "rounds",
+        "worker_crashes",
+        "memory",
+        "parts",
     )
+    summary = {k: report[k] for k in keys}
+    summary["sample_captions_exact"] = None  # only the embedded default knows the true captions
+    if embedded:
+        exact, total = sample_captions_exact(config)
+        print(f"[flashcap] {exact} of {total} captions equal the sample's captions.jsonl")
+        summary["sample_captions_exact"] = exact
+    print(json.dumps(summary, indent=2))
     print(f"[flashcap] captions in {config.output}")
     return 0
 

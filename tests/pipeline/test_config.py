@@ -22,6 +22,14 @@ def test_yaml_and_flags(tmp_path, dirs):
     assert config.batch_size == 2 and config.output == "s3://bucket/captions/" and config.max_new_tokens == 64
 
 
+def test_false_and_zero_overrides_are_kept(tmp_path, dirs):
+    """Only None means "not given": `--no-report` and `--gpus-per-actor 0` must beat the YAML file."""
+    path = tmp_path / "job.yaml"
+    path.write_text("report: true\nadaptive_block: true\ngpus_per_actor: 1\n")
+    config = load_config(str(path), **dirs, report=False, adaptive_block=False, gpus_per_actor=0.0)
+    assert (config.report, config.adaptive_block, config.gpus_per_actor) == (False, False, 0.0)
+
+
 def test_config_is_frozen(dirs):
     config = load_config(**dirs)
     with pytest.raises(ValidationError, match="frozen"):

@@ -1,0 +1,75 @@
+"""The job's entry point: one flag per CaptionConfig field over the YAML file, and the embedded
+default, which captions the sample videos and checks them against their true captions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.caption_videos import build_config, build_parser, parse_args
+from pipeline.config import CaptionConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "model").mkdir()
+    return ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(tmp_path / "model")]
+
+
+def test_every_config_field_has_a_flag():
+    flags = {a.dest: a.option_strings for a in build_parser()._actions}
+    for name in CaptionConfig.model_fields:
+        assert "--" + name.replace("_", "-") in flags.get(name, []), name
+
+
+def test_flags_reach_the_config(dirs):
+    argv = [*dirs, "--max-side", "224", "--dtype", "bfloat16", "--no-report", "--include", "*.mp4", "*.mkv"]
+    config, embedded = build_config(parse_args(argv))
+    assert not embedded
+    assert (config.max_side, config.dtype, config.report) == (224, "bfloat16", False)
+    assert config.include == ("*.mp4", "*.mkv")
+    assert config.adaptive_block and not config.trust_remote_code  # omitted booleans keep their defaults
+
+
+def test_flags_override_yaml_and_omitted_flags_leave_it(tmp_path, dirs):
+    path = tmp_path / "job.yaml"
+    path.write_text("batch_size: 8\nmax_side: 300\nreport: false\nadaptive_block: false\ndtype: float64\n")
+    config, _ = build_config(parse_args(["--config", str(path), *dirs, "--batch-size", "2", "--report"]))
+    assert (config.batch_size, config.report) == (2, True)
+    assert (config.max_side, config.adaptive_block, config.dtype) == (300, False, "float64")
+
+
+def test_bad_choice_is_an_argparse_error(dirs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*dirs, "--dtype", "int8"])
+    assert exit_info.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_embedded_default_captions_the_samples_exactly(tmp_path):
+    """`python jobs/caption_videos.py` (make run), from tmp_path so out/sample_videos lands there."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    output = tmp_path / "captions"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "caption_videos.py"), "--output", str(output)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "out" / "sample_videos" / "captions.jsonl").is_file()
+    lines = [line for line in result.stdout.splitlines() if "captions equal the sample's captions.jsonl" in line]
+    assert len(lines) == 1, result.stdout[-3000:]
+    exact, _, total = lines[0].removeprefix("[flashcap] ").split()[:3]
+    summary, _ = json.JSONDecoder().raw_decode(result.stdout, result.stdout.index("\n{\n") + 1)
+    assert int(total) == 12 and summary["clips"] == 12 and summary["errors"] == 0
+    assert summary["sample_captions_exact"] == int(exact) >= 10, lines[0]
