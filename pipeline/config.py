@@ -33,8 +33,14 @@ class CaptionConfig(BaseModel):
         default=8, ge=1, le=50, description="Tries per S3 request (throttling, 5xx, resets, timeouts), with backoff."
     )
     s3_timeout_s: float = Field(default=60.0, gt=0, description="Connect and read timeout per S3 request.")
-    model: str = Field(description="Target VLM checkpoint directory (safetensors).")
-    drafter: str | None = Field(default=None, description="FLASH drafter directory; None: plain decoding.")
+    model: str = Field(
+        description="Target VLM checkpoint (safetensors): a local directory, an s3://bucket/prefix/ (downloaded "
+        "once per node) or a Hugging Face Hub id org/name[@revision]."
+    )
+    drafter: str | None = Field(
+        default=None,
+        description="FLASH drafter: a local directory, an s3:// prefix or a Hub id, like model; None: plain decoding.",
+    )
     trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
         default="auto", description="Model dtype; auto: bfloat16 on GPU, float32 on CPU."
@@ -100,10 +106,12 @@ class CaptionConfig(BaseModel):
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         if not self.input.startswith("s3://") and not Path(self.input).is_dir():
             raise ValueError(f"input {self.input!r} is not a directory")
+        from pipeline.checkpoints import reference_kind  # here: config stays importable without boto3/pyarrow
+
         for name in ("model", "drafter"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_dir():
-                raise ValueError(f"{name} {path!r} is not a directory")
+            ref = getattr(self, name)
+            if ref is not None:
+                reference_kind(ref, what=name)  # a local-looking path must be a directory; s3:// and Hub ids pass
         if self.output.rstrip("/") == self.input.rstrip("/"):
             raise ValueError("output must differ from input")
         return self
