@@ -1,5 +1,12 @@
-"""The caption actor: loads the target and the drafter once, then captions
+"""The caption actor: loads the target and the drafter once (from a local
+directory, s3:// or the Hub, through the node's checkpoint cache), then captions
 batches of decoded videos with `flash.generate` (GPU when given, CPU otherwise).
+
+Each video reaches the processor as the model card's own usage gives it: the
+instruction inside the checkpoint's chat template, and the frames with their
+real metadata (source fps, frame count, sampled indices), so time positions and
+timestamps are the ones the model was trained with. Tokens are chosen as the
+checkpoint's generation config says, unless the job sets a temperature.
 
 Rows that arrive with a decode error pass through untouched. If a batch fails
 in generation, its rows are retried one by one so a single bad input only costs
@@ -22,37 +29,65 @@ import torch
 
 import flash
 from pipeline import faults
-from pipeline.config import CaptionConfig
-from pipeline.decode import frames_of
+from pipeline.checkpoints import resolve_checkpoint
+from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, CaptionConfig
+from pipeline.decode import frames_of, video_metadata_of
 from pipeline.ledger import Guard
+from pipeline.storage import S3Settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class CaptionActor:
     def __init__(self, config: dict, ledger=None) -> None:
-        self.config = CaptionConfig.model_validate(config)
-        use_gpu = self.config.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.config = cfg = CaptionConfig.model_validate(config)
+        use_gpu = cfg.gpus_per_actor > 0
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"gpus_per_actor={cfg.gpus_per_actor} but CUDA is not available on {socket.gethostname()} "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}): check the NVIDIA driver "
+                "and the torch build, or set gpus_per_actor 0 to caption on CPUs"
+            )
         device = "cuda" if use_gpu else "cpu"
-        dtype = DTYPES.get(self.config.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
+        dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
         if not use_gpu:
-            torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
+            torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
+        settings = S3Settings(cfg.s3_endpoint, cfg.s3_region, cfg.s3_max_attempts, cfg.s3_timeout_s)
         self.target = flash.load_target(
-            self.config.model, dtype=dtype, device=device, trust_remote_code=self.config.trust_remote_code
+            resolve_checkpoint(cfg.model, settings), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code
         )
         self.drafter = (
-            flash.FlashDrafter.from_pretrained(self.config.drafter, self.target) if self.config.drafter else None
+            flash.FlashDrafter.from_pretrained(resolve_checkpoint(cfg.drafter, settings), self.target)
+            if cfg.drafter
+            else None
         )
+        instruction = cfg.prompt or (DEFAULT_INSTRUCTION if self.target.has_chat_template else RAW_PROMPT)
+        self.prompt = self.target.video_prompt(instruction)
+        # The decoding settings are checked once, here: a generation config flashcap cannot follow stops the actor.
+        flash.SamplingParams.from_generation_config(self.target.model.generation_config, temperature=cfg.temperature)
         # One policy per actor: what it learns about acceptance and costs carries across batches.
-        self.policy = flash.BlockPolicy(max_block=self.drafter.block_size) if self.drafter else None
+        self.policy = (
+            flash.BlockPolicy(max_block=self.drafter.block_size) if self.drafter and cfg.adaptive_block else None
+        )
         self.node = _node_name()
         self.actor_id = f"{self.node}:{os.getpid()}"
         self._metrics = _Metrics()
         self.guard = Guard(ledger, "caption", self.config.max_worker_crashes, self.actor_id)
 
-    def _generate(self, frames: list[np.ndarray]) -> tuple[list[str], list[int], list[float], float]:
+    def inputs(self, rows: list[dict]):
+        """The processor batch for decoded rows: prompt, frames and each video's real metadata."""
+        return self.target.processor(
+            text=[self.prompt] * len(rows),
+            videos=[frames_of(r) for r in rows],
+            video_metadata=[video_metadata_of(r) for r in rows],
+            do_sample_frames=False,  # the frames were sampled when decoding; the metadata says which
+            return_tensors="pt",
+            padding=True,
+        )
+
+    def _generate(self, rows: list[dict]) -> tuple[list[str], list[int], list[float], float]:
         processor = self.target.processor
-        inputs = processor(text=[self.config.prompt] * len(frames), videos=frames, return_tensors="pt", padding=True)
+        inputs = self.inputs(rows)
         started = time.perf_counter()
         out = flash.generate(
             self.target,
@@ -60,6 +95,7 @@ class CaptionActor:
             inputs,
             max_new_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
+            block_size=self.policy,  # None: the drafter's fixed block
         )
         elapsed = time.perf_counter() - started
         eos = set(self.target.eos_token_ids.tolist())
@@ -67,7 +103,7 @@ class CaptionActor:
             processor.tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True).strip()
             for seq in out.sequences
         ]
-        lengths = [out.stats.row_acceptance_length(i) for i in range(len(frames))]
+        lengths = [out.stats.row_acceptance_length(i) for i in range(len(rows))]
         return texts, [len(s) for s in out.sequences], lengths, elapsed
 
     def _caption(self, rows: list[dict]) -> None:
@@ -95,12 +131,12 @@ class CaptionActor:
         faults.maybe_crash("caption", todo)
         try:
             groups = [todo]
-            results = [self._generate([frames_of(r) for r in todo])]
+            results = [self._generate(todo)]
         except Exception:  # isolate the bad row: retry one by one
             groups, results = [], []
             for r in todo:
                 try:
-                    results.append(self._generate([frames_of(r)]))
+                    results.append(self._generate([r]))
                     groups.append([r])
                 except Exception as err:  # this input cannot be captioned: its row says why
                     r["error"] = f"caption failed: {type(err).__name__}: {err}"[:2000]

@@ -34,6 +34,31 @@ BASE_WORDS = (
 ).split()
 
 
+# The chat template Qwen2-VL / Qwen2.5-VL releases ship (chat_template.jinja), for checkpoints shaped like them.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2.5-VL-7B-Instruct's generation_config.json sampling settings (top_k 1: greedy in effect).
+QWEN2_5_VL_RELEASE_GENERATION = {
+    "do_sample": True,
+    "temperature": 0.1,
+    "top_k": 1,
+    "top_p": 0.001,
+    "repetition_penalty": 1.05,
+}
+
+
 def word_tokenizer(words: Sequence[str], special: Sequence[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
     """A whitespace/punctuation word-level tokenizer: one id per word, specials first."""
     vocab: dict[str, int] = {}
@@ -78,7 +103,12 @@ def _build_qwen(
     tokens_per_second: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    chat_template: str | None = None,
+    generation: dict | None = None,
+    num_frames: int | None = None,
 ) -> Path:
+    """chat_template: saved with the processor; generation: extra generation_config.json settings;
+    num_frames: the video processor's frames per video (None: unset, as in Qwen's releases)."""
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -136,13 +166,19 @@ def _build_qwen(
     model = model_class(config).to(dtype)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
     pixels = image_side * image_side
     size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
     patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    video = dict(do_sample_frames=False, cap_pixels_per_frame=True)
+    if num_frames is not None:
+        video["num_frames"] = num_frames
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**patches),
-        video_processor=Qwen2VLVideoProcessor(**patches, do_sample_frames=False, cap_pixels_per_frame=True),
+        video_processor=Qwen2VLVideoProcessor(**patches, **video),
         tokenizer=tokenizer,
+        chat_template=chat_template,
     )
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)

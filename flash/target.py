@@ -106,6 +106,19 @@ class Target:
     def model_type(self) -> str:
         return self.config.model_type
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.processor, "chat_template", None))
+
+    def video_prompt(self, instruction: str) -> str:
+        """The prompt text for one video and an instruction, as the model card's own usage builds it:
+        the checkpoint's chat template (user turn: the video, then the text; generation prompt added).
+        Without a chat template the instruction is the whole prompt and must hold the video placeholder."""
+        if not self.has_chat_template:
+            return instruction
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def _model_inputs(self, inputs) -> dict[str, torch.Tensor]:
         """Processor output -> tensors on the target's device, pixels in its dtype."""
         out = {}

@@ -136,7 +136,6 @@ def sample_captions_exact(config: CaptionConfig, videos: Path = SAMPLE_VIDEOS) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
     try:
         config, embedded = build_config(args)

@@ -47,9 +47,10 @@ TARGET_SIZES = dict(
     vision_depth=4,
     vision_hidden=96,
     image_side=112,
-    # Frames handed over as arrays are taken as 24 fps by the processor; at 24 temporal positions per
-    # second the two temporal patches sit 2 positions apart (at Qwen's default of 2 they would collide).
-    tokens_per_second=24,
+    # Qwen2.5-VL's released value. Clips are 16 frames at 8 fps, 4 sampled, so with the clip's metadata
+    # each temporal patch spans 1 s and the two patches sit at time positions 0 and 2.
+    tokens_per_second=2,
+    num_frames=SAMPLED_FRAMES,  # the video processor's default, so the pipeline samples what training saw
 )
 
 

@@ -193,3 +193,18 @@ def _from_hub(ref: str, only: tuple[str, ...] | None) -> Path:
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise ValueError(f"Hub model {ref!r} not found (a gated or private one needs HF_TOKEN): {err}") from None
     return Path(folder)
+
+
+# The small files of a checkpoint: configs, tokenizer, chat template (what the driver reads).
+CONFIG_FILES = ("*.json", "*.jinja", "*.txt", "*.model", "tokenizer*")
+
+
+def video_sampling(model_dir: Path) -> dict[str, int | float | None]:
+    """num_frames, fps and max_frames as the checkpoint's video processor config sets them (None: unset)."""
+    from transformers import AutoVideoProcessor
+
+    try:
+        processor = AutoVideoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError):  # no video processor in the checkpoint: nothing to follow
+        return {"num_frames": None, "fps": None, "max_frames": None}
+    return {name: getattr(processor, name, None) for name in ("num_frames", "fps", "max_frames")}

@@ -11,6 +11,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 VIDEO_PATTERNS = ("*.mp4", "*.mkv", "*.webm", "*.avi", "*.mov", "*.m4v")
+DEFAULT_INSTRUCTION = "Describe this video in detail."
+# The prompt of checkpoints without a chat template (the bundled demo target is one).
+RAW_PROMPT = (
+    "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|><|im_start|>assistant"
+)
+DEFAULT_NUM_FRAMES = 8
+DEFAULT_MAX_FRAMES = 64
 
 
 class CaptionConfig(BaseModel):
@@ -45,22 +52,40 @@ class CaptionConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
         default="auto", description="Model dtype; auto: bfloat16 on GPU, float32 on CPU."
     )
-    prompt: str = Field(
-        default="<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|>"
-        "<|im_start|>assistant",
-        description="The full prompt, with the model's video placeholder, as the processor expects it.",
+    prompt: str | None = Field(
+        default=None,
+        description="The instruction, wrapped by the checkpoint's chat template (one video, then this text); "
+        "a checkpoint without a chat template takes it as the whole prompt, with its video placeholder. "
+        f"None: {DEFAULT_INSTRUCTION!r} with a chat template, else the demo target's prompt.",
     )
-    num_frames: int = Field(default=8, ge=1, le=256, description="Frames sampled evenly per video (fps unset).")
+    num_frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Frames sampled evenly per video. None (and fps None): the checkpoint's video processor "
+        f"config says (num_frames, else fps), else {DEFAULT_NUM_FRAMES}.",
+    )
     fps: float | None = Field(
         default=None, gt=0, description="Sample at this rate instead of num_frames (capped at max_frames)."
     )
-    max_frames: int = Field(default=64, ge=1, le=1024, description="Upper bound on frames per video when fps is set.")
+    max_frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description=f"Upper bound on frames per video when fps is set. None: the checkpoint's, else {DEFAULT_MAX_FRAMES}.",
+    )
     max_side: int = Field(default=448, ge=28, le=4096, description="Frames are downscaled so the longer side fits.")
     max_video_bytes: int = Field(
         default=2 * 1024**3, ge=1, description="Larger objects get an error row instead of being read."
     )
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Caption length limit in tokens.")
-    temperature: float = Field(default=0.0, ge=0.0, le=10.0, description="0: greedy (lossless) decoding.")
+    temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=10.0,
+        description="None: decode as the checkpoint's generation_config.json says (like model.generate()); "
+        "0: greedy (the checkpoint's repetition penalty still applies); > 0: sampling at this temperature.",
+    )
     batch_size: int = Field(default=4, ge=1, le=256, description="Videos per generate call in a caption actor.")
     adaptive_block: bool = Field(
         default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."
@@ -104,6 +129,8 @@ class CaptionConfig(BaseModel):
     def _consistent(self) -> CaptionConfig:
         if self.max_actors < self.min_actors:
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
+        if self.num_frames is not None and self.fps is not None:
+            raise ValueError("set num_frames or fps, not both")
         if not self.input.startswith("s3://") and not Path(self.input).is_dir():
             raise ValueError(f"input {self.input!r} is not a directory")
         from pipeline.checkpoints import reference_kind  # here: config stays importable without boto3/pyarrow

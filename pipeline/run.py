@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from pipeline.config import CaptionConfig, redact
+from pipeline.config import DEFAULT_MAX_FRAMES, DEFAULT_NUM_FRAMES, CaptionConfig, redact
 from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, list_videos
 from pipeline.throughput import Throughput
 
@@ -108,6 +108,26 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
     )
 
 
+def with_checkpoint_defaults(config: CaptionConfig, settings: S3Settings) -> CaptionConfig:
+    """Frame sampling the job leaves unset follows the checkpoint's video processor config, as
+    Hugging Face's processors do (num_frames, else fps), else flashcap's defaults. The driver reads
+    only the checkpoint's small files."""
+    from pipeline.checkpoints import CONFIG_FILES, resolve_checkpoint, video_sampling
+
+    if (config.num_frames is not None or config.fps is not None) and config.max_frames is not None:
+        return config
+    model = video_sampling(resolve_checkpoint(config.model, settings, only=CONFIG_FILES))
+    update: dict = {"max_frames": config.max_frames or model["max_frames"] or DEFAULT_MAX_FRAMES}
+    if config.num_frames is None and config.fps is None:
+        if model["num_frames"]:
+            update["num_frames"] = int(model["num_frames"])
+        elif model["fps"]:
+            update["fps"] = float(model["fps"])
+        else:
+            update["num_frames"] = DEFAULT_NUM_FRAMES
+    return config.model_copy(update=update)
+
+
 def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     """Caption everything under config.input not yet in config.output. Ray must be initialised.
 
@@ -119,6 +139,7 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     from pipeline.ledger import start_ledger
 
     settings = S3Settings(config.s3_endpoint, config.s3_region, config.s3_max_attempts, config.s3_timeout_s)
+    config = with_checkpoint_defaults(config, settings)
     store = OutputStore(config.output, settings)
     # Storage problems surface here, before any model loads.
     done = store.existing_keys()

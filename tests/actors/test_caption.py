@@ -1,0 +1,85 @@
+"""The caption actor, outside Ray: what it hands the processor (chat template, real video
+metadata), that its settings take effect (adaptive block policy), and that it refuses to start
+where it cannot run as asked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash
+from actors.caption import CaptionActor
+from flash.build import QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
+from jobs.demo_world import FPS, FRAMES, encode_mp4, render, scene_for_seed
+from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, load_config
+from pipeline.decode import decode_row
+from pipeline.storage import S3Settings
+from tests.pipeline.test_real_checkpoint import _moving_clip
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    model = build_qwen2_5_vl(root / "model", chat_template=QWEN_CHAT_TEMPLATE, seed=1)
+    target = flash.load_target(model)
+    flash.FlashDrafter.for_target(target).save_pretrained(root / "drafter")
+    return str(model), str(root / "drafter")
+
+
+def _rows(tmp_path, clips: dict[str, bytes], num_frames: int) -> list[dict]:
+    rows = []
+    for name, data in clips.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        row = {"video_uri": str(path), "size": len(data), "etag": "e"}
+        rows.append(decode_row(row, S3Settings(), num_frames, 448, None, 64, 1 << 30))
+    assert not any(r["error"] for r in rows)
+    return rows
+
+
+def _actor(tmp_path, model: str, drafter: str | None = None, **settings) -> CaptionActor:
+    config = load_config(
+        input=str(tmp_path), output=str(tmp_path / "out"), model=model, drafter=drafter, dtype="float64", **settings
+    )
+    return CaptionActor(config.model_dump())
+
+
+def test_processor_gets_the_chat_template_and_the_clip_metadata(tmp_path, chat_model):
+    actor = _actor(tmp_path, chat_model[0])
+    assert actor.prompt.startswith("<|im_start|>system\n") and actor.prompt.endswith("<|im_start|>assistant\n")
+    assert DEFAULT_INSTRUCTION in actor.prompt and "<|vision_start|><|video_pad|><|vision_end|>" in actor.prompt
+    rows = _rows(tmp_path, {"a.mp4": _moving_clip(90, 30, 112, 112, seed=0)}, num_frames=8)
+    inputs = actor.inputs(rows)
+    # 8 frames of a 3 s clip: 4 temporal patches of 2 frames, each spanning 2 x 90/8 frames at 30 fps = 0.75 s.
+    assert inputs["second_per_grid_ts"].tolist() == pytest.approx([0.75])
+    assert inputs["video_grid_thw"][0, 0].item() == 4
+
+
+def test_demo_target_keeps_its_trained_time_positions(tmp_path):
+    """The demo target (tokens_per_second 2, real metadata) sees the positions it was trained with
+    (frames as bare arrays, assumed 24 fps, tokens_per_second 24): patches at time positions 0 and 2."""
+    actor = _actor(tmp_path, "models/demo-target")
+    assert actor.prompt == RAW_PROMPT  # no chat template: the prompt as given
+    rows = _rows(tmp_path, {"d.mp4": encode_mp4(render(scene_for_seed(5)))}, num_frames=4)
+    assert rows[0]["video_total_frames"] == FRAMES and rows[0]["video_fps"] == pytest.approx(FPS)
+    target, inputs = actor.target, actor.inputs(rows)
+    positions, _ = target._prompt_positions(target._model_inputs(inputs))  # [3 (t, h, w), B, L]
+    time = positions[0, 0][inputs["input_ids"][0] == target.config.video_token_id]
+    assert sorted(set((time - time.min()).tolist())) == [0, 2]
+
+
+def test_adaptive_block_policy_is_used(tmp_path, chat_model):
+    rows = _rows(tmp_path, {"a.mp4": _moving_clip(30, 30, 112, 112, seed=2)}, num_frames=4)
+    adaptive = _actor(tmp_path, *chat_model, max_new_tokens=8)
+    adaptive._generate(rows)
+    assert adaptive.policy is not None and adaptive.policy.cycles > 0  # generate asked it for every block
+    fixed = _actor(tmp_path, *chat_model, max_new_tokens=8, adaptive_block=False)
+    assert fixed.policy is None
+    assert fixed._generate(rows)[0] == adaptive._generate(rows)[0]
+
+
+def test_gpus_without_cuda_fail_at_start(tmp_path, chat_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _actor(tmp_path, chat_model[0], gpus_per_actor=1)
