@@ -1,20 +1,40 @@
-"""Reading and decoding one video in a CPU task: bytes from storage, decord
-from memory (no temporary files), evenly sampled frames, downscaled so the
-longer side fits `max_side`. Any failure becomes an `error` on the row."""
+"""Reading and decoding one video in a CPU task: bytes from storage, decoded from memory (no
+temporary files), evenly sampled frames, downscaled so the longer side fits `max_side`. Any
+failure becomes an `error` on the row.
+
+Two decoders give the same frames, pixel for pixel: decord where it is installed (it has wheels
+for x86-64 only), else PyAV; `FLASHCAP_DECODER=pyav|decord` forces one. Both count frames as
+decord does (the video stream's packets), give its average frame rate, and convert to RGB with
+the filter graph decord runs: the display rotation, then `scale=W:H` with bilinear swscale."""
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline import faults
 from pipeline.ledger import Guard
 from pipeline.storage import S3Settings, read_object
+
+DECODER_ENV = "FLASHCAP_DECODER"
+DECODERS = ("decord", "pyav")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Where the sampled frames sit in the source video."""
+
+    total_frames: int  # frames in the video stream (decord's len(reader))
+    fps: float  # the stream's average frame rate (0.0 when the container gives none)
+    indices: tuple[int, ...]  # the source frame index of each sampled frame
 
 
 def sample_indices(total: int, count: int) -> list[int]:
@@ -24,10 +44,29 @@ def sample_indices(total: int, count: int) -> list[int]:
     return np.linspace(0, total - 1, num=min(count, total)).round().astype(int).tolist()
 
 
+def decoder() -> str:
+    """The decoder in use: $FLASHCAP_DECODER if set, else decord when it imports, else PyAV."""
+    forced = os.environ.get(DECODER_ENV, "").strip().lower()
+    if forced and forced not in DECODERS:
+        raise ValueError(f"{DECODER_ENV}={forced!r}: use one of {', '.join(DECODERS)}")
+    if forced == "decord" and not _decord_available():
+        raise ValueError(f"{DECODER_ENV}=decord but decord cannot be imported (its wheels are x86-64 only)")
+    return forced or ("decord" if _decord_available() else "pyav")
+
+
+@functools.cache
+def _decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except (ImportError, OSError):  # not installed, or its bundled libraries do not load
+        return False
+    return True
+
+
 def probe(data: bytes) -> tuple[int, int]:
     """Check with PyAV (headers only) that the bytes hold a container with a video stream, so that
     non-videos get a clear error and never reach decord (which echoes the bytes it fails on).
-    Returns the first video stream's (width, height)."""
+    Returns the video stream's coded (width, height), before any display rotation."""
     import av
 
     try:
@@ -35,11 +74,98 @@ def probe(data: bytes) -> tuple[int, int]:
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams}) or ["no streams"]
                 raise ValueError(f"no video stream (the file holds: {', '.join(kinds)})")
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             return stream.codec_context.width, stream.codec_context.height
     except av.error.FFmpegError as err:
-        reason = getattr(err, "strerror", None) or type(err).__name__
+        reason = _reason(err)
         raise ValueError(f"not a readable video: {len(data)} bytes, no container ffmpeg can open ({reason})") from None
+
+
+def _video_stream(container):
+    """The stream decord decodes: FFmpeg's best video stream."""
+    return container.streams.best("video") or container.streams.video[0]
+
+
+def _reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or type(err).__name__
+
+
+def _clockwise(ccw_degrees: float) -> int:
+    """decord's rotation: the display matrix's angle made clockwise, in [0, 360)."""
+    return int(math.fmod(-ccw_degrees, 360) % 360)
+
+
+def _output_size(width: int, height: int, rotation: int, max_side: int) -> tuple[int, int]:
+    """(width, height) of the frames we keep: the displayed picture, downscaled (never up) so its
+    longer side fits max_side, even sides as the scaler wants."""
+    if rotation in (90, 270):
+        width, height = height, width
+    scale = max_side / max(height, width, 1)
+    if scale >= 1:
+        return width, height
+    return max(2, round(width * scale) // 2 * 2), max(2, round(height * scale) // 2 * 2)
+
+
+def _filters(rotation: int, width: int, height: int) -> list[tuple[str, str]]:
+    """decord's filter chain (src/video/ffmpeg/threaded_decoder.cc), flags spelled out: bilinear
+    is libavfilter 7's default for `scale`, and newer FFmpeg defaults to bicubic."""
+    turns = {90: ["1"], 180: ["1", "1"], 270: ["2"]}.get(rotation, [])
+    return [("transpose", t) for t in turns] + [("scale", f"{width}:{height}:flags=bilinear")]
+
+
+def decode_video(
+    data: bytes, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
+) -> tuple[np.ndarray, VideoInfo]:
+    """Decode video bytes and sample frames: uint8 [T, H, W, 3], and where they sit in the source.
+    `num_frames` evenly spaced frames, or with `fps` set, duration x fps of them (1..max_frames)."""
+    if not data:
+        raise ValueError("empty object (0 bytes)")
+    name = decoder()
+    width, height = probe(data)
+
+    def plan(total: int, avg_fps: float) -> list[int]:
+        if total <= 0:
+            raise ValueError("the video has no frames")
+        count = num_frames
+        if fps is not None:
+            duration = total / max(avg_fps, 1e-6)
+            count = max(1, min(max_frames, int(duration * fps)))
+        return sample_indices(total, count)
+
+    decode = _decode_decord if name == "decord" else _decode_pyav
+    return decode(data, width, height, max_side, plan)
+
+
+def sample_frames(
+    data: bytes, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
+) -> np.ndarray:
+    """Decode video bytes and sample frames: uint8 [T, H, W, 3] (`decode_video` without the VideoInfo)."""
+    return decode_video(data, num_frames, max_side, fps, max_frames)[0]
+
+
+def _avg_fps(value: float | None) -> float:
+    value = float(value or 0.0)
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def _decode_decord(data: bytes, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
+    import decord
+
+    size = {}
+    if max(width, height) > max_side:  # decode straight to the smaller size: 4K frames are never converted whole
+        out_width, out_height = _output_size(width, height, _first_frame_rotation(data), max_side)
+        size = dict(width=out_width, height=out_height)  # decord wants the size after its rotation
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, **size)
+        total, avg_fps = len(reader), _avg_fps(reader.get_avg_fps())
+        indices = plan(total, avg_fps)
+        # Only the sampled frames are kept; memory is bounded by count x the scaled frame size.
+        frames = reader.get_batch(indices).asnumpy()
+    except ValueError:
+        raise
+    except Exception as err:  # decord's own errors: the reason without source paths or quoted bytes
+        raise ValueError(f"video could not be decoded: {_decord_message(err)}") from None
+    return frames, VideoInfo(total, avg_fps, tuple(indices))
 
 
 def _decord_message(err: Exception) -> str:
@@ -49,34 +175,82 @@ def _decord_message(err: Exception) -> str:
     return text[:300]
 
 
-def sample_frames(
-    data: bytes, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
-) -> np.ndarray:
-    """Decode video bytes and sample frames: uint8 [T, H, W, 3]."""
-    import decord
+def _first_frame_rotation(data: bytes) -> int:
+    """The rotation decord will apply. PyAV shows the display matrix on decoded frames only, so this
+    decodes the first frame; 0 if none decodes (decord then reports why)."""
+    import av
 
-    if not data:
-        raise ValueError("empty object (0 bytes)")
-    width, height = probe(data)
     try:
-        size = {}
-        scale = max_side / max(height, width, 1)
-        if scale < 1:  # decode straight to the smaller size: 4K frames are never converted whole
-            size = dict(width=max(2, round(width * scale) // 2 * 2), height=max(2, round(height * scale) // 2 * 2))
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, **size)
-        total = len(reader)
-        if total == 0:
-            raise ValueError("the video has no frames")
-        count = num_frames
-        if fps is not None:
-            duration = total / max(reader.get_avg_fps(), 1e-6)
-            count = max(1, min(max_frames, int(duration * fps)))
-        # Only the sampled frames are kept; memory is bounded by count x the scaled frame size.
-        return reader.get_batch(sample_indices(total, count)).asnumpy()
-    except ValueError:
-        raise
-    except Exception as err:  # decord's own errors: the reason without source paths or quoted bytes
-        raise ValueError(f"video could not be decoded: {_decord_message(err)}") from None
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = _video_stream(container)
+            stream.codec_context.thread_count = 1
+            for frame in container.decode(stream):
+                return _clockwise(frame.rotation)
+    except av.error.FFmpegError:
+        pass
+    return 0
+
+
+def _decode_pyav(data: bytes, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
+    """Sequential decode (no seeking); only the sampled frames are converted and kept."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:  # pass 1: count packets, as decord does
+            stream = _video_stream(container)
+            avg_fps = _avg_fps(stream.average_rate)
+            total = sum(1 for packet in container.demux(stream) if not _is_flush(packet))
+        indices = plan(total, avg_fps)
+        with av.open(io.BytesIO(data), mode="r") as container:  # pass 2: decode up to the last sampled frame
+            stream = _video_stream(container)
+            stream.codec_context.thread_count = 1
+            frames = _sampled_rgb(container.decode(stream), stream.time_base, indices, width, height, max_side)
+    except av.error.FFmpegError as err:
+        raise ValueError(f"video could not be decoded: {_reason(err)}") from None
+    return frames, VideoInfo(total, avg_fps, tuple(indices))
+
+
+def _is_flush(packet) -> bool:
+    """PyAV ends demuxing with an empty packet per stream (to flush decoders): not a frame."""
+    return packet.size == 0 and packet.pts is None and packet.dts is None
+
+
+def _sampled_rgb(decoded, time_base, indices: list[int], width: int, height: int, max_side: int) -> np.ndarray:
+    """Frames in presentation order -> the sampled ones in RGB: uint8 [T, H, W, 3]."""
+    wanted: dict[int, list[int]] = {}
+    for k, i in enumerate(indices):
+        wanted.setdefault(i, []).append(k)
+    out, graph = None, None
+    for i, frame in enumerate(decoded):
+        if i not in wanted:
+            continue
+        if graph is None:
+            rotation = _clockwise(frame.rotation)
+            out_width, out_height = _output_size(width, height, rotation, max_side)
+            graph = _rgb_graph(frame, time_base, _filters(rotation, out_width, out_height))
+            out = np.empty((len(indices), out_height, out_width, 3), dtype=np.uint8)
+        graph.vpush(frame)
+        out[wanted.pop(i)] = graph.vpull().to_ndarray()
+        if not wanted:
+            return out
+    decoded_count = len(indices) - sum(len(p) for p in wanted.values())
+    raise ValueError(
+        f"video could not be decoded: frame {min(wanted)} never came out of the decoder "
+        f"({decoded_count} of {len(indices)} sampled frames decoded)"
+    )
+
+
+def _rgb_graph(frame, time_base, filters: list[tuple[str, str]]):
+    """The filter graph decord builds: frames in, the chain, RGB24 out, one thread."""
+    import av
+
+    graph = av.filter.Graph()
+    graph.threads = 1
+    nodes = [graph.add_buffer(width=frame.width, height=frame.height, format=frame.format, time_base=time_base)]
+    nodes += [graph.add(name, args) for name, args in filters]
+    nodes += [graph.add("format", "rgb24"), graph.add("buffersink")]  # decord asks its sink for RGB24
+    graph.link_nodes(*nodes).configure()
+    return graph
 
 
 def decode_row(
@@ -90,9 +264,11 @@ def decode_row(
     ledger=None,
     max_crashes: int = 3,
 ) -> dict:
-    """Ray Data map: a listed object -> the same row with frames (bytes + shape) or an error."""
+    """Ray Data map: a listed object -> the same row with frames (bytes + shape) and where they sit in
+    the source (video_total_frames, video_fps, frame_indices), or an error."""
     started = time.perf_counter()
     out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="")
+    out.update(video_total_frames=0, video_fps=0.0, frame_indices=[])  # where the frames sit in the source
     guard = Guard(ledger, "decode", max_crashes, f"{socket.gethostname()}:{os.getpid()}")
     crashes = guard.begin([row])[0]
     try:
@@ -102,8 +278,11 @@ def decode_row(
             faults.maybe_crash("decode", [row])
             if row["size"] > max_bytes:
                 raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
-            frames = sample_frames(read_object(row["video_uri"], settings), num_frames, max_side, fps, max_frames)
+            data = read_object(row["video_uri"], settings)
+            frames, info = decode_video(data, num_frames, max_side, fps, max_frames)
             out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
+            out["video_total_frames"], out["video_fps"] = info.total_frames, info.fps
+            out["frame_indices"] = list(info.indices)
     except Exception as err:  # any failure on one input must become that input's error row
         out["error"] = f"decode failed: {type(err).__name__}: {err}"[:2000]
     finally:
@@ -115,3 +294,14 @@ def decode_row(
 def frames_of(row: dict) -> np.ndarray:
     # A writable copy: torch refuses to wrap read-only buffers without a warning.
     return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()
+
+
+def video_metadata_of(row: dict) -> dict:
+    """Keyword arguments for transformers' VideoMetadata of a decoded row, so that processors place
+    the frames in time. fps is None when the container gave none (processors then assume 24)."""
+    fps = float(row["video_fps"])
+    return {
+        "total_num_frames": int(row["video_total_frames"]),
+        "fps": fps if fps > 0 else None,
+        "frames_indices": [int(i) for i in row["frame_indices"]],
+    }
