@@ -21,7 +21,7 @@ import os
 import resource
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -150,7 +150,7 @@ class CaptionActor:
         for r in rows:
             r.update(caption="", num_tokens=0, acceptance_length=0.0, generate_s=0.0)
         self._caption(rows)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         out = []
         for r in rows:
             out.append(

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from actors.caption import CaptionActor
     from jobs.demo_world import SAMPLED_FRAMES, write_videos
     from pipeline.config import load_config
-    from pipeline.decode import sample_frames
+    from pipeline.decode import decode_video
     from pipeline.run import run_job
 
     work = Path(tempfile.mkdtemp(prefix="flashcap-pipebench-"))
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> None:
         output=str(work / "captions"),
         model=args.model,
         drafter=args.drafter if Path(args.drafter).is_dir() else None,
-        num_frames=SAMPLED_FRAMES,
         batch_size=args.batch_size,
         cpus_per_actor=args.cpus_per_actor,
         cpus_per_decode=args.cpus_per_decode,
@@ -61,9 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     actor = CaptionActor(config.model_dump())
     rows = []
     for clip in sorted(videos.glob("*.mp4")):
-        frames = sample_frames(clip.read_bytes(), SAMPLED_FRAMES)
+        frames, info = decode_video(clip.read_bytes(), SAMPLED_FRAMES)
         rows.append(
             {
+                "video_total_frames": info.total_frames,
+                "video_fps": info.fps,
+                "frame_indices": list(info.indices),
                 "video_uri": str(clip),
                 "etag": "",
                 "size": 0,

@@ -41,6 +41,7 @@ from jobs.demo_world import (  # noqa: E402
     PROMPT,
     SAMPLED_FRAMES,
     decode_frames,
+    model_inputs,
     render,
     sample_indices,
     scene_for_seed,
@@ -235,9 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         frames = [decode_frames(c.read_bytes(), args.frames) for c in clips]
 
     def inputs_for(indices: list[int]):
-        return target.processor(
-            text=[args.prompt] * len(indices), videos=[frames[i] for i in indices], return_tensors="pt", padding=True
-        )
+        return model_inputs(target.processor, [args.prompt] * len(indices), [frames[i] for i in indices])
 
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens)
     rows: list[dict] = []

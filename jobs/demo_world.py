@@ -190,6 +190,23 @@ def decode_frames(data: bytes, count: int = SAMPLED_FRAMES) -> np.ndarray:
     return sample_frames(data, num_frames=count)
 
 
+def clip_metadata(count: int = SAMPLED_FRAMES) -> dict:
+    """Where `count` frames sampled from a demo clip sit in it (transformers' VideoMetadata fields)."""
+    return {"total_num_frames": FRAMES, "fps": float(FPS), "frames_indices": sample_indices(FRAMES, count)}
+
+
+def model_inputs(processor, prompts: list[str], videos: list[np.ndarray]):
+    """A processor batch of demo clips' sampled frames with their metadata, as the caption actor builds it."""
+    return processor(
+        text=prompts,
+        videos=videos,
+        video_metadata=[clip_metadata(len(v)) for v in videos],
+        do_sample_frames=False,
+        return_tensors="pt",
+        padding=True,
+    )
+
+
 def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
     """Write `count` clips (seeds seed..seed+count-1) and captions.jsonl to out_dir."""
     out = Path(out_dir)

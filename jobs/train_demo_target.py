@@ -31,6 +31,7 @@ from jobs.demo_world import (  # noqa: E402
     SAMPLED_FRAMES,
     decode_frames,
     encode_mp4,
+    model_inputs,
     render,
     sample_indices,
     scene_for_seed,
@@ -78,7 +79,7 @@ def training_batch(processor, rng: np.random.Generator, batch: int, object_weigh
         frames += rng.integers(-3, 4, size=frames.shape, dtype=np.int16)  # stands in for codec noise
         videos.append(np.clip(frames, 0, 255).astype(np.uint8))
         texts.append(f"{PROMPT} {scene.caption()}<|im_end|>")
-    inputs = processor(text=texts, videos=videos, return_tensors="pt", padding=True)
+    inputs = model_inputs(processor, texts, videos)
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
     # Learn only the caption: mask everything up to and including "assistant".
@@ -181,7 +182,7 @@ def evaluate(target, seeds: range, max_new_tokens: int = 48, rendered: bool = Fa
             frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES))
         else:
             frames = decode_frames(encode_mp4(render(scene)))
-        inputs = target.processor(text=[PROMPT], videos=[frames], return_tensors="pt")
+        inputs = model_inputs(target.processor, [PROMPT], [frames])
         out = flash.generate(target, None, inputs, max_new_tokens=max_new_tokens)
         text = tok.decode(out.sequences[0], skip_special_tokens=True).strip()
         hits += text == scene.caption()

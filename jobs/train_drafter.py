@@ -47,7 +47,7 @@ def build_distill_set(
     model_dir: str, videos: Path, prompt: str, frames: int, max_new_tokens: int, batch: int = 16
 ) -> list[dict]:
     """The target captions each clip itself; record its features over prompt + answer."""
-    from jobs.demo_world import decode_frames
+    from pipeline.decode import decode_video, video_metadata
 
     target = flash.load_target(model_dir, dtype=torch.float32)
     clips = _clips(videos)
@@ -55,11 +55,16 @@ def build_distill_set(
     started = time.time()
     for first in range(0, len(clips), batch):
         chunk = clips[first : first + batch]
-        clip_frames = [decode_frames(c.read_bytes(), frames) for c in chunk]
-        inputs = target.processor(text=[prompt] * len(chunk), videos=clip_frames, return_tensors="pt", padding=True)
+        decoded = [decode_video(c.read_bytes(), frames) for c in chunk]
+        clip_frames = [f for f, _ in decoded]
+        metadata = [video_metadata(info) for _, info in decoded]  # real time positions, as the pipeline gives them
+        common = dict(do_sample_frames=False, return_tensors="pt")
+        inputs = target.processor(
+            text=[prompt] * len(chunk), videos=clip_frames, video_metadata=metadata, padding=True, **common
+        )
         answers = flash.generate(target, None, inputs, max_new_tokens=max_new_tokens).sequences
-        for f, answer in zip(clip_frames, answers):
-            one = target.processor(text=[prompt], videos=[f], return_tensors="pt")
+        for f, meta, answer in zip(clip_frames, metadata, answers):
+            one = target.processor(text=[prompt], videos=[f], video_metadata=[meta], **common)
             examples.append(distill_example(target, one, answer).as_dict())
         print(f"distill: {len(examples)}/{len(clips)} clips ({time.time() - started:.0f}s)", flush=True)
     return examples

@@ -72,7 +72,8 @@ class CaptionConfig(BaseModel):
         default=None,
         ge=1,
         le=4096,
-        description=f"Upper bound on frames per video when fps is set. None: the checkpoint's, else {DEFAULT_MAX_FRAMES}.",
+        description="Upper bound on frames per video when fps is set. "
+        f"None: the checkpoint's, else {DEFAULT_MAX_FRAMES}.",
     )
     max_side: int = Field(default=448, ge=28, le=4096, description="Frames are downscaled so the longer side fits.")
     max_video_bytes: int = Field(

@@ -296,12 +296,17 @@ def frames_of(row: dict) -> np.ndarray:
     return np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"]).copy()
 
 
-def video_metadata_of(row: dict) -> dict:
-    """Keyword arguments for transformers' VideoMetadata of a decoded row, so that processors place
-    the frames in time. fps is None when the container gave none (processors then assume 24)."""
-    fps = float(row["video_fps"])
+def video_metadata(info: VideoInfo) -> dict:
+    """Keyword arguments for transformers' VideoMetadata, so that processors place the frames in
+    time. fps is None when the container gave none (processors then assume 24)."""
     return {
-        "total_num_frames": int(row["video_total_frames"]),
-        "fps": fps if fps > 0 else None,
-        "frames_indices": [int(i) for i in row["frame_indices"]],
+        "total_num_frames": int(info.total_frames),
+        "fps": float(info.fps) if info.fps > 0 else None,
+        "frames_indices": [int(i) for i in info.indices],
     }
+
+
+def video_metadata_of(row: dict) -> dict:
+    """`video_metadata` of a decoded row."""
+    info = VideoInfo(int(row["video_total_frames"]), float(row["video_fps"]), tuple(row["frame_indices"]))
+    return video_metadata(info)

@@ -24,7 +24,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline.config import DEFAULT_MAX_FRAMES, DEFAULT_NUM_FRAMES, CaptionConfig, redact
 from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, list_videos
@@ -151,7 +151,7 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         f"captioned, {len(todo)} to caption"
     )
 
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     writer = PartWriter(store, run_id, config.flush_rows, config.flush_seconds, done)
     tracker = Throughput(len(todo))
     remaining, rounds, round_errors, ledger = list(todo), 0, [], None
@@ -203,7 +203,7 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         parts=writer.parts,
         model=config.model,
         drafter=config.drafter,
-        finished_at=datetime.now(timezone.utc).isoformat(),
+        finished_at=datetime.now(UTC).isoformat(),
     )
     if config.report:
         store.write_bytes(f"_report-{run_id}.json", json.dumps(report, indent=2, default=str).encode())

@@ -120,7 +120,9 @@ class OracleDrafter:
         self.positions = [1] * first_tokens.shape[0]  # the prompt pass emitted reference[0]
         return self._block(params, first_tokens.device, block_size)
 
-    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None) -> Block:
+    def step(
+        self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None
+    ) -> Block:
         self.positions = [p + n for p, n in zip(self.positions, n_new.tolist())]
         return self._block(params, next_tokens.device, block_size)
 
@@ -147,7 +149,9 @@ class FixedDistributionDrafter:
         self.batch = first_tokens.shape[0]
         return self._block(generator)
 
-    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None) -> Block:
+    def step(
+        self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None
+    ) -> Block:
         return self._block(generator)
 
     def select_rows(self, rows: torch.Tensor) -> None:

@@ -99,11 +99,17 @@ def test_penalized_batch_equals_rows_alone(penalized, family):
     """Left padding is not a seen token: each row of a padded batch equals the row decoded alone."""
     target = penalized[family]
     prompts, videos = _batch(family, 5, seed=3)
-    alone = [_hf(target, target.processor(text=[p], videos=[v], return_tensors="pt"))[0] for p, v in zip(prompts, videos)]
+    alone = [
+        _hf(target, target.processor(text=[p], videos=[v], return_tensors="pt"))[0] for p, v in zip(prompts, videos)
+    ]
     inputs = target.processor(text=prompts, videos=videos, return_tensors="pt", padding=True)
     assert (inputs["attention_mask"] == 0).any()
     assert _hf(target, inputs) == alone
-    for drafter in (None, flash.FlashDrafter.for_target(target), OracleDrafter(alone, target.vocab_size, K, right_for=3)):
+    for drafter in (
+        None,
+        flash.FlashDrafter.for_target(target),
+        OracleDrafter(alone, target.vocab_size, K, right_for=3),
+    ):
         assert flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences == alone
 
 
@@ -113,7 +119,10 @@ def test_release_sampling_settings_decode_like_generate(tiny_checkpoints, tmp_pa
     for case in cases("qwen2_5_vl")[:6]:
         inputs = case.inputs(target.processor)
         ref = _hf(target, inputs)
-        assert flash.generate(target, flash.FlashDrafter.for_target(target), inputs, max_new_tokens=MAX_NEW).sequences == ref
+        assert (
+            flash.generate(target, flash.FlashDrafter.for_target(target), inputs, max_new_tokens=MAX_NEW).sequences
+            == ref
+        )
 
 
 def test_drafter_proposals_use_the_penalty(penalized):
@@ -121,9 +130,7 @@ def test_drafter_proposals_use_the_penalty(penalized):
     target = penalized["qwen2_5_vl"]
     torch.manual_seed(0)
     drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=5))
-    inputs = target.processor(
-        text=[c.prompt for c in cases("qwen2_5_vl")[17:20]], return_tensors="pt", padding=True
-    )
+    inputs = target.processor(text=[c.prompt for c in cases("qwen2_5_vl")[17:20]], return_tensors="pt", padding=True)
     _, prefill = target.prefill(inputs)
     params = SamplingParams(repetition_penalty=3.0)
     seen = seen_mask(prefill.input_ids, prefill.attention_mask, target.vocab_size)

@@ -11,7 +11,7 @@ import torch
 
 import flash
 from flash.lookup import _NO_TOKEN, PromptLookupDrafter
-from jobs.demo_world import PROMPT, decode_frames, encode_mp4, render, scene_for_seed
+from jobs.demo_world import PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
 
 TARGET = Path(__file__).resolve().parents[2] / "models" / "demo-target"
 
@@ -37,7 +37,7 @@ def test_never_matches_or_proposes_visual_placeholders():
 
 def _inputs(target, seeds):
     videos = [decode_frames(encode_mp4(render(scene_for_seed(s)))) for s in seeds]
-    return target.processor(text=[PROMPT] * len(seeds), videos=videos, return_tensors="pt", padding=True)
+    return model_inputs(target.processor, [PROMPT] * len(seeds), videos)
 
 
 def test_on_demo_captions_it_is_lossless_and_accepts_drafts():

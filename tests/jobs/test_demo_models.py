@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import flash
-from jobs.demo_world import COLOURS, PROMPT, decode_frames, encode_mp4, render, scene_for_seed
+from jobs.demo_world import COLOURS, PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFTER = ROOT / "models" / "demo-target", ROOT / "models" / "demo-drafter"
@@ -20,7 +20,7 @@ ACCEPTANCE_FLOOR = 3.8
 
 def _inputs(target, seed: int):
     frames = decode_frames(encode_mp4(render(scene_for_seed(seed))))
-    return target.processor(text=[PROMPT], videos=[frames], return_tensors="pt")
+    return model_inputs(target.processor, [PROMPT], [frames])
 
 
 def _text(target, tokens: list[int]) -> str:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import flash
 from jobs.demo_world import PROMPT, encode_mp4, render, scene_for_seed
 from pipeline.config import load_config
-from pipeline.decode import sample_frames
+from pipeline.decode import decode_video, video_metadata
 
 MAX_NEW = 12
 
@@ -64,8 +64,14 @@ def config_for(endpoint, bucket, models, output="captions/", use_drafter=True, *
 
 
 def direct_caption(target, data: bytes) -> str:
-    frames = sample_frames(data)
-    inputs = target.processor(text=[PROMPT], videos=[frames], return_tensors="pt")
+    frames, info = decode_video(data, num_frames=8)  # the default for a checkpoint that sets no frame count
+    inputs = target.processor(
+        text=[PROMPT],
+        videos=[frames],
+        video_metadata=[video_metadata(info)],
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
     out = flash.generate(target, None, inputs, max_new_tokens=MAX_NEW)
     eos = set(target.eos_token_ids.tolist())
     return target.processor.tokenizer.decode(
