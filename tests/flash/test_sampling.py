@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 
 import flash
 from flash.acceptance import speculative_accept
-from flash.sampling import SamplingParams, probabilities, warp_logits
+from flash.sampling import SamplingParams, probabilities, seen_mask, warp_logits
 from tests.helpers import FixedDistributionDrafter, chat
 
 # chi-square quantile far in the tail; a correct sampler fails it with probability < 1e-6
@@ -120,3 +120,68 @@ def test_generate_sampling_matches_target_distribution(targets64):
     stat, dof = chi2(counts[cells], joint[cells])
     assert counts[~cells].sum() == 0
     assert stat < CHI2_BOUND.get(dof, 41.3), (stat, dof)
+
+
+def _chi2_bound(dof: int) -> float:
+    """The chi-square quantile at 1 - 1e-6 (Wilson-Hilferty), for tables larger than CHI2_BOUND's."""
+    z = 4.753
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def test_sampling_with_repetition_penalty_matches_target_distribution(targets64):
+    """Sampling under a repetition penalty: the joint law of the first three tokens, through a poor
+    drafter with blocks of 2, is the target's with the penalty applied as generate() applies it: the
+    prompt's tokens, then each token emitted before (inside a verified block too)."""
+    target = targets64["qwen2_5_vl"]
+    params = SamplingParams(temperature=1.0, top_k=3, repetition_penalty=3.0)
+    n = 3000
+    inputs = target.processor(text=[chat("qwen2_5_vl", "one two three red green blue yellow circle square triangle")] * n, return_tensors="pt")
+    one = {k: v[:1] for k, v in inputs.items()}
+    seen = seen_mask(one["input_ids"], one["attention_mask"], target.vocab_size)[0]  # [V]
+
+    def law(prefix: list[int]) -> torch.Tensor:
+        ids = torch.cat([one["input_ids"], torch.tensor([prefix], dtype=torch.long)], 1)
+        logits = target.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        return probabilities(logits, params, seen.clone().index_fill_(0, torch.tensor(prefix, dtype=torch.long), True))
+
+    with torch.inference_mode():
+        logits1 = target.model(**one).logits[0, -1]
+        p1 = probabilities(logits1, params, seen)
+        joint: dict[tuple[int, int, int], float] = {}
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            p2 = law([t1])
+            for t2 in torch.nonzero(p2).flatten().tolist():
+                p3 = law([t1, t2])
+                for t3 in torch.nonzero(p3).flatten().tolist():
+                    joint[(t1, t2, t3)] = float(p1[t1] * p2[t2] * p3[t3])
+
+        # The penalty bites on emitted tokens: the second token's law changes when the first is not penalized.
+        bites = 0.0
+        for t1 in torch.nonzero(p1).flatten().tolist():
+            ids = torch.cat([one["input_ids"], torch.tensor([[t1]])], 1)
+            logits2 = target.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            bites += float(p1[t1] * (law([t1]) - probabilities(logits2, params, seen)).abs().sum())
+        assert bites > 0.1
+    tokens = sorted({t for cell in joint for t in cell})
+    never = next(t for t in range(target.vocab_size) if t not in tokens)
+    q = torch.zeros(target.vocab_size, dtype=torch.float64)
+    q[tokens + [never]] = 1.0 / (len(tokens) + 1)
+    out = flash.generate(
+        target,
+        FixedDistributionDrafter(q, block_size=2),
+        inputs,
+        max_new_tokens=3,
+        temperature=1.0,
+        top_k=3,
+        repetition_penalty=3.0,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert 0 < out.stats.accepted < out.stats.drafted
+    cells = list(joint)
+    counts = torch.zeros(len(cells), dtype=torch.float64)
+    index = {cell: i for i, cell in enumerate(cells)}
+    for seq in out.sequences:
+        assert tuple(seq) in index, seq  # never outside the target's support
+        counts[index[tuple(seq)]] += 1
+    stat, dof = chi2(counts, torch.tensor([joint[c] for c in cells], dtype=torch.float64))
+    assert stat < _chi2_bound(dof), (stat, dof)

@@ -219,3 +219,53 @@ def test_config_accepts_remote_models_and_rejects_missing_paths(tmp_path):
         load_config(**base, model="s3://b/m", drafter="./missing")
     with pytest.raises(ValueError, match="model 'gs://b/m' is not a directory, an s3:// URI or a Hub id"):
         load_config(**base, model="gs://b/m")
+
+
+def _with_video_processor(src: str, dst: Path, **settings) -> Path:
+    """A copy of a checkpoint's small files whose video processor config also holds `settings`."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    path = dst / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["video_processor"].update(settings)
+    path.write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "job", "expected"),
+    [
+        ({}, {}, {"num_frames": 8, "fps": None, "max_frames": 768}),  # Qwen's class default max_frames
+        ({"num_frames": 4}, {}, {"num_frames": 4, "fps": None}),
+        ({"num_frames": 4}, {"num_frames": 16}, {"num_frames": 16, "fps": None}),
+        ({"fps": 2.0, "max_frames": 32}, {}, {"num_frames": None, "fps": 2.0, "max_frames": 32}),
+        ({"fps": 2.0}, {"num_frames": 6}, {"num_frames": 6, "fps": None}),
+        ({"num_frames": 4}, {"fps": 1.0, "max_frames": 10}, {"num_frames": None, "fps": 1.0, "max_frames": 10}),
+    ],
+)
+def test_frame_sampling_follows_the_checkpoint(tiny_checkpoints, tmp_path, checkpoint, job, expected):
+    from pipeline.run import with_checkpoint_defaults
+
+    model = _with_video_processor(tiny_checkpoints["qwen2_5_vl"], tmp_path / "model", **checkpoint)
+    config = load_config(input=str(tmp_path), output=str(tmp_path / "out"), model=str(model), **job)
+    settled = with_checkpoint_defaults(config, S3Settings())
+    assert {k: getattr(settled, k) for k in expected} == expected
+
+
+def test_demo_target_samples_the_frames_it_was_trained_on(tmp_path):
+    from pipeline.run import with_checkpoint_defaults
+
+    config = load_config(input=str(tmp_path), output=str(tmp_path / "out"), model="models/demo-target")
+    assert with_checkpoint_defaults(config, S3Settings()).num_frames == 4
+
+
+def test_frame_sampling_of_an_s3_checkpoint_reads_only_its_small_files(s3_server, uploaded, tmp_path, monkeypatch):
+    from pipeline.run import with_checkpoint_defaults
+
+    monkeypatch.setenv("FLASHCAP_CACHE", str(tmp_path / "cache"))
+    config = load_config(input=str(tmp_path), output=str(tmp_path / "out"), model=uploaded[0], s3_endpoint=s3_server)
+    assert with_checkpoint_defaults(config, S3Settings(endpoint=s3_server)).num_frames == 8
+    fetched = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert "config.json" in fetched and not any(name.endswith(".safetensors") for name in fetched)
