@@ -135,7 +135,8 @@ def test_sampling_with_repetition_penalty_matches_target_distribution(targets64)
     target = targets64["qwen2_5_vl"]
     params = SamplingParams(temperature=1.0, top_k=3, repetition_penalty=3.0)
     n = 3000
-    inputs = target.processor(text=[chat("qwen2_5_vl", "one two three red green blue yellow circle square triangle")] * n, return_tensors="pt")
+    prompt = chat("qwen2_5_vl", "one two three red green blue yellow circle square triangle")
+    inputs = target.processor(text=[prompt] * n, return_tensors="pt")
     one = {k: v[:1] for k, v in inputs.items()}
     seen = seen_mask(one["input_ids"], one["attention_mask"], target.vocab_size)[0]  # [V]
 
