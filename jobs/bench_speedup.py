@@ -78,9 +78,13 @@ def _trim(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 class Runner:
-    def __init__(self, target, drafters: dict, max_new_tokens: int, lookup_tokens: int) -> None:
+    def __init__(
+        self, target, drafters: dict, max_new_tokens: int, lookup_tokens: int, repetition_penalty: float | None = None
+    ) -> None:
         self.target, self.drafters = target, drafters
         self.max_new, self.lookup = max_new_tokens, lookup_tokens
+        # None: as the checkpoint's generation config says, on both sides.
+        self.penalty = {} if repetition_penalty is None else {"repetition_penalty": repetition_penalty}
         self.eos = set(target.eos_token_ids.tolist())
         self.policies: dict[int, flash.BlockPolicy] = {}  # one adaptive policy per batch size, kept across calls
 
@@ -96,13 +100,17 @@ class Runner:
             block = None
             if method == "flash_adaptive":
                 block = self.policies.setdefault(batch, flash.BlockPolicy(max_block=drafter.block_size))
-            out = flash.generate(self.target, drafter, inputs, max_new_tokens=self.max_new, block_size=block)
+            out = flash.generate(
+                self.target, drafter, inputs, max_new_tokens=self.max_new, block_size=block, **self.penalty
+            )
             tokens, stats = out.sequences, out.stats
         else:
             kwargs = {"prompt_lookup_num_tokens": self.lookup} if method == "prompt_lookup" else {}
             inputs = inputs.to(self.target.device)
             with torch.inference_mode():
-                ids = self.target.model.generate(**inputs, do_sample=False, max_new_tokens=self.max_new, **kwargs)
+                ids = self.target.model.generate(
+                    **inputs, do_sample=False, max_new_tokens=self.max_new, **self.penalty, **kwargs
+                )
             tokens = [_trim(row[inputs["input_ids"].shape[1] :].tolist(), self.eos) for row in ids]
         return time.perf_counter() - start, tokens, stats
 
@@ -238,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     def inputs_for(indices: list[int]):
         return model_inputs(target.processor, [args.prompt] * len(indices), [frames[i] for i in indices])
 
-    runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens)
+    runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens, args.repetition_penalty)
     rows: list[dict] = []
     alone = None
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -265,6 +273,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model,
         "drafter": args.drafter,
         "max_new_tokens": args.max_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
         "repeats": args.repeats,
         "device": args.device,
         "dtype": args.dtype,
@@ -308,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--repetition-penalty", type=float, help="applied on every side (default: the checkpoint's generation config)"
+    )
     p.add_argument("--lookup-tokens", type=int, default=4, help="tokens proposed per cycle by the prompt-lookup rows")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

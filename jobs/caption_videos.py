@@ -10,7 +10,8 @@ override the YAML file given with --config.
 
 On a cluster:
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/caption_videos.py \\
-        --input s3://bucket/clips/ --output s3://bucket/captions/ --model /models/qwen --drafter /models/drafter
+        --input s3://bucket/clips/ --output s3://bucket/captions/ \\
+        --model s3://bucket/models/Qwen2.5-VL-7B-Instruct/ --drafter s3://bucket/models/drafter/ --gpus-per-actor 1
 """
 
 from __future__ import annotations

@@ -79,7 +79,13 @@ class CaptionConfig(BaseModel):
     max_video_bytes: int = Field(
         default=2 * 1024**3, ge=1, description="Larger objects get an error row instead of being read."
     )
-    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Caption length limit in tokens.")
+    max_new_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=4096,
+        description="Caption length limit in tokens (detailed captions of 7B models run 100-300; a caption "
+        "cut here has num_tokens == max_new_tokens and no EOS).",
+    )
     temperature: float | None = Field(
         default=None,
         ge=0.0,

@@ -186,3 +186,17 @@ def test_sampling_with_repetition_penalty_matches_target_distribution(targets64)
         counts[index[tuple(seq)]] += 1
     stat, dof = chi2(counts, torch.tensor([joint[c] for c in cells], dtype=torch.float64))
     assert stat < _chi2_bound(dof), (stat, dof)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_logits_are_processed_in_float32_whatever_the_model_dtype(dtype):
+    """As generate() does: probabilities, and so the acceptance draw, are float32 for a bfloat16 model."""
+    logits = torch.randn(2, 3, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for params in (SamplingParams(0.7, top_k=5), SamplingParams(repetition_penalty=1.3)):
+        probs = probabilities(logits, params if not params.greedy else SamplingParams(1.0))
+        assert probs.dtype == torch.float32
+    q = probabilities(logits[:, :2], SamplingParams(1.0))
+    p = probabilities(logits, SamplingParams(1.0))
+    draft = q.argmax(-1)
+    n_accepted, tokens = speculative_accept(draft, q, p, torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 3) and n_accepted.shape == (2,)

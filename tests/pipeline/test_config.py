@@ -19,7 +19,7 @@ def test_yaml_and_flags(tmp_path, dirs):
     path = tmp_path / "job.yaml"
     path.write_text(f"input: {dirs['input']}\noutput: s3://bucket/captions/\nmodel: {dirs['model']}\nbatch_size: 8\n")
     config = load_config(str(path), batch_size=2, max_new_tokens=None)
-    assert config.batch_size == 2 and config.output == "s3://bucket/captions/" and config.max_new_tokens == 64
+    assert config.batch_size == 2 and config.output == "s3://bucket/captions/" and config.max_new_tokens == 512
 
 
 def test_false_and_zero_overrides_are_kept(tmp_path, dirs):
