@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flash.cache import DrafterCache
-from flash.sampling import SamplingParams, choose, mark_seen
+from flash.sampling import SamplingParams, choose
 
 if TYPE_CHECKING:
     from flash.target import Prefill, Target
@@ -306,7 +306,7 @@ class FlashDrafter(nn.Module):
     ) -> Block:
         """Append real rows [B, R, D] (row b's first n_real[b] valid), draft a block, commit the real rows.
 
-        seen [B, V]: tokens each row has seen (repetition penalty); slot i also sees the slots before it.
+        seen [B, N]: ids each row has seen (repetition penalty); slot i also sees the slots before it.
         """
         k = block_size or self.config.block_size
         batch = rows.shape[0]
@@ -325,12 +325,11 @@ class FlashDrafter(nn.Module):
             return Block(tokens=tokens, probs=probs, features=features)
         tokens, probs, feats = [], [], []
         h = last.squeeze(1)
-        ones = torch.ones(batch, dtype=torch.long, device=rows.device)
         for i in range(k):
             if i > 0:
                 h = self.slot_hidden(slot_hidden[:, i - 1], tokens[-1])
                 if seen is not None:
-                    seen = mark_seen(seen, tokens[-1].unsqueeze(1), ones)
+                    seen = torch.cat([seen, tokens[-1].unsqueeze(1)], dim=1)
             feature = self.norm(h)
             token, prob = choose(self.lm_head(feature), params, generator, seen)
             tokens.append(token)

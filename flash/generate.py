@@ -20,7 +20,7 @@ import torch
 from flash.acceptance import clip_at_stop, greedy_accept, speculative_accept
 from flash.drafter import Block
 from flash.policy import BlockPolicy
-from flash.sampling import SamplingParams, choose, mark_seen, probabilities, process, seen_mask, seen_through
+from flash.sampling import SamplingParams, choose, mark_seen, probabilities, process, seen_ids, seen_through
 from flash.target import Prefill, Target
 
 
@@ -136,8 +136,8 @@ def generate(
 
     t0 = _clock(device)
     session, prefill = target.prefill(inputs)
-    # [B, V] tokens each row has seen, for the repetition penalty (None: no penalty)
-    seen = seen_mask(prefill.input_ids, prefill.attention_mask, target.vocab_size) if params.penalized else None
+    # [B, N] ids each row has seen, for the repetition penalty (None: no penalty)
+    seen = seen_ids(prefill.input_ids, prefill.attention_mask, target.vocab_size) if params.penalized else None
     first, _ = choose(prefill.last_logits, params, generator, seen)  # [B]
     batch = first.shape[0]
     budget = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
@@ -175,7 +175,7 @@ def generate(
         k = draft.shape[1]
         verified = torch.cat([last.unsqueeze(1), draft], dim=1)  # [B, k+1]
         features, logits = session.verify(verified)  # [B, k+1, *]
-        context = seen_through(seen, verified) if seen is not None else None  # [B, k+1, V]
+        context = seen_through(seen, verified) if seen is not None else None  # [B, k+1, N + k+1]
         if params.greedy:
             n_accepted, emitted = greedy_accept(draft, process(logits, params, context).argmax(dim=-1))
         else:
@@ -195,7 +195,7 @@ def generate(
         session.commit(n_emit, kept_max=rows.max_accepted + 1)
         budget = budget - n_kept
         if seen is not None:
-            seen = mark_seen(seen, emitted, n_emit)
+            seen = mark_seen(seen, emitted[:, : rows.max_accepted + 1], n_emit)
         if len(rows.active) < width:  # finished rows leave the batch and stop costing compute
             session.select_rows(live)
             budget, features, emitted = budget[live], features[live], emitted[live]

@@ -7,10 +7,14 @@ then (when sampling) temperature, top-k and top-p, with the same tie rules.
 `generation_config.json` as `model.generate()` would; settings flashcap cannot
 reproduce exactly are refused rather than ignored.
 
-The repetition penalty needs to know which tokens a row has seen: `seen` is a
-[B, V] bool mask (prompt without left padding, plus every token emitted so
-far), owned by the decoding loop. A block's position t also sees the block's
-own tokens up to t (`seen_through`).
+The repetition penalty needs to know which tokens a row has seen: `seen` holds
+their ids, [B, N] (the prompt without left padding, plus every token emitted so
+far), owned by the decoding loop. Places that hold nothing (left padding, ids
+past the LM head, tokens cut at EOS) repeat an id the row has seen, so the
+penalty needs no filler column. A block's
+position t also sees the block's own tokens up to t (`seen_through`). The
+penalty gathers and scatters at those ids, as Hugging Face's processor does,
+so its cost grows with the sequence, not with the vocabulary.
 """
 
 from __future__ import annotations
@@ -117,25 +121,37 @@ class SamplingParams:
         return cls(temperature=temp, top_k=k, top_p=p, repetition_penalty=penalty)
 
 
-def seen_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[B, V] True where the token occurs in the row's prompt (left padding excluded).  ids, mask [B, L]"""
-    ids = input_ids.clamp(max=vocab_size).masked_fill(attention_mask == 0, vocab_size)  # ids past V: dropped
-    seen = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
-    return seen.scatter_(1, ids, True)[:, :vocab_size]
+def seen_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The ids a row's prompt has seen.  [B, L] -> [B, L]
+
+    Left padding and ids past the LM head (which it never scores) repeat the row's last prompt token,
+    which is real: batches are left-padded."""
+    assert bool((attention_mask[:, -1] != 0).all() and (input_ids[:, -1] < vocab_size).all())
+    nothing = (attention_mask == 0) | (input_ids >= vocab_size)
+    return torch.where(nothing, input_ids[:, -1:], input_ids)
+
+
+def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Add each row's first n[b] tokens.  seen [B, N], tokens [B, T], n [B] -> [B, N + T]"""
+    valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < n.unsqueeze(1)
+    return torch.cat([seen, torch.where(valid, tokens, seen[:, :1])], dim=1)
 
 
 def seen_through(seen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Position t of a block also sees tokens[:, :t+1].  seen [B, V], tokens [B, T] -> [B, T, V]"""
+    """Position t of a block also sees tokens[:, :t+1].  seen [B, N], tokens [B, T] -> [B, T, N + T]"""
     width = tokens.shape[1]
-    out = seen.unsqueeze(1).repeat(1, width, 1)
-    for t in range(width):  # T is a block (<= 9): a short loop of scatters beats a [B, T, T, V] one-hot
-        out[:, t:].scatter_(2, tokens[:, t].view(-1, 1, 1).expand(-1, width - t, 1), True)
-    return out
+    steps = torch.arange(width, device=tokens.device)
+    upto = torch.minimum(steps.unsqueeze(0), steps.unsqueeze(1))  # [T, T]: place j of position t holds token min(j, t)
+    block = tokens[:, upto]  # [B, T, T]; repeats of tokens[:, t] past t add nothing
+    return torch.cat([seen.unsqueeze(1).expand(-1, width, -1), block], dim=2)
 
 
 def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF's repetition penalty: seen tokens' scores are divided by it (multiplied when negative).  [..., V]"""
-    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+    """HF's repetition penalty: the scores of seen ids are divided by it (multiplied when negative).
+    scores [..., V], seen [..., N]; an id seen twice is penalized once."""
+    picked = scores.gather(-1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(-1, seen, picked)
 
 
 def process(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,18 +196,10 @@ def choose(
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pick tokens from logits [..., V] (seen [..., V] for the penalty).
+    """Pick tokens from logits [..., V] (seen [..., N] ids for the penalty).
     Returns (tokens [...], probs [..., V] or None when greedy)."""
     if params.greedy:
         return process(logits, params, seen).argmax(dim=-1), None
     probs = probabilities(logits, params, seen)
     return draw(probs, generator), probs
 
-
-def mark_seen(seen: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Add each row's first n[b] tokens to its mask.  seen [B, V], tokens [B, T], n [B]"""
-    vocab = seen.shape[1]
-    valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < n.unsqueeze(1)
-    ids = tokens.clamp(max=vocab).masked_fill(~valid, vocab)
-    grown = torch.cat([seen, seen.new_zeros(seen.shape[0], 1)], dim=1)
-    return grown.scatter_(1, ids, True)[:, :vocab]

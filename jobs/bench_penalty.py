@@ -2,8 +2,9 @@
 
 A verify pass of k+1 tokens ends in the LM head; flashcap then casts the logits to float32 and,
 when the checkpoint sets a repetition penalty (Qwen2.5-VL instruct: 1.05), applies it at every
-position with the block's own tokens counted (`seen_through` + `penalize`), as `generate()` does
-one token at a time. This times, for Qwen2.5-VL-7B's shapes (hidden 3584, vocabulary 152,064):
+position with the block's own tokens counted (`seen_through` + `penalize`: a gather and a scatter
+at the seen ids), as `generate()` does one token at a time. This times, for Qwen2.5-VL-7B's shapes
+(hidden 3584, vocabulary 152,064):
 
     lm_head      the LM head on [B, k+1] features (part of every verify, with or without a penalty)
     argmax       float32 cast + argmax (greedy, no penalty)
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from flash.sampling import SamplingParams, process, seen_mask, seen_through  # noqa: E402
+from flash.sampling import SamplingParams, process, seen_ids, seen_through  # noqa: E402
 
 HIDDEN, VOCAB = 3584, 152_064  # Qwen2.5-VL-7B-Instruct
 
@@ -53,7 +54,7 @@ def measure(batch: int, block: int, device: torch.device, dtype: torch.dtype, re
     head = torch.nn.Linear(HIDDEN, VOCAB, bias=False, device=device, dtype=dtype)
     features = torch.randn(batch, block + 1, HIDDEN, device=device, dtype=dtype, generator=gen)
     prompt = torch.randint(0, VOCAB, (batch, 1200), device=device, generator=gen)  # a video prompt's length
-    seen = seen_mask(prompt, torch.ones_like(prompt), VOCAB)
+    seen = seen_ids(prompt, torch.ones_like(prompt), VOCAB)
     tokens = torch.randint(0, VOCAB, (batch, block + 1), device=device, generator=gen)
     params = SamplingParams(repetition_penalty=1.05)
     with torch.inference_mode():

@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 
 import flash
 from flash.lookup import PromptLookupDrafter
-from flash.sampling import SamplingParams, choose, mark_seen, penalize, seen_mask
+from flash.sampling import SamplingParams, choose, mark_seen, penalize, seen_ids
 from tests.flash.test_batched import _batch
 from tests.helpers import OracleDrafter, cases
 
@@ -133,18 +133,19 @@ def test_drafter_proposals_use_the_penalty(penalized):
     inputs = target.processor(text=[c.prompt for c in cases("qwen2_5_vl")[17:20]], return_tensors="pt", padding=True)
     _, prefill = target.prefill(inputs)
     params = SamplingParams(repetition_penalty=3.0)
-    seen = seen_mask(prefill.input_ids, prefill.attention_mask, target.vocab_size)
-    seen |= torch.rand(seen.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    seen = seen_ids(prefill.input_ids, prefill.attention_mask, target.vocab_size)
+    extra = torch.randint(0, target.vocab_size, (seen.shape[0], 20), generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([seen, extra], dim=1)  # as if these had been emitted
     first, _ = choose(prefill.last_logits, params, seen=seen)
     seen = mark_seen(seen, first.unsqueeze(1), torch.ones_like(first))
     block = drafter.start(prefill, first, params, seen=seen)
     logits = drafter.lm_head(block.features).float()  # [B, k, V]
-    context, differs = seen.clone(), 0
+    context, differs = seen, 0
     for i in range(block.tokens.shape[1]):
         expected = penalize(logits[:, i], context, 3.0).argmax(-1)
         assert torch.equal(block.tokens[:, i], expected)
         differs += int((logits[:, i].argmax(-1) != expected).sum())
-        context = mark_seen(context, block.tokens[:, i : i + 1], torch.ones_like(first))
+        context = torch.cat([context, block.tokens[:, i : i + 1]], dim=1)
     assert differs > 0
 
 

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 
 import flash
 from flash.acceptance import speculative_accept
-from flash.sampling import SamplingParams, probabilities, seen_mask, warp_logits
+from flash.sampling import SamplingParams, penalize, probabilities, seen_ids, warp_logits
 from tests.helpers import FixedDistributionDrafter, chat
 
 # chi-square quantile far in the tail; a correct sampler fails it with probability < 1e-6
@@ -138,12 +138,12 @@ def test_sampling_with_repetition_penalty_matches_target_distribution(targets64)
     prompt = chat("qwen2_5_vl", "one two three red green blue yellow circle square triangle")
     inputs = target.processor(text=[prompt] * n, return_tensors="pt")
     one = {k: v[:1] for k, v in inputs.items()}
-    seen = seen_mask(one["input_ids"], one["attention_mask"], target.vocab_size)[0]  # [V]
+    seen = seen_ids(one["input_ids"], one["attention_mask"], target.vocab_size)[0]  # [L]
 
     def law(prefix: list[int]) -> torch.Tensor:
         ids = torch.cat([one["input_ids"], torch.tensor([prefix], dtype=torch.long)], 1)
         logits = target.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-        return probabilities(logits, params, seen.clone().index_fill_(0, torch.tensor(prefix, dtype=torch.long), True))
+        return probabilities(logits, params, torch.cat([seen, torch.tensor(prefix, dtype=torch.long)]))
 
     with torch.inference_mode():
         logits1 = target.model(**one).logits[0, -1]
@@ -200,3 +200,17 @@ def test_logits_are_processed_in_float32_whatever_the_model_dtype(dtype):
     draft = q.argmax(-1)
     n_accepted, tokens = speculative_accept(draft, q, p, torch.Generator().manual_seed(0))
     assert tokens.shape == (2, 3) and n_accepted.shape == (2,)
+
+
+def test_penalty_equals_hugging_faces_processor():
+    """Gather/scatter at the seen ids, left padding and ids past the LM head ignored, as HF's processor."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 40, generator=gen)
+    ids = torch.randint(0, 44, (3, 12), generator=gen)  # some ids past the 40 the head scores
+    ids[:, -1] = torch.tensor([3, 39, 0])  # a prompt ends in a real token
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    hf = RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=(mask != 0).int().argmax(dim=1))
+    assert torch.equal(penalize(scores, seen_ids(ids, mask, 40), 1.3), hf(ids, scores.clone()))
