@@ -12,7 +12,7 @@ def test_report_has_every_method_and_identical_outputs(tmp_path):
     out = tmp_path / "report.json"
     bench_speedup.main(["--out", str(out), "--clips", "2", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1,2"])
     report = json.loads(out.read_text())
-    assert {"machine", "date", "rows"} <= report.keys()
+    assert {"machine", "date", "rows", "best", "best_plain", "best_vs_best"} <= report.keys()
     rows = {(r["method"], r["batch_size"]): r for r in report["rows"]}
     assert set(rows) == {(m, 1) for m in bench_speedup.METHODS} | {
         (m, 2) for m in ("target", "hf_generate", "flash", "flash_adaptive")
@@ -22,7 +22,28 @@ def test_report_has_every_method_and_identical_outputs(tmp_path):
             assert row["error"]  # Hugging Face's own prompt lookup may fail on video prompts: recorded
             continue
         assert row["clips"] == 2 and row["identical"] == 1.0, (method, batch)
-        assert row["tokens_per_s"] > 0 and row["speedup"] > 0
+        assert row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["clips_per_s"] > 0
+        if "verify_ms_per_pass" in row:
+            assert abs(sum(row["split"].values()) - 1) < 1e-9
         if method in ("flash", "flash_adaptive", "flash_text_only", "prompt_lookup_loop"):
             assert row["acceptance_length"] >= 1.0 and "draft_ms_per_pass" in row and "verify_ms_per_pass" in row
     assert rows[("flash", 1)]["acceptance_length"] > rows[("prompt_lookup_loop", 1)]["acceptance_length"]
+
+
+def test_best_vs_best_takes_each_method_at_its_best_batch_size():
+    def row(method, batch, tokens_per_s, identical=1.0):
+        keys = ("method", "batch_size", "clips", "identical", "tokens_per_s", "clips_per_s")
+        return dict(zip(keys, (method, batch, 4, identical, tokens_per_s, tokens_per_s / 50)))
+
+    rows = [
+        row("target", 1, 100),
+        row("target", 16, 400),
+        row("hf_generate", 16, 380),
+        row("flash", 1, 250),
+        row("flash", 16, 520),
+        row("flash", 32, 900, identical=0.75),
+    ]
+    summary = bench_speedup.best_vs_best(rows)
+    assert summary["best_plain"] == "target"
+    assert summary["best"]["flash"]["batch_size"] == 16  # the batch-32 row changed outputs: never a best
+    assert summary["best_vs_best"]["flash"] == 520 / 400
