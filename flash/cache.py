@@ -84,3 +84,14 @@ class DrafterCache:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.lengths = self.lengths[rows]
+
+    def join(self, other: DrafterCache) -> None:
+        """Append another cache's rows after this one's (each row keeps its own length)."""
+        capacity = max(self.capacity, other.capacity)
+        self.reserve(capacity - self._max_length)
+        other.reserve(capacity - other._max_length)
+        self.keys = [torch.cat([a[:, :, :capacity], b[:, :, :capacity]]) for a, b in zip(self.keys, other.keys)]
+        self.values = [torch.cat([a[:, :, :capacity], b[:, :, :capacity]]) for a, b in zip(self.values, other.values)]
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.capacity = capacity
+        self._max_length = max(self._max_length, other._max_length)

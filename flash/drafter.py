@@ -352,10 +352,12 @@ class FlashDrafter(nn.Module):
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
+        join: bool = False,
     ) -> Block:
         """Read the prompt (latents + text rows) into a fresh cache and draft the first block.
 
-        first_tokens [B]: the token the target chose after the prompt.
+        first_tokens [B]: the token the target chose after the prompt. join: these rows are added
+        after the rows already decoding (continuous batching); otherwise they replace them.
         """
         ids, mask, features = prefill.input_ids, prefill.attention_mask.bool(), prefill.features
         batch, length, dim = features.shape
@@ -374,9 +376,14 @@ class FlashDrafter(nn.Module):
         for b, seq in enumerate(sequences):
             rows[b, : seq.shape[0]] = seq
             valid[b, : seq.shape[0]] = True
+        running = self.cache if join else None
         self.cache = self.new_cache(batch, longest + 256, features)
         n_real = torch.tensor(lengths, device=features.device)
-        return self._draft(rows, valid, n_real, longest, params, generator, block_size, seen)
+        block = self._draft(rows, valid, n_real, longest, params, generator, block_size, seen)
+        if running is not None:
+            running.join(self.cache)
+            self.cache = running
+        return block
 
     @torch.inference_mode()
     def step(

@@ -50,11 +50,14 @@ class PromptLookupDrafter:
                         return follow
         return []
 
-    def _block(self, params: SamplingParams, block_size: int | None, device: torch.device) -> Block:
+    def _block(
+        self, params: SamplingParams, block_size: int | None, device: torch.device, history: list | None = None
+    ) -> Block:
         k = block_size or self.block_size
-        proposals = [self.propose(row, k) for row in self.history]
+        history = self.history if history is None else history
+        proposals = [self.propose(row, k) for row in history]
         width = max(1, max(len(p) for p in proposals))
-        padded = [p + [p[-1] if p else row[-1]] * (width - len(p)) for p, row in zip(proposals, self.history)]
+        padded = [p + [p[-1] if p else row[-1]] * (width - len(p)) for p, row in zip(proposals, history)]
         tokens = torch.tensor(padded, dtype=torch.long, device=device)
         probs = None
         if not params.greedy:
@@ -69,12 +72,14 @@ class PromptLookupDrafter:
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
+        join: bool = False,
     ) -> Block:
         ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
         keep = prefill.attention_mask.bool()
         self.vocab_size, self.dtype = prefill.last_logits.shape[-1], prefill.last_logits.dtype
-        self.history = [row[m].tolist() + [int(t)] for row, m, t in zip(ids, keep, first_tokens)]
-        return self._block(params, block_size, first_tokens.device)
+        rows = [row[m].tolist() + [int(t)] for row, m, t in zip(ids, keep, first_tokens)]
+        self.history = self.history + rows if join else rows
+        return self._block(params, block_size, first_tokens.device, rows)  # the block is for these rows
 
     def step(
         self,

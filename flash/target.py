@@ -253,6 +253,25 @@ class TargetSession:
         self.next_index = self.next_index[rows]
         self.rope_deltas = self.rope_deltas[rows]
 
+    def join(self, other: TargetSession) -> None:
+        """Append the rows of another session (a new prefill) after this one's, between cycles.
+
+        The shorter cache is left-padded with masked entries: every row keeps its own positions
+        (`next_index`, `rope_deltas`), so where its entries sit in the cache does not matter.
+        """
+        assert self._pending == 0 and other._pending == 0, "join between cycles only"
+        length = max(self.length, other.length)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)  # [B, H, S, D]
+                a = torch.nn.functional.pad(a, (0, 0, length - a.shape[2], 0))
+                b = torch.nn.functional.pad(b, (0, 0, length - b.shape[2], 0))
+                setattr(mine, name, torch.cat([a, b], dim=0))
+        masks = (self.attention_mask, other.attention_mask)
+        self.attention_mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
+        self.next_index = torch.cat([self.next_index, other.next_index])
+        self.rope_deltas = torch.cat([self.rope_deltas, other.rope_deltas])
+
 
 def load_target(
     path: str | Path,

@@ -92,19 +92,22 @@ def hf_greedy(target, inputs, max_new_tokens: int) -> list[int]:
 
 class OracleDrafter:
     """Proposes the reference continuation; with `right_for=m` only the first m
-    tokens of each block are right and the rest are deliberately wrong."""
+    tokens of each block are right and the rest are deliberately wrong.
+    References are given in admission order (rows joining later take the next ones)."""
 
     def __init__(self, references: list[list[int]], vocab_size: int, block_size: int = 4, right_for: int | None = None):
-        self.references = [list(r) for r in references]
+        self.all = [list(r) for r in references]
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.right_for = block_size if right_for is None else right_for
+        self.cursor = 0
+        self.references: list[list[int]] = []
         self.positions: list[int] = []
 
-    def _block(self, params: SamplingParams, device, block_size=None) -> Block:
+    def _block(self, params: SamplingParams, device, block_size=None, first: int = 0) -> Block:
         k = block_size or self.block_size
         rows = []
-        for ref, pos in zip(self.references, self.positions):
+        for ref, pos in zip(self.references[first:], self.positions[first:]):
             row = []
             for i in range(k):
                 tok = ref[pos + i] if pos + i < len(ref) else 0
@@ -114,15 +117,18 @@ class OracleDrafter:
         probs = None
         if not params.greedy:
             probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(torch.float64)
-        return Block(tokens=tokens, probs=probs, features=torch.zeros(0))
+        return Block(tokens=tokens, probs=probs, features=torch.zeros(tokens.shape[0], k, 1))
 
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None) -> Block:
-        self.positions = [1] * first_tokens.shape[0]  # the prompt pass emitted reference[0]
-        return self._block(params, first_tokens.device, block_size)
+    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False) -> Block:
+        n = first_tokens.shape[0]
+        if not join:
+            self.cursor, self.references, self.positions = 0, [], []
+        self.references += self.all[self.cursor : self.cursor + n]
+        self.cursor += n
+        self.positions += [1] * n  # the prompt pass emitted reference[0]
+        return self._block(params, first_tokens.device, block_size, first=len(self.references) - n)
 
-    def step(
-        self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None
-    ) -> Block:
+    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None):
         self.positions = [p + n for p, n in zip(self.positions, n_new.tolist())]
         return self._block(params, next_tokens.device, block_size)
 
@@ -140,14 +146,16 @@ class FixedDistributionDrafter:
         self.block_size = block_size
         self.batch = 0
 
-    def _block(self, generator) -> Block:
-        probs = self.q.expand(self.batch, self.block_size, -1).contiguous()
+    def _block(self, generator, rows: int | None = None) -> Block:
+        rows = self.batch if rows is None else rows
+        probs = self.q.expand(rows, self.block_size, -1).contiguous()
         tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        return Block(tokens=tokens.view(self.batch, self.block_size), probs=probs, features=torch.zeros(0))
+        features = torch.zeros(rows, self.block_size, 1)
+        return Block(tokens=tokens.view(rows, self.block_size), probs=probs, features=features)
 
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None) -> Block:
-        self.batch = first_tokens.shape[0]
-        return self._block(generator)
+    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False) -> Block:
+        self.batch = (self.batch if join else 0) + first_tokens.shape[0]
+        return self._block(generator, first_tokens.shape[0])
 
     def step(
         self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None
