@@ -6,7 +6,7 @@ out = flash.generate(target, drafter, target.processor(text=[...], videos=[...],
 """
 
 from flash.drafter import Block, DrafterConfig, FlashDrafter
-from flash.generate import DecodeStats, GenerateOutput, generate
+from flash.generate import DecodeStats, Engine, GenerateOutput, generate
 from flash.policy import BlockPolicy
 from flash.sampling import SamplingParams
 from flash.target import Prefill, Target, TargetSession, load_target
@@ -16,6 +16,7 @@ __all__ = [
     "BlockPolicy",
     "DecodeStats",
     "DrafterConfig",
+    "Engine",
     "FlashDrafter",
     "GenerateOutput",
     "Prefill",

@@ -1,0 +1,151 @@
+"""Continuous batching (flash.Engine): rows admitted while others decode, rows finishing in
+different cycles, block lengths changing, plain cycles (k = 0) — every row's tokens equal the
+target decoding it alone (float64), for every drafter, with and without a repetition penalty."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import flash
+from flash.lookup import PromptLookupDrafter
+from tests.flash.test_batched import _batch
+from tests.helpers import OracleDrafter, hf_greedy
+
+FAMILIES = ["qwen2_5_vl", "llava_onevision"]
+MAX_NEW = 20
+K = 4
+
+
+class ScheduledPolicy(flash.BlockPolicy):
+    """A block policy that picks k from a fixed cycle, plain cycles (0) included."""
+
+    def __init__(self, schedule: list[int]) -> None:
+        super().__init__(max_block=max(schedule))
+        self.schedule = itertools.cycle(schedule)
+
+    def choose(self, batch: int) -> int:
+        return next(self.schedule)
+
+
+def _requests(target, family: str, n: int, seed: int):
+    prompts, videos = _batch(family, n, seed)
+    return [target.processor(text=[p], videos=[v], return_tensors="pt") for p, v in zip(prompts, videos)]
+
+
+def _run(engine: flash.Engine, requests: list, admit_at: dict[int, int]) -> dict[int, list[int]]:
+    """Admit requests one by one: `admit_at[cycle]` more of them before that cycle; then drain."""
+    queue, finished, cycle = list(requests), [], 0
+    while queue or engine.live:
+        for _ in range(admit_at.get(cycle, 0) if engine.live else 1):
+            if queue:
+                engine.admit(queue.pop(0))
+        finished += engine.step()
+        cycle += 1
+    assert len(set(finished)) == len(finished) <= len(requests)  # each row finishes once
+    return dict(enumerate(engine.sequences))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_admitted_mid_flight_equal_rows_alone(targets64, family):
+    target = targets64[family]
+    requests = _requests(target, family, 7, seed=5)
+    alone = [hf_greedy(target, r, MAX_NEW) for r in requests]
+    assert len({len(a) for a in alone}) >= 2  # rows finish in different cycles
+    admit_at = {0: 2, 2: 1, 3: 2, 7: 1}  # joins while others decode, sometimes several at once
+    drafters = {
+        "plain": None,
+        "flash": flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K)),
+        "oracle": OracleDrafter(alone, target.vocab_size, K),
+        "oracle_right_for_2": OracleDrafter(alone, target.vocab_size, K, right_for=2),
+        "lookup": PromptLookupDrafter(K),
+    }
+    for name, drafter in drafters.items():
+        engine = flash.Engine(target, drafter, max_new_tokens=MAX_NEW)
+        got = _run(engine, requests, admit_at)
+        assert [got[i] for i in range(len(requests))] == alone, name
+    assert engine.stats.accepted > 0
+
+
+@pytest.mark.parametrize("schedule", [[0, 3, 0, 0, 4, 1], [2, 0, 4]])
+def test_block_lengths_change_and_plain_cycles_with_admissions(targets64, schedule):
+    target = targets64["qwen2_5_vl"]
+    requests = _requests(target, "qwen2_5_vl", 6, seed=6)
+    alone = [hf_greedy(target, r, MAX_NEW) for r in requests]
+    for drafter in (
+        flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4)),
+        OracleDrafter(alone, target.vocab_size, 4),
+    ):
+        engine = flash.Engine(target, drafter, max_new_tokens=MAX_NEW, block_size=ScheduledPolicy(schedule))
+        got = _run(engine, requests, {0: 1, 1: 1, 2: 1, 4: 2})
+        assert [got[i] for i in range(len(requests))] == alone
+
+
+def test_oracle_rows_joining_accept_whole_blocks(targets64):
+    """Joined rows draft from their own position: a perfect oracle keeps being accepted in full."""
+    target = targets64["qwen2_5_vl"]
+    requests = _requests(target, "qwen2_5_vl", 4, seed=7)
+    alone = [hf_greedy(target, r, MAX_NEW) for r in requests]
+    engine = flash.Engine(target, OracleDrafter(alone, target.vocab_size, K), max_new_tokens=MAX_NEW)
+    _run(engine, requests, {1: 1, 2: 2})
+    full = sum(a == K for cycle in engine.stats.accepted_per_cycle for a in cycle)
+    assert full >= 0.7 * engine.stats.row_cycles
+
+
+def test_admitted_rows_keep_the_repetition_penalty(tiny_checkpoints, tmp_path):
+    """Joined rows carry their own seen ids (ragged lengths): equal to generate() with the penalty."""
+    from tests.flash.test_generation_config import _hf, _with_generation_config
+
+    target = _with_generation_config(tiny_checkpoints["qwen2_5_vl"], tmp_path / "m", {"repetition_penalty": 1.5})
+    requests = _requests(target, "qwen2_5_vl", 5, seed=8)
+    alone = [_hf(target, r)[0] for r in requests]
+    for drafter in (None, flash.FlashDrafter.for_target(target), OracleDrafter(alone, target.vocab_size, K, 3)):
+        engine = flash.Engine(target, drafter, max_new_tokens=24)
+        got = _run(engine, requests, {0: 1, 2: 2, 3: 1})
+        assert [got[i] for i in range(len(requests))] == alone
+
+
+def test_sessions_join_with_left_padding(targets64):
+    """A joined session's rows see only their own entries: verify logits equal the row's own session."""
+    target = targets64["qwen2_5_vl"]
+    short, long = _requests(target, "qwen2_5_vl", 3, seed=9)[:2]
+    a, _ = target.prefill(short)
+    b, _ = target.prefill(long)
+    alone, _ = target.prefill(long)
+    a.join(b)
+    assert a.attention_mask.shape[0] == 2 and not bool(a.attention_mask[0, 0] and a.attention_mask[1, 0])
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    _, joined = a.verify(tokens)
+    _, own = alone.verify(tokens[1:])
+    torch.testing.assert_close(joined[1], own[0], rtol=1e-12, atol=1e-12)
+
+
+def test_drafter_rows_joined_draft_as_if_alone(targets64):
+    """The drafter's cache join keeps each row's own history: blocks equal the rows drafted alone."""
+    from flash.sampling import SamplingParams
+
+    target = targets64["qwen2_5_vl"]
+    torch.manual_seed(3)
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=3))
+    greedy = SamplingParams()
+    a_in, b_in = _requests(target, "qwen2_5_vl", 2, seed=10)
+    prefills = [target.prefill(x)[1] for x in (a_in, b_in)]
+    firsts = [p.last_logits.argmax(-1) for p in prefills]
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, target.hidden_size, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, target.vocab_size, (2, 3), generator=gen)
+    n = torch.tensor([2, 3])
+
+    alone = []
+    for i in range(2):
+        first_block = drafter.start(prefills[i], firsts[i], greedy)
+        alone.append((first_block, drafter.step(features[i : i + 1], tokens[i : i + 1], n[i : i + 1], 3, greedy)))
+    drafter.start(prefills[0], firsts[0], greedy)
+    joined_first = drafter.start(prefills[1], firsts[1], greedy, join=True)
+    joined = drafter.step(features, tokens, n, 3, greedy)
+    torch.testing.assert_close(joined_first.features, alone[1][0].features)
+    for i in range(2):
+        torch.testing.assert_close(joined.features[i], alone[i][1].features[0])
+        assert torch.equal(joined.tokens[i], alone[i][1].tokens[0])
