@@ -202,4 +202,3 @@ def choose(
         return process(logits, params, seen).argmax(dim=-1), None
     probs = probabilities(logits, params, seen)
     return draw(probs, generator), probs
-
