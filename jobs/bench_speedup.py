@@ -16,6 +16,10 @@ share of clips whose tokens equal that clip decoded alone by the baseline. A
 mismatch (possible outside float64) is explained by the target's logit margin
 at the first differing token.
 
+`target_continuous` and `flash_continuous` (batch > 1) decode every clip with
+continuous batching (`flash.Engine`): at most `batch` rows decode at once and
+waiting clips join as rows finish, so no batch runs half empty at its tail.
+
 A captioning job is a throughput job, so every row also gives clips/s and the
 prefill / draft / verify split, and the report ends with best-vs-best: each
 method at its own best batch size (most tokens/s) over plain decoding at its
@@ -130,6 +134,66 @@ def first_difference_margin(target, inputs, reference: list[int], other: list[in
         logits = verify_logits[0, -1]
     top = torch.topk(logits.float(), 2).values
     return {"index": index, "margin": float(top[0] - top[1])}
+
+
+CONTINUOUS = {"target_continuous": None, "flash_continuous": "flash"}  # method -> drafter
+
+
+def continuous(runner: Runner, method: str, inputs_for, n_clips: int, rows: int):
+    """Every clip through one engine with at most `rows` rows decoding; waiting clips join in groups
+    of at least rows/4 (one prefill per group). Returns (seconds, tokens per clip, stats)."""
+    engine = flash.Engine(
+        runner.target, runner.drafters.get(CONTINUOUS[method]), max_new_tokens=runner.max_new, **runner.penalty
+    )
+    queue, clip_of = list(range(n_clips)), {}
+    start = time.perf_counter()
+    while queue or engine.live:
+        free = rows - engine.live
+        if queue and (free >= max(1, rows // 4) or not engine.live):
+            take, queue = queue[:free], queue[free:]
+            clip_of.update(zip(engine.admit(inputs_for(take)), take))
+        engine.step()
+    seconds = time.perf_counter() - start
+    tokens = [[] for _ in range(n_clips)]
+    for key, clip in clip_of.items():
+        tokens[clip] = engine.sequences[key]
+    return seconds, tokens, engine.stats
+
+
+def measure_continuous(runner, inputs_for, clips, batch, methods, repeats, reference, static_rows) -> list[dict]:
+    """Rows for the continuous methods at one batch size (every clip in one engine run, alternating)."""
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    results = {}
+    for rep in range(repeats + 1):  # the first round warms up
+        for m in methods if rep % 2 else methods[::-1]:
+            seconds, tokens, stats = continuous(runner, m, inputs_for, len(clips), batch)
+            if rep:
+                times[m].append(seconds)
+            results[m] = (tokens, stats)
+    base = next(r for r in static_rows if r["method"] == "target")
+    out = []
+    for m in methods:
+        tokens, stats = results[m]
+        total = statistics.median(times[m])
+        count = sum(len(t) for t in tokens)
+        spent = stats.prefill_s + stats.draft_s + stats.verify_s
+        row = {
+            "method": m,
+            "batch_size": batch,
+            "clips": len(clips),
+            "tokens": count,
+            "tokens_per_s": count / total,
+            "clips_per_s": len(clips) / total,
+            "speedup": (count / total) / base["tokens_per_s"],  # over static plain decoding at this batch size
+            "acceptance_length": stats.acceptance_length if stats.cycles else 1.0,
+            "identical": sum(t == r for t, r in zip(tokens, reference)) / len(clips),
+            "verify_ms_per_pass": 1000 * stats.verify_s / max(stats.cycles, 1),
+            "split": {part: getattr(stats, f"{part}_s") / spent for part in ("prefill", "draft", "verify")},
+        }
+        if CONTINUOUS[m]:
+            row["draft_ms_per_pass"] = 1000 * stats.draft_s / max(stats.cycles, 1)
+        out.append(row)
+    return out
 
 
 def measure(
@@ -271,6 +335,9 @@ def run(args: argparse.Namespace) -> dict:
         batch_rows, plain = measure(runner, target, inputs_for, clips, batch, methods, args.repeats, args.warmup, alone)
         if batch == 1:
             alone = plain
+        elif not args.no_continuous:
+            engines = [m for m in CONTINUOUS if CONTINUOUS[m] is None or CONTINUOUS[m] in drafters]
+            batch_rows += measure_continuous(runner, inputs_for, clips, batch, engines, args.repeats, alone, batch_rows)
         rows.extend(batch_rows)
         print(
             markdown(
@@ -361,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--rendered", action="store_true", help="rendered demo frames instead of encoded clips")
+    p.add_argument("--no-continuous", action="store_true", help="skip the continuous-batching rows")
     p.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
     args = p.parse_args(argv)
     if not args.batch_sizes.startswith("1"):

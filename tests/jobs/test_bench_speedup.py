@@ -15,7 +15,7 @@ def test_report_has_every_method_and_identical_outputs(tmp_path):
     assert {"machine", "date", "rows", "best", "best_plain", "best_vs_best"} <= report.keys()
     rows = {(r["method"], r["batch_size"]): r for r in report["rows"]}
     assert set(rows) == {(m, 1) for m in bench_speedup.METHODS} | {
-        (m, 2) for m in ("target", "hf_generate", "flash", "flash_adaptive")
+        (m, 2) for m in ("target", "hf_generate", "flash", "flash_adaptive", "target_continuous", "flash_continuous")
     }
     for (method, batch), row in rows.items():
         if method == "prompt_lookup" and not row["clips"]:
