@@ -15,6 +15,13 @@ Its sequence, per row:  [visual latents (C)] [text rows ...] [slots (k-1)]
 The embedding table and LM head are the target's, frozen and not saved. The
 drafter keeps its own KV cache (`DrafterCache`), so each cycle only runs the
 newly verified rows and the slots through its layer(s).
+
+Draft vocabulary (as EAGLE-3): with `draft_vocab_size` > 0 the drafter scores
+only the target tokens in `draft_ids` (saved with the drafter), through those
+rows of the shared LM head (`DraftHead`), so each slot reads Vd rows of the
+head instead of V. A drafted id is always in `draft_ids`; a block's `probs` is
+still a distribution over the whole vocabulary, zero outside `draft_ids`.
+Verification is unchanged, so the output is still exactly the target's.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flash.cache import DrafterCache
-from flash.sampling import SamplingParams, choose
+from flash.sampling import SamplingParams, choose, penalize
 
 if TYPE_CHECKING:
     from flash.target import Prefill, Target
@@ -56,8 +63,12 @@ class DrafterConfig:
     hidden_size: int = 0
     vocab_size: int = 0
     target_model_type: str = ""
+    # Tokens the drafter can propose: 0 = the whole vocabulary; > 0 = that many, its `draft_ids`.
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size must be >= 0 (0: the whole vocabulary), got {self.draft_vocab_size}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_layers < 1:
@@ -78,6 +89,70 @@ class Block:
     tokens: torch.Tensor  # [B, k]
     probs: torch.Tensor | None  # [B, k, V] draft distribution q (None when greedy)
     features: torch.Tensor  # [B, k, D] predicted target features
+
+
+class DraftHead:
+    """The LM head the drafter drafts with: the target's own (shared, frozen), or only its rows at
+    `draft_ids` [Vd], copied once, so a slot reads Vd rows of the head instead of V.
+
+    `choose` is `flash.sampling.choose` over the draft vocabulary: the repetition penalty is applied at
+    the seen ids that are in it (the others cannot be drafted), temperature, top-k and top-p over the
+    reduced logits. Drafted tokens are target ids; probs are over the whole vocabulary, zero outside
+    `draft_ids`, as speculative acceptance needs.
+    """
+
+    def __init__(self, lm_head: nn.Module, vocab_size: int, draft_ids: torch.Tensor | None = None) -> None:
+        self.lm_head = lm_head
+        self.vocab_size = vocab_size
+        self.draft_ids: torch.Tensor | None = None  # [Vd]
+        if draft_ids is None:
+            return
+        weight = lm_head.weight  # [V, D]
+        bias = getattr(lm_head, "bias", None)  # [V] or None
+        ids = draft_ids.to(device=weight.device, dtype=torch.long)
+        with torch.no_grad():
+            self.weight = weight.index_select(0, ids).detach()  # [Vd, D]
+            self.bias = bias.index_select(0, ids).detach() if bias is not None else None  # [Vd]
+        self.draft_ids = ids
+        # [V] -> place in the draft vocabulary; ids outside it point one past the end, a column
+        # the penalty may write to and that is then dropped.
+        self.place = torch.full((vocab_size,), ids.shape[0], dtype=torch.long, device=ids.device)
+        self.place[ids] = torch.arange(ids.shape[0], device=ids.device)
+
+    @property
+    def size(self) -> int:
+        return self.vocab_size if self.draft_ids is None else self.draft_ids.shape[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary.  [..., D] -> [..., Vd]"""
+        if self.draft_ids is None:
+            return self.lm_head(h)
+        return F.linear(h, self.weight, self.bias)
+
+    def tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Target ids of places in the draft vocabulary.  [...] -> [...]"""
+        return index if self.draft_ids is None else self.draft_ids[index]
+
+    def choose(
+        self,
+        h: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        seen: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft tokens from features h [..., D] (seen [..., N]: target ids, for the penalty).
+        Returns (tokens [...], probs [..., V] or None when greedy)."""
+        if self.draft_ids is None:
+            return choose(self.lm_head(h), params, generator, seen)
+        scores = self.logits(h).float()  # [..., Vd], cast first, as `choose` does
+        if params.penalized and seen is not None:
+            spill = torch.cat([scores, scores.new_zeros(*scores.shape[:-1], 1)], dim=-1)  # [..., Vd + 1]
+            scores = penalize(spill, self.place[seen], params.repetition_penalty)[..., :-1]
+        index, reduced = choose(scores, params, generator)
+        if reduced is None:
+            return self.tokens(index), None
+        probs = reduced.new_zeros(*reduced.shape[:-1], self.vocab_size)
+        return self.tokens(index), probs.index_copy_(-1, self.draft_ids, reduced)
 
 
 class RMSNorm(nn.Module):
@@ -158,8 +233,30 @@ class DrafterLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+def _check_draft_ids(draft_ids: torch.Tensor, size: int, vocab_size: int) -> None:
+    """A draft vocabulary is `size` distinct target ids."""
+    if draft_ids.dim() != 1 or draft_ids.numel() != size:
+        raise ValueError(f"draft ids must be a 1-D tensor of {size} ids, got shape {tuple(draft_ids.shape)}")
+    if size > vocab_size:
+        raise ValueError(f"draft_vocab_size={size} exceeds the target's vocabulary of {vocab_size}")
+    if draft_ids.dtype.is_floating_point or draft_ids.dtype == torch.bool:
+        raise ValueError(f"draft ids must be integers, got {draft_ids.dtype}")
+    if int(draft_ids.min()) < 0 or int(draft_ids.max()) >= vocab_size:
+        raise ValueError(f"draft ids must lie in [0, {vocab_size})")
+    if torch.unique(draft_ids).numel() != size:
+        raise ValueError("draft ids must be distinct")
+
+
 class FlashDrafter(nn.Module):
-    def __init__(self, config: DrafterConfig, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
+    def __init__(
+        self,
+        config: DrafterConfig,
+        embed_tokens: nn.Module,
+        lm_head: nn.Module,
+        draft_ids: torch.Tensor | None = None,
+    ) -> None:
+        """draft_ids [Vd]: the draft vocabulary when config.draft_vocab_size > 0 (None: loaded later
+        with the state dict)."""
         super().__init__()
         if config.hidden_size <= 0 or config.vocab_size <= 0:
             raise ValueError("DrafterConfig.hidden_size/vocab_size unset: build drafters with FlashDrafter.for_target")
@@ -183,19 +280,55 @@ class FlashDrafter(nn.Module):
         self.refine = nn.Sequential(nn.Linear(2 * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.norm = RMSNorm(dim, config.norm_eps)
         self.cache: DrafterCache | None = None
+        self._head: DraftHead | None = None  # built from the shared LM head, never saved
+        size = config.draft_vocab_size
+        if size == 0:
+            if draft_ids is not None:
+                raise ValueError("draft ids were given, but config.draft_vocab_size is 0 (the whole vocabulary)")
+            self.register_buffer("draft_ids", None)
+            self._head = DraftHead(lm_head, config.vocab_size)
+            return
+        # Whatever loads draft ids (from_pretrained, a training checkpoint) rebuilds the head from them.
+        self.register_load_state_dict_post_hook(FlashDrafter._rebuild_head)
+        if draft_ids is None:
+            self.register_buffer("draft_ids", torch.zeros(size, dtype=torch.long))  # filled by load_state_dict
+            return
+        _check_draft_ids(draft_ids, size, config.vocab_size)
+        self.register_buffer("draft_ids", draft_ids.detach().to(torch.long).clone())
+        self._head = DraftHead(lm_head, config.vocab_size, self.draft_ids)
+
+    def _rebuild_head(self, incompatible_keys) -> None:
+        _check_draft_ids(self.draft_ids, self.config.draft_vocab_size, self.config.vocab_size)
+        self._head = DraftHead(self.lm_head, self.config.vocab_size, self.draft_ids)
 
     # ---------------------------------------------------------------- building
 
     @classmethod
-    def for_target(cls, target: Target, config: DrafterConfig | None = None) -> FlashDrafter:
-        """A new, untrained drafter sized for `target`, in its dtype and on its device."""
+    def for_target(
+        cls, target: Target, config: DrafterConfig | None = None, draft_ids: torch.Tensor | None = None
+    ) -> FlashDrafter:
+        """A new, untrained drafter sized for `target`, in its dtype and on its device.
+
+        draft_ids [Vd]: the target ids it may propose (e.g. `flash.train.draft_vocabulary`); given,
+        they set `draft_vocab_size`. A config with draft_vocab_size > 0 needs them.
+        """
         config = DrafterConfig(**asdict(config)) if config is not None else DrafterConfig()
         config.hidden_size = target.hidden_size
         config.vocab_size = target.vocab_size
         config.target_model_type = target.model_type
         if config.num_heads == 0:
             config.num_heads = target.config.get_text_config().num_attention_heads
-        drafter = cls(config, target.embed_tokens, target.lm_head)
+        if draft_ids is not None:
+            if config.draft_vocab_size not in (0, draft_ids.numel()):
+                raise ValueError(
+                    f"draft_vocab_size={config.draft_vocab_size} but {draft_ids.numel()} draft ids were given"
+                )
+            config.draft_vocab_size = draft_ids.numel()
+        elif config.draft_vocab_size > 0:
+            raise ValueError(
+                f"draft_vocab_size={config.draft_vocab_size} needs the draft ids (flash.train.draft_vocabulary)"
+            )
+        drafter = cls(config, target.embed_tokens, target.lm_head, draft_ids)
         return drafter.to(device=target.device, dtype=target.dtype).eval()
 
     def save_pretrained(self, out_dir: str | Path) -> None:
@@ -238,6 +371,12 @@ class FlashDrafter(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self._shared[1]
+
+    @property
+    def head(self) -> DraftHead:
+        """The head the drafter drafts with: the LM head, or its rows at `draft_ids`."""
+        assert self._head is not None, "draft ids not loaded"
+        return self._head
 
     # ---------------------------------------------------------------- pieces
 
@@ -321,7 +460,7 @@ class FlashDrafter(nn.Module):
         one_pass = not self.config.refine and not (params.penalized and seen is not None)
         if one_pass:  # no slot depends on a drafted token: the whole block in one pass
             features = self.norm(torch.cat([last, slot_hidden], dim=1))  # [B, k, D]
-            tokens, probs = choose(self.lm_head(features), params, generator)
+            tokens, probs = self.head.choose(features, params, generator)
             return Block(tokens=tokens, probs=probs, features=features)
         tokens, probs, feats = [], [], []
         h = last.squeeze(1)
@@ -331,7 +470,7 @@ class FlashDrafter(nn.Module):
                 if seen is not None:
                     seen = torch.cat([seen, tokens[-1].unsqueeze(1)], dim=1)
             feature = self.norm(h)
-            token, prob = choose(self.lm_head(feature), params, generator, seen)
+            token, prob = self.head.choose(feature, params, generator, seen)
             tokens.append(token)
             probs.append(prob)
             feats.append(feature)

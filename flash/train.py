@@ -8,10 +8,14 @@ predicting f_{j+1+i}. The block mask lets a slot see the latents, the real rows
 up to its own and the earlier slots of its block, which is exactly what it sees
 when drafting. Losses: SmoothL1 on features (weight 1.0) and soft cross-entropy
 against the target's token distribution through the frozen LM head (0.1).
+
+`draft_vocabulary` picks a reduced draft vocabulary from the self-distillation
+set: the tokens the target itself writes most often.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,20 +149,60 @@ def drafter_loss(
     feature_weight: float = 1.0,
     token_weight: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Distillation loss of one example, and top-1 agreement with the target per slot."""
+    """Distillation loss of one example, and top-1 agreement with the target per slot.
+
+    The soft cross-entropy is taken over the drafter's draft vocabulary (`drafter.head`): with a
+    reduced one, the target's distribution restricted to the draft ids and renormalised (the softmax
+    of its logits at those ids) against the drafter's over the same ids. Top-1 agreement compares the
+    drafted token with the target's argmax over the whole vocabulary.
+    """
     tf = teacher_forced(drafter, example, noise)
     feature_loss = F.smooth_l1_loss(tf.predicted, tf.wanted)
+    head = drafter.head
     with torch.no_grad():
-        target_probs = torch.softmax(drafter.lm_head(tf.wanted), dim=-1)
-    draft_logits = drafter.lm_head(tf.predicted)
+        target_logits = head.logits(tf.wanted)  # [N, Vd]
+        target_probs = torch.softmax(target_logits, dim=-1)
+    draft_logits = head.logits(tf.predicted)  # [N, Vd]
     token_loss = -(target_probs * F.log_softmax(draft_logits, dim=-1)).sum(-1).mean()
     loss = feature_weight * feature_loss + token_weight * token_loss
 
     with torch.no_grad():
-        agree = (draft_logits.argmax(-1) == target_probs.argmax(-1)).float()
+        full = head.draft_ids is None
+        wanted_tokens = (target_logits if full else drafter.lm_head(tf.wanted)).argmax(-1)  # [N]
+        agree = (head.tokens(draft_logits.argmax(-1)) == wanted_tokens).float()
         metrics = {"feature_loss": feature_loss.item(), "token_loss": token_loss.item()}
         for i in range(drafter.config.block_size):
             sel = tf.slot == i
             if sel.any():
                 metrics[f"top1_slot{i}"] = agree[sel].mean().item()
     return loss, metrics
+
+
+def draft_vocabulary(
+    examples: Sequence[DistillExample], size: int, eos_ids: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """A draft vocabulary of `size` target ids, ascending: every EOS id, then the tokens of the
+    target's own answers, most frequent first; if they are fewer, the most frequent (non-visual)
+    prompt tokens, then the lowest remaining ids. Ties go to the lower id.  -> [size]"""
+    eos_ids = eos_ids.flatten().cpu().long()
+    if not eos_ids.numel() <= size <= vocab_size:
+        raise ValueError(
+            f"a draft vocabulary needs between {eos_ids.numel()} (the EOS ids) and {vocab_size} tokens, got {size}"
+        )
+    answers = torch.zeros(vocab_size, dtype=torch.long)
+    prompts = torch.zeros(vocab_size, dtype=torch.long)
+    for ex in examples:
+        ids = ex.input_ids.cpu().long()
+        answer, prompt = ids[ex.answer_start :], ids[: ex.answer_start][~ex.visual_mask[: ex.answer_start].cpu()]
+        answers += torch.bincount(answer[answer < vocab_size], minlength=vocab_size)
+        prompts += torch.bincount(prompt[prompt < vocab_size], minlength=vocab_size)
+    # Rank by (tier, -count within the tier, id): tier 0 EOS, 1 answer tokens, 2 prompt tokens, 3 the rest.
+    tier = torch.full((vocab_size,), 3, dtype=torch.long)
+    tier[prompts > 0] = 2
+    tier[answers > 0] = 1
+    tier[eos_ids] = 0
+    count = torch.where(tier == 1, answers, torch.where(tier == 2, prompts, 0))
+    span = int(torch.maximum(answers, prompts).max()) + 1
+    key = tier * span + (span - 1 - count)
+    chosen = torch.sort(key, stable=True).indices[:size]
+    return chosen.sort().values

@@ -1,7 +1,7 @@
 """Train a FLASH drafter for a target by self-distillation, on Ray Train.
 
     python jobs/train_drafter.py --model DIR --videos DIR --out DIR [--steps N] [--workers W]
-                                 [--text-only] [--resume]
+                                 [--text-only] [--draft-vocab N] [--resume]
 
 1. The target captions every clip in --videos itself (greedy, batched) and its
    features over prompt + answer are recorded (`<out>/distill.pt`). The set
@@ -15,6 +15,10 @@
 
 --steps 0 writes an initialised, untrained drafter and starts no cluster.
 --text-only trains the ablation that never sees the visual latents.
+--draft-vocab N drafts over N target tokens only (EAGLE-3's reduced draft
+vocabulary): every EOS id and the tokens the target's own answers in the
+self-distillation set use most (`flash.train.draft_vocabulary`), saved with the
+drafter; each drafted slot then reads N rows of the LM head instead of all.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import flash  # noqa: E402
-from flash.train import DistillExample, distill_example, drafter_loss  # noqa: E402
+from flash.train import DistillExample, distill_example, draft_vocabulary, drafter_loss  # noqa: E402
 
 
 def _clips(videos: Path) -> list[Path]:
@@ -136,7 +140,14 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     device = ray.train.torch.get_device()
     target = flash.load_target(config["model"], dtype=torch.float32, device=device)
-    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(**config["drafter"]))
+    data = [DistillExample.from_dict(d) for d in torch.load(config["distill"], weights_only=True)["examples"]]
+    drafter_config = flash.DrafterConfig(**config["drafter"])
+    draft_ids = None
+    if drafter_config.draft_vocab_size > 0:  # every rank picks the same ids from the whole set
+        draft_ids = draft_vocabulary(data, drafter_config.draft_vocab_size, target.eos_token_ids, target.vocab_size)
+        if rank == 0:
+            print(f"draft vocabulary: {len(draft_ids)} ids, {_coverage(data, draft_ids):.1%} of answer tokens")
+    drafter = flash.FlashDrafter.for_target(target, drafter_config, draft_ids)
     drafter.train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     start_step = 0
@@ -154,8 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
         for p in module.parameters():
             torch.distributed.broadcast(p.data, src=0)
 
-    data = torch.load(config["distill"], weights_only=True)["examples"]
-    shard = [DistillExample.from_dict(d) for d in data[rank::world]]
+    shard = data[rank::world]
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
     steps, batch = config["steps"], config["batch"]
 
@@ -204,6 +214,12 @@ def train_loop_per_worker(config: dict) -> None:
         progress.close()
 
 
+def _coverage(examples: list[DistillExample], draft_ids: torch.Tensor) -> float:
+    """Share of the answers' tokens that are in the draft vocabulary."""
+    answers = torch.cat([ex.input_ids[ex.answer_start :] for ex in examples])
+    return torch.isin(answers, draft_ids.cpu()).float().mean().item() if answers.numel() else 1.0
+
+
 class _as_is:
     """A context manager yielding a local directory unchanged."""
 
@@ -242,6 +258,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-refine", action="store_true", help="no sequential refinement: a block's slots are read in one pass"
     )
+    parser.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="draft over this many target tokens (the answers' most frequent, plus EOS); 0: the whole vocabulary",
+    )
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -258,7 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         num_layers=args.num_layers,
         use_visual_latents=not args.text_only,
         refine=not args.no_refine,
+        draft_vocab_size=args.draft_vocab,
     )
+    if args.steps == 0 and args.draft_vocab:
+        parser.error("--draft-vocab picks its tokens from the target's answers: it needs --videos and --steps > 0")
     if args.steps == 0:
         target = flash.load_target(args.model, dtype=torch.float32)
         flash.FlashDrafter.for_target(target, drafter_config).save_pretrained(out)

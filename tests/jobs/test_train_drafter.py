@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import flash
+from flash.train import DistillExample, draft_vocabulary
 from jobs.demo_world import PROMPT, write_videos
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,13 +50,20 @@ def test_trains_on_two_workers_and_resumes(tiny_checkpoints, tmp_path):
         "2",
         "--max-new-tokens",
         "12",
+        "--draft-vocab",
+        "24",
     ]
     _run(*common, "--steps", "4")
     first = json.loads((out / "training_summary.json").read_text())
     assert first["metrics"]["step"] == 4
     checkpoints = sorted((out / "ray_train").glob("*/checkpoint_*"))
     assert len(checkpoints) >= 2
-    before = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
+    target = flash.load_target(tiny_checkpoints["qwen2_5_vl"])
+    before = flash.FlashDrafter.from_pretrained(out, target)
+    # The draft vocabulary: picked from the target's own answers in the distillation set, saved with the drafter.
+    examples = [DistillExample.from_dict(d) for d in torch.load(out / "distill.pt", weights_only=True)["examples"]]
+    expected = draft_vocabulary(examples, 24, target.eos_token_ids, target.vocab_size)
+    assert before.config.draft_vocab_size == 24 and torch.equal(before.draft_ids, expected)
 
     resumed = _run(*common, "--steps", "6", "--resume")
     assert "no checkpoint to resume from" not in resumed.stdout
@@ -62,7 +71,15 @@ def test_trains_on_two_workers_and_resumes(tiny_checkpoints, tmp_path):
     assert second["metrics"]["step"] == 6
     after = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
     changed = any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
-    assert changed
+    assert changed and torch.equal(after.draft_ids, expected)
+
+
+def test_draft_vocab_needs_the_distillation_set(tiny_checkpoints, tmp_path):
+    from jobs.train_drafter import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_checkpoints["qwen2_5_vl"], "--out", str(tmp_path), "--steps", "0", "--draft-vocab", "8"])
+    assert not (tmp_path / "drafter.safetensors").exists()
 
 
 def test_distill_set_is_rebuilt_when_the_target_or_clips_change(tiny_checkpoints, tmp_path):
