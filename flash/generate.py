@@ -14,8 +14,9 @@ engine run over one batch until every row is done.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -213,6 +214,22 @@ class Engine:
             new.draft_s = _clock(self.device) - t1
             self.stats.draft_s += new.draft_s
         self._join(new)
+        return keys
+
+    def run(self, count: int, inputs_for: Callable[[list[int]], Any], max_rows: int) -> list[int]:
+        """Decode requests 0..count-1 with at most `max_rows` rows live: waiting requests join as
+        rows finish, in groups of at least max_rows/4 (one prefill per group; `inputs_for(indices)`
+        makes its processor batch). Returns each request's key into `sequences` and the stats."""
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        queue, keys = list(range(count)), [0] * count
+        while queue or self.live:
+            free = max_rows - self.live
+            if queue and (free >= max(1, max_rows // 4) or not self.live):
+                group, queue = queue[:free], queue[free:]
+                for request, key in zip(group, self.admit(inputs_for(group))):
+                    keys[request] = key
+            self.step()
         return keys
 
     def _join(self, new: _Live) -> None:

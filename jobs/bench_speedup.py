@@ -145,19 +145,10 @@ def continuous(runner: Runner, method: str, inputs_for, n_clips: int, rows: int)
     engine = flash.Engine(
         runner.target, runner.drafters.get(CONTINUOUS[method]), max_new_tokens=runner.max_new, **runner.penalty
     )
-    queue, clip_of = list(range(n_clips)), {}
     start = time.perf_counter()
-    while queue or engine.live:
-        free = rows - engine.live
-        if queue and (free >= max(1, rows // 4) or not engine.live):
-            take, queue = queue[:free], queue[free:]
-            clip_of.update(zip(engine.admit(inputs_for(take)), take))
-        engine.step()
+    keys = engine.run(n_clips, inputs_for, rows)
     seconds = time.perf_counter() - start
-    tokens = [[] for _ in range(n_clips)]
-    for key, clip in clip_of.items():
-        tokens[clip] = engine.sequences[key]
-    return seconds, tokens, engine.stats
+    return seconds, [engine.sequences[k] for k in keys], engine.stats
 
 
 def measure_continuous(runner, inputs_for, clips, batch, methods, repeats, reference, static_rows) -> list[dict]:

@@ -149,3 +149,22 @@ def test_drafter_rows_joined_draft_as_if_alone(targets64):
     for i in range(2):
         torch.testing.assert_close(joined.features[i], alone[i][1].features[0])
         assert torch.equal(joined.tokens[i], alone[i][1].tokens[0])
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 8])
+def test_run_keeps_at_most_max_rows_live_and_is_exact(targets64, max_rows):
+    target = targets64["qwen2_5_vl"]
+    prompts, videos = _batch("qwen2_5_vl", 7, seed=11)
+    alone = [
+        hf_greedy(target, target.processor(text=[p], videos=[v], return_tensors="pt"), MAX_NEW)
+        for p, v in zip(prompts, videos)
+    ]
+
+    def inputs_for(indices):
+        assert engine.live + len(indices) <= max_rows
+        texts, clips = [prompts[i] for i in indices], [videos[i] for i in indices]
+        return target.processor(text=texts, videos=clips, return_tensors="pt", padding=True)
+
+    engine = flash.Engine(target, flash.FlashDrafter.for_target(target), max_new_tokens=MAX_NEW)
+    keys = engine.run(len(prompts), inputs_for, max_rows)
+    assert [engine.sequences[k] for k in keys] == alone
