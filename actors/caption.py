@@ -86,25 +86,25 @@ class CaptionActor:
         )
 
     def _generate(self, rows: list[dict]) -> tuple[list[str], list[int], list[float], float]:
-        processor = self.target.processor
-        inputs = self.inputs(rows)
         started = time.perf_counter()
-        out = flash.generate(
+        engine = flash.Engine(
             self.target,
             self.drafter,
-            inputs,
             max_new_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
             block_size=self.policy,  # None: the drafter's fixed block
         )
+        # At most max_rows videos decode at once; the others join as rows finish (continuous batching).
+        keys = engine.run(
+            len(rows), lambda group: self.inputs([rows[i] for i in group]), self.config.max_rows or len(rows)
+        )
         elapsed = time.perf_counter() - started
         eos = set(self.target.eos_token_ids.tolist())
-        texts = [
-            processor.tokenizer.decode([t for t in seq if t not in eos], skip_special_tokens=True).strip()
-            for seq in out.sequences
-        ]
-        lengths = [out.stats.row_acceptance_length(i) for i in range(len(rows))]
-        return texts, [len(s) for s in out.sequences], lengths, elapsed
+        sequences = [engine.sequences[k] for k in keys]
+        tokenizer = self.target.processor.tokenizer
+        texts = [tokenizer.decode([t for t in s if t not in eos], skip_special_tokens=True).strip() for s in sequences]
+        lengths = [engine.stats.row_acceptance_length(k) for k in keys]
+        return texts, [len(s) for s in sequences], lengths, elapsed
 
     def _caption(self, rows: list[dict]) -> None:
         """Fill caption/num_tokens/acceptance_length/generate_s/error on rows without a decode error."""

@@ -94,6 +94,13 @@ class CaptionConfig(BaseModel):
         "0: greedy (the checkpoint's repetition penalty still applies); > 0: sampling at this temperature.",
     )
     batch_size: int = Field(default=4, ge=1, le=256, description="Videos per generate call in a caption actor.")
+    max_rows: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Videos decoding at once in a caption actor: the others of its batch join as rows finish "
+        "(continuous batching). None: batch_size (the whole batch at once).",
+    )
     adaptive_block: bool = Field(
         default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."
     )

@@ -83,3 +83,15 @@ def test_gpus_without_cuda_fail_at_start(tmp_path, chat_model):
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         _actor(tmp_path, chat_model[0], gpus_per_actor=1)
+
+
+def test_max_rows_decodes_a_batch_continuously_with_the_same_captions(tmp_path, chat_model):
+    clips = {f"c{i}.mp4": _moving_clip(20 + 7 * i, 30, 112, 112, seed=i) for i in range(5)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    whole = _actor(tmp_path, *chat_model, max_new_tokens=10)._generate(rows)
+    streaming = _actor(tmp_path, *chat_model, max_new_tokens=10, max_rows=2)
+    groups = []
+    inputs = streaming.inputs
+    streaming.inputs = lambda group: groups.append(len(group)) or inputs(group)
+    assert streaming._generate(rows)[:2] == whole[:2]  # captions and token counts
+    assert max(groups) <= 2 and sum(groups) == 5  # never more than max_rows live; every video admitted
