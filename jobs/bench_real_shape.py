@@ -111,7 +111,7 @@ def measure(target, drafter, batch: int, args, right_for: list[int]) -> list[dic
     times: dict[str, list[float]] = {"target": [], "flash_oracle": []}
     stats = {}
     for rep in range(args.repeats + 1):  # the first round warms up
-        for method in (["target", "flash_oracle"] if rep % 2 else ["flash_oracle", "target"]):
+        for method in ["target", "flash_oracle"] if rep % 2 else ["flash_oracle", "target"]:
             oracle = OracleBlocks(drafter, reference, right_for) if method == "flash_oracle" else None
             _sync(target.device)
             start = time.perf_counter()
