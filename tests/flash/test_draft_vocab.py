@@ -12,8 +12,8 @@ from flash.sampling import SamplingParams, choose, mark_seen, penalize, probabil
 from flash.train import DistillExample, draft_vocabulary, drafter_loss, teacher_forced
 from tests.flash.test_batched import _alone, _batch
 from tests.flash.test_drafter import _prefill
-from tests.flash.test_sampling import CHI2_BOUND, chi2
-from tests.helpers import cases, chat, hf_greedy
+from tests.flash.test_sampling import CHI2_BOUND, chi2, two_token_law
+from tests.helpers import cases, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 K = 4
@@ -308,17 +308,7 @@ def test_sampling_with_reduced_drafter_matches_target_distribution(targets64):
     the target's (as test_sampling.py's test with a fixed q)."""
     target = targets64["qwen2_5_vl"]
     params = SamplingParams(temperature=1.0, top_k=3)
-    n = 1500
-    inputs = target.processor(text=[chat("qwen2_5_vl", "describe the video")] * n, return_tensors="pt")
-    one = {k: v[:1] for k, v in inputs.items()}
-    with torch.inference_mode():
-        logits1 = target.model(**one).logits[0, -1]
-        p1 = probabilities(logits1, params)
-        joint = torch.zeros(target.vocab_size, target.vocab_size, dtype=torch.float64)
-        for t1 in torch.nonzero(p1).flatten().tolist():
-            ids = torch.cat([one["input_ids"], torch.tensor([[t1]])], 1)
-            logits2 = target.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-            joint[t1] = p1[t1] * probabilities(logits2, params)
+    inputs, joint = two_token_law(target, params)
 
     support = sorted(set(torch.nonzero(joint).flatten().tolist()))
     left_out = max(support, key=lambda t: float(joint[:, t].sum() + joint[t].sum()))

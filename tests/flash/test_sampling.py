@@ -84,24 +84,26 @@ def test_distribution_test_catches_wrong_acceptance():
         assert any(stat > CHI2_BOUND[dof] for stat, dof in stats)
 
 
-def test_generate_sampling_matches_target_distribution(targets64):
-    """End to end on a tiny Qwen2.5-VL: the joint law of the first two sampled tokens,
-    drawn through flash.generate with a deliberately poor drafter, equals the target's."""
-    target = targets64["qwen2_5_vl"]
-    params = SamplingParams(temperature=1.0, top_k=3)
-    n = 1500
-    inputs = target.processor(text=[chat("qwen2_5_vl", "describe the video")] * n, return_tensors="pt")
+def two_token_law(target, params: SamplingParams, n: int = 1500, text: str = "describe the video"):
+    """n copies of one prompt, and the target's exact joint law of its first two tokens [V, V]."""
+    inputs = target.processor(text=[chat("qwen2_5_vl", text)] * n, return_tensors="pt")
     one = {k: v[:1] for k, v in inputs.items()}
-
-    # Exact target law of (t1, t2) under top-k 3.
     with torch.inference_mode():
-        logits1 = target.model(**one).logits[0, -1]
-        p1 = probabilities(logits1, params)
+        p1 = probabilities(target.model(**one).logits[0, -1], params)
         joint = torch.zeros(target.vocab_size, target.vocab_size, dtype=torch.float64)
         for t1 in torch.nonzero(p1).flatten().tolist():
             ids = torch.cat([one["input_ids"], torch.tensor([[t1]])], 1)
             logits2 = target.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
             joint[t1] = p1[t1] * probabilities(logits2, params)
+    return inputs, joint
+
+
+def test_generate_sampling_matches_target_distribution(targets64):
+    """End to end on a tiny Qwen2.5-VL: the joint law of the first two sampled tokens,
+    drawn through flash.generate with a deliberately poor drafter, equals the target's."""
+    target = targets64["qwen2_5_vl"]
+    params = SamplingParams(temperature=1.0, top_k=3)
+    inputs, joint = two_token_law(target, params)
 
     # q: uniform over every possible second token plus one the target never picks there.
     seconds = torch.nonzero(joint.sum(0)).flatten().tolist()
