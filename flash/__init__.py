@@ -3,6 +3,10 @@
 target = flash.load_target(path)
 drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig())
 out = flash.generate(target, drafter, target.processor(text=[...], videos=[...], return_tensors="pt"))
+
+Many requests, at most R decoding at once (continuous batching):
+engine = flash.Engine(target, drafter, max_new_tokens=512)
+keys = engine.run(count, inputs_for, max_rows=R)   # inputs_for(indices) -> a processor batch
 """
 
 from flash.drafter import Block, DrafterConfig, FlashDrafter
