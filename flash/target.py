@@ -6,7 +6,7 @@ runs the prompt, vision tower included, and returns the features (final hidden
 states, the input of the LM head) with the positions of the visual tokens. The
 returned `TargetSession` owns the batch's KV cache: `verify` scores a block of
 tokens in one forward pass, `commit` keeps the accepted part and rolls the rest
-back.
+back, `join` appends another prefill's rows between cycles (continuous batching).
 
 Positions are always passed explicitly. Qwen2-VL and Qwen2.5-VL use 3-D
 multimodal rotary positions (mrope): at prefill they come from the model's own
