@@ -8,11 +8,12 @@ import torch
 
 import flash
 from flash.drafter import CONFIG_NAME, WEIGHTS_NAME, DraftHead
-from flash.sampling import SamplingParams, choose, mark_seen, penalize, probabilities, seen_ids
+from flash.sampling import SamplingParams, penalize, probabilities, seen_ids
 from flash.train import DistillExample, draft_vocabulary, drafter_loss, teacher_forced
 from tests.flash.test_batched import _alone, _batch
 from tests.flash.test_drafter import _prefill
-from tests.flash.test_sampling import CHI2_BOUND, chi2, two_token_law
+from tests.flash.test_generation_config import penalized_first_block
+from tests.flash.test_sampling import assert_two_token_law, two_token_law
 from tests.helpers import cases, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
@@ -92,13 +93,7 @@ def test_drafter_proposals_use_the_penalty_on_the_draft_ids(targets64):
     drafter = _reduced(target, ids, block_size=5)
     inputs = target.processor(text=[c.prompt for c in cases("qwen2_5_vl")[17:20]], return_tensors="pt", padding=True)
     _, prefill = target.prefill(inputs)
-    params = SamplingParams(repetition_penalty=3.0)
-    seen = seen_ids(prefill.input_ids, prefill.attention_mask, target.vocab_size)
-    extra = torch.randint(0, target.vocab_size, (seen.shape[0], 20), generator=torch.Generator().manual_seed(0))
-    seen = torch.cat([seen, extra], dim=1)
-    first, _ = choose(prefill.last_logits, params, seen=seen)
-    seen = mark_seen(seen, first.unsqueeze(1), torch.ones_like(first))
-    block = drafter.start(prefill, first, params, seen=seen)
+    block, seen = penalized_first_block(target, drafter, prefill)
     logits = drafter.lm_head(block.features).float()  # [B, k, V]
     context, differs = seen, 0
     for i in range(block.tokens.shape[1]):
@@ -318,14 +313,8 @@ def test_sampling_with_reduced_drafter_matches_target_distribution(targets64):
         target, drafter, inputs, max_new_tokens=2, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1)
     )
     assert 0 < out.stats.accepted < out.stats.drafted  # both branches of acceptance ran
-    counts = torch.zeros_like(joint)
-    for seq in out.sequences:
-        counts[seq[0], seq[1]] += 1
+    counts = assert_two_token_law(out.sequences, joint)
     assert counts[left_out].sum() + counts[:, left_out].sum() > 0  # emitted although never drafted
-    cells = joint > 0
-    stat, dof = chi2(counts[cells], joint[cells])
-    assert counts[~cells].sum() == 0
-    assert stat < CHI2_BOUND.get(dof, 41.3), (stat, dof)
 
 
 # ---------------------------------------------------------------- choosing the ids, training

@@ -125,6 +125,18 @@ def test_release_sampling_settings_decode_like_generate(tiny_checkpoints, tmp_pa
         )
 
 
+def penalized_first_block(target, drafter, prefill, penalty: float = 3.0):
+    """The drafter's first block under a repetition penalty, with 20 random ids seen besides the prompt
+    (as if emitted). Returns (block, the seen ids its first slot used)."""
+    params = SamplingParams(repetition_penalty=penalty)
+    seen = seen_ids(prefill.input_ids, prefill.attention_mask, target.vocab_size)
+    extra = torch.randint(0, target.vocab_size, (seen.shape[0], 20), generator=torch.Generator().manual_seed(0))
+    seen = torch.cat([seen, extra], dim=1)
+    first, _ = choose(prefill.last_logits, params, seen=seen)
+    seen = mark_seen(seen, first.unsqueeze(1), torch.ones_like(first))
+    return drafter.start(prefill, first, params, seen=seen), seen
+
+
 def test_drafter_proposals_use_the_penalty(penalized):
     """Each drafted token is the argmax of the penalized drafter logits, earlier slots counted as seen."""
     target = penalized["qwen2_5_vl"]
@@ -132,13 +144,7 @@ def test_drafter_proposals_use_the_penalty(penalized):
     drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=5))
     inputs = target.processor(text=[c.prompt for c in cases("qwen2_5_vl")[17:20]], return_tensors="pt", padding=True)
     _, prefill = target.prefill(inputs)
-    params = SamplingParams(repetition_penalty=3.0)
-    seen = seen_ids(prefill.input_ids, prefill.attention_mask, target.vocab_size)
-    extra = torch.randint(0, target.vocab_size, (seen.shape[0], 20), generator=torch.Generator().manual_seed(0))
-    seen = torch.cat([seen, extra], dim=1)  # as if these had been emitted
-    first, _ = choose(prefill.last_logits, params, seen=seen)
-    seen = mark_seen(seen, first.unsqueeze(1), torch.ones_like(first))
-    block = drafter.start(prefill, first, params, seen=seen)
+    block, seen = penalized_first_block(target, drafter, prefill)
     logits = drafter.lm_head(block.features).float()  # [B, k, V]
     context, differs = seen, 0
     for i in range(block.tokens.shape[1]):

@@ -98,6 +98,19 @@ def two_token_law(target, params: SamplingParams, n: int = 1500, text: str = "de
     return inputs, joint
 
 
+def assert_two_token_law(sequences: list[list[int]], joint: torch.Tensor) -> torch.Tensor:
+    """The first two tokens of the sequences follow `joint` [V, V] (chi-square; never outside its
+    support). Returns the counts."""
+    counts = torch.zeros_like(joint)
+    for seq in sequences:
+        counts[seq[0], seq[1]] += 1
+    cells = joint > 0
+    stat, dof = chi2(counts[cells], joint[cells])
+    assert counts[~cells].sum() == 0
+    assert stat < CHI2_BOUND.get(dof, 41.3), (stat, dof)
+    return counts
+
+
 def test_generate_sampling_matches_target_distribution(targets64):
     """End to end on a tiny Qwen2.5-VL: the joint law of the first two sampled tokens,
     drawn through flash.generate with a deliberately poor drafter, equals the target's."""
@@ -115,13 +128,7 @@ def test_generate_sampling_matches_target_distribution(targets64):
         target, drafter, inputs, max_new_tokens=2, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1)
     )
     assert 0 < out.stats.accepted < out.stats.drafted  # both branches of acceptance ran
-    counts = torch.zeros_like(joint)
-    for seq in out.sequences:
-        counts[seq[0], seq[1]] += 1
-    cells = joint > 0
-    stat, dof = chi2(counts[cells], joint[cells])
-    assert counts[~cells].sum() == 0
-    assert stat < CHI2_BOUND.get(dof, 41.3), (stat, dof)
+    assert_two_token_law(out.sequences, joint)
 
 
 def _chi2_bound(dof: int) -> float:
