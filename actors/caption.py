@@ -8,11 +8,20 @@ real metadata (source fps, frame count, sampled indices), so time positions and
 timestamps are the ones the model was trained with. Tokens are chosen as the
 checkpoint's generation config says, unless the job sets a temperature.
 
-Rows that arrive with a decode error pass through untouched. If a batch fails
+Ray Data keeps `batches_per_actor` calls in flight per actor, each in its own
+thread: a call runs the processor on its rows (CPU) while another holds the
+model, and the model takes one batch at a time. Each row is processed alone and
+the batch is collated from those outputs (`Target.collate`, equal to the
+processor's own batch), so any grouping of rows can be decoded together.
+
+Rows that arrive with a decode error pass through untouched; a row the
+processor refuses gets its error and costs no other row. If a batch fails
 in generation, its rows are retried one by one so a single bad input only costs
 its own row (which gets the error). If a batch's rows were in flight when an
 earlier worker process died (see pipeline/ledger.py), they are captioned one at
 a time, and a row charged with `max_worker_crashes` deaths becomes an error row.
+Rows are charged while they hold the model, not while they wait for it, so a
+video that kills the process does not charge the next batch's rows.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -35,6 +45,7 @@ from pipeline.decode import frames_of, video_metadata_of
 from pipeline.ledger import Guard
 from pipeline.storage import S3Settings
 
+PROCESSED = "_processed"  # a row's processor output, made ahead of the model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -73,17 +84,32 @@ class CaptionActor:
         self.actor_id = f"{self.node}:{os.getpid()}"
         self._metrics = _Metrics()
         self.guard = Guard(ledger, "caption", self.config.max_worker_crashes, self.actor_id)
+        self._model_lock = threading.Lock()
 
-    def inputs(self, rows: list[dict]):
-        """The processor batch for decoded rows: prompt, frames and each video's real metadata."""
+    def process(self, row: dict):
+        """The processor's output for one decoded row: prompt, frames and the video's real metadata."""
         return self.target.processor(
-            text=[self.prompt] * len(rows),
-            videos=[frames_of(r) for r in rows],
-            video_metadata=[video_metadata_of(r) for r in rows],
+            text=[self.prompt],
+            videos=[frames_of(row)],
+            video_metadata=[video_metadata_of(row)],
             do_sample_frames=False,  # the frames were sampled when decoding; the metadata says which
             return_tensors="pt",
-            padding=True,
         )
+
+    def prepare(self, rows: list[dict]) -> None:
+        """Run the processor on each row ahead of the model (outside the model lock); a row the
+        processor cannot take gets its error here and costs nothing else."""
+        for r in rows:
+            if r["error"] or PROCESSED in r:
+                continue
+            try:
+                r[PROCESSED] = self.process(r)
+            except Exception as err:
+                r["error"] = f"processing failed: {type(err).__name__}: {err}"[:2000]
+
+    def inputs(self, rows: list[dict]):
+        """The model's batch for decoded rows: their processor outputs, left-padded together."""
+        return self.target.collate([r[PROCESSED] if PROCESSED in r else self.process(r) for r in rows])
 
     def _generate(self, rows: list[dict]) -> tuple[list[str], list[int], list[float], float]:
         started = time.perf_counter()
@@ -146,10 +172,13 @@ class CaptionActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        started = time.perf_counter()
         for r in rows:
             r.update(caption="", num_tokens=0, acceptance_length=0.0, generate_s=0.0)
-        self._caption(rows)
+        self.prepare(rows)
+        with self._model_lock:  # one batch on the model at a time; the next one's processor runs meanwhile
+            started = time.perf_counter()
+            self._caption(rows)
+            busy = time.perf_counter() - started
         now = datetime.now(UTC)
         out = []
         for r in rows:
@@ -173,7 +202,6 @@ class CaptionActor:
                     "rss_mb": _rss_mb(),
                 }
             )
-        busy = time.perf_counter() - started
         for row in out:
             row["busy_s"] = busy / len(out)
         self._metrics.record(out, busy)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, BatchFeature
 from transformers.cache_utils import DynamicCache
 
 # model_type -> (family, model class name in transformers)
@@ -118,6 +118,32 @@ class Target:
             return instruction
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def collate(self, parts: list) -> BatchFeature:
+        """One left-padded batch from processor outputs of one prompt each, equal to what the
+        processor returns for them together: so videos can be processed one by one, ahead of the
+        model, and batched in any grouping. Per-token columns (input_ids, attention_mask, ...) are
+        left-padded; every other tensor (pixels, grids, time steps) is concatenated in order."""
+        if not parts:
+            raise ValueError("collate needs at least one processor output")
+        keys = list(parts[0].keys())
+        if any(sorted(p.keys()) != sorted(keys) for p in parts):
+            raise ValueError(f"cannot batch processor outputs with different keys: {sorted({k for p in parts for k in p})}")
+        width = max(p["input_ids"].shape[1] for p in parts)
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+        out = {}
+        for key in keys:
+            values = [p[key] for p in parts]
+            if not all(isinstance(v, torch.Tensor) for v in values):
+                raise ValueError(f"cannot batch processor outputs: {key!r} is not a tensor")
+            if all(v.shape == p["input_ids"].shape for v, p in zip(values, parts)):  # one entry per token
+                fill = pad_id if key == "input_ids" else 0
+                values = [torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill) for v in values]
+            elif len({tuple(v.shape[1:]) for v in values}) > 1:
+                shapes = sorted({tuple(v.shape) for v in values})
+                raise ValueError(f"cannot batch processor outputs: {key!r} has shapes {shapes}")
+            out[key] = torch.cat(values)
+        return BatchFeature(out)
 
     def _model_inputs(self, inputs) -> dict[str, torch.Tensor]:
         """Processor output -> tensors on the target's device, pixels in its dtype."""

@@ -106,6 +106,13 @@ class CaptionConfig(BaseModel):
         description="Videos decoding at once in a caption actor: the others of its batch join as rows finish "
         "(continuous batching). None: batch_size (the whole batch at once).",
     )
+    batches_per_actor: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Batches in flight per caption actor: the next batch's processor work (CPU) runs while the "
+        "model decodes the current one; the model takes one batch at a time.",
+    )
     adaptive_block: bool = Field(
         default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."
     )

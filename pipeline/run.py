@@ -102,7 +102,14 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
         fn_constructor_kwargs={"config": config.model_dump(), "ledger": ledger},
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        # Several calls per actor, in threads: the processor of one batch overlaps the model on another
+        # (the actor lets one call at a time use the model).
+        compute=ActorPoolStrategy(
+            min_size=config.min_actors,
+            max_size=config.max_actors,
+            max_concurrent_calls_per_actor=config.batches_per_actor,
+            enable_true_multi_threading=config.batches_per_actor > 1,
+        ),
         num_gpus=config.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
     )

@@ -95,3 +95,38 @@ def test_max_rows_decodes_a_batch_continuously_with_the_same_captions(tmp_path, 
     streaming.inputs = lambda group: groups.append(len(group)) or inputs(group)
     assert streaming._generate(rows)[:2] == whole[:2]  # captions and token counts
     assert max(groups) <= 2 and sum(groups) == 5  # never more than max_rows live; every video admitted
+
+
+def test_batches_in_flight_together_caption_as_one_at_a_time(tmp_path, chat_model):
+    """Two calls at once (Ray Data's batches_per_actor threads): each batch's processor work runs
+    beside the other's decoding, and the captions are the ones of calls made one after another."""
+    import threading
+
+    import pyarrow as pa
+
+    clips = {f"c{i}.mp4": _moving_clip(20 + 5 * i, 30, 112, 112, seed=i) for i in range(4)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    batches = [pa.Table.from_pylist(rows[:2]), pa.Table.from_pylist(rows[2:])]
+    actor = _actor(tmp_path, *chat_model, max_new_tokens=8)
+    alone = [actor(b).column("caption").to_pylist() for b in batches]
+    together: dict[int, list[str]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: together.update({i: actor(batches[i]).column("caption").to_pylist()}))
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[0], together[1]] == alone and all(alone[0] + alone[1])
+
+
+def test_a_row_the_processor_refuses_costs_only_itself(tmp_path, chat_model):
+    import pyarrow as pa
+
+    clips = {f"c{i}.mp4": _moving_clip(20 + 5 * i, 30, 112, 112, seed=i) for i in range(3)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    rows[1]["frames_shape"] = [4, 112, 112, 4]  # four channels: the image processor cannot take it
+    out = _actor(tmp_path, *chat_model, max_new_tokens=8)(pa.Table.from_pylist(rows)).to_pylist()
+    assert out[1]["error"].startswith("processing failed:") and out[1]["caption"] == ""
+    assert [bool(r["caption"]) and not r["error"] for r in (out[0], out[2])] == [True, True]

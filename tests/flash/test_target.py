@@ -96,3 +96,34 @@ def test_remote_code_is_never_run_by_default(tiny_checkpoints, tmp_path):
 
 def test_supported_families_are_listed():
     assert {"qwen2_5_vl", "qwen2_vl", "llava_onevision"} <= set(SUPPORTED_MODELS)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_collate_equals_the_processor_on_the_whole_batch(targets64, family):
+    """Videos processed one by one (ahead of the model) and collated make the processor's own
+    batch, key for key: left padding, pixels in order, grids and time steps per video."""
+    from tests.helpers import cases
+
+    target = targets64[family]
+    videos = [c for c in cases(family) if c.videos is not None]
+    if family == "llava_onevision":  # its processor batches videos of one frame count only
+        videos = [c for c in videos if c.videos[0].shape[0] == 4]
+    assert len(videos) >= 3 and len({c.prompt for c in videos}) > 1  # prompts of different lengths
+    whole = target.processor(
+        text=[c.prompt for c in videos], videos=[c.videos[0] for c in videos], return_tensors="pt", padding=True
+    )
+    parts = [c.inputs(target.processor) for c in videos]
+    batch = target.collate(parts)
+    assert sorted(batch.keys()) == sorted(whole.keys())
+    for key in whole:
+        assert torch.equal(batch[key], whole[key]), key
+    assert all(torch.equal(target.collate([p])[k], p[k]) for p in parts[:2] for k in p)
+
+
+def test_collate_refuses_parts_it_cannot_stack(targets64):
+    target = targets64["llava_onevision"]
+    from tests.helpers import cases
+
+    two = [c for c in cases("llava_onevision") if c.videos is not None][:2]  # 2 and 4 frames
+    with pytest.raises(ValueError, match="cannot batch"):
+        target.collate([c.inputs(target.processor) for c in two])
