@@ -128,7 +128,9 @@ class Target:
             raise ValueError("collate needs at least one processor output")
         keys = list(parts[0].keys())
         if any(sorted(p.keys()) != sorted(keys) for p in parts):
-            raise ValueError(f"cannot batch processor outputs with different keys: {sorted({k for p in parts for k in p})}")
+            raise ValueError(
+                f"cannot batch processor outputs with different keys: {sorted({k for p in parts for k in p})}"
+            )
         width = max(p["input_ids"].shape[1] for p in parts)
         pad_id = self.processor.tokenizer.pad_token_id or 0
         out = {}
