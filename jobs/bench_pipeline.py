@@ -3,8 +3,12 @@ the same clips with the FLASH drafter and without it (`--no-drafter`), at each b
 run, the two sides alternating; each side's best batch size is compared with the other's, and the
 captions of the two sides must be identical.
 
-    python jobs/bench_pipeline.py [--clips N] [--batch-sizes 4,16,32] [--model DIR] [--drafter DIR]
-                                  [--out report.json]
+    python jobs/bench_pipeline.py [--clips N] [--batch-sizes 4,16,32] [--batches-per-actor 1,2]
+                                  [--model DIR] [--drafter DIR] [--out report.json]
+
+`--batches-per-actor` lists the settings to measure (batches in flight per caption actor: 1 runs the
+processor and the model in turn, 2 overlaps the next batch's processor with the model); each
+method's best is over batch sizes and these settings.
 
 Steady state excludes start-up (Ray, actor model load): clips after the first batch over the time
 from the first to the last batch (the job report's `steady_clips_per_s`).
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(ROOT / "models" / "demo-target"))
     p.add_argument("--drafter", default=str(ROOT / "models" / "demo-drafter"))
     p.add_argument("--batch-sizes", default="4,16,32")
+    p.add_argument("--batches-per-actor", default="2")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--cpus-per-decode", type=float, default=0.5)
     p.add_argument("--out", default="pipeline_report.json")
@@ -53,25 +58,28 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     rows, captions = [], {}
     sides = [("flash", args.drafter), ("target", None)]
-    for i, batch in enumerate(int(b) for b in args.batch_sizes.split(",")):
+    settings = [(int(b), int(n)) for b in args.batch_sizes.split(",") for n in args.batches_per_actor.split(",")]
+    for i, (batch, in_flight) in enumerate(settings):
         for method, drafter in sides if i % 2 == 0 else sides[::-1]:  # alternate which side goes first
-            out = work / f"captions-{method}-{batch}"
+            out = work / f"captions-{method}-{batch}-{in_flight}"
             config = load_config(
                 input=str(videos),
                 output=str(out),
                 model=args.model,
                 drafter=drafter,
                 batch_size=batch,
+                batches_per_actor=in_flight,
                 cpus_per_actor=args.cpus_per_actor,
                 cpus_per_decode=args.cpus_per_decode,
                 report=False,
             )
             report = run_job(config, log=lambda line: None)
-            captions[(method, batch)] = _captions(out)
+            captions[(method, batch, in_flight)] = _captions(out)
             rows.append(
                 {
                     "method": method,
                     "batch_size": batch,
+                    "batches_per_actor": in_flight,
                     "clips_per_s": report["steady_clips_per_s"],
                     "tokens_per_s": report["steady_tokens_per_s"],
                     "wall_clips_per_s": report["clips_per_s"],
@@ -82,14 +90,19 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
 
-    reference = captions[("target", rows[0]["batch_size"])]
+    reference = captions[("target", *settings[0])]
     for row in rows:
-        same = [captions[(row["method"], row["batch_size"])].get(uri) == text for uri, text in reference.items()]
+        same = [
+            captions[(row["method"], row["batch_size"], row["batches_per_actor"])].get(uri) == text
+            for uri, text in reference.items()
+        ]
         row["identical"] = sum(same) / len(same)
     best = {}
     for row in rows:
         if row["identical"] == 1.0 and row["clips_per_s"] > best.get(row["method"], {}).get("clips_per_s", 0):
-            best[row["method"]] = {k: row[k] for k in ("batch_size", "clips_per_s", "tokens_per_s")}
+            best[row["method"]] = {
+                k: row[k] for k in ("batch_size", "batches_per_actor", "clips_per_s", "tokens_per_s")
+            }
     result = {
         "date": date.today().isoformat(),
         "clips": args.clips,

@@ -16,6 +16,9 @@ share of clips whose tokens equal that clip decoded alone by the baseline. A
 mismatch (possible outside float64) is explained by the target's logit margin
 at the first differing token.
 
+`--fixed-blocks 0,2,4` adds `flash_k0`, `flash_k2`, `flash_k4`: the FLASH drafter with that fixed
+block length (0 is plain decoding in the same loop), the yardstick of `flash_adaptive`.
+
 `target_continuous` and `flash_continuous` (batch > 1) decode every clip with
 continuous batching (`flash.Engine`): at most `batch` rows decode at once and
 waiting clips join as rows finish, so no batch runs half empty at its tail.
@@ -102,11 +105,12 @@ class Runner:
         batch = inputs["input_ids"].shape[0]
         start = time.perf_counter()
         stats = None
-        if method in LOOP_METHODS:
-            drafter = self.drafters.get("flash" if method == "flash_adaptive" else method)
+        fixed = method.startswith("flash_k")  # flash_k3: the FLASH drafter with a fixed block of 3
+        if method in LOOP_METHODS or fixed:
+            drafter = self.drafters.get("flash" if method == "flash_adaptive" or fixed else method)
             if method == "prompt_lookup_loop":  # fresh per call: it keeps each row's text
                 drafter = PromptLookupDrafter(block_size=self.lookup, max_ngram=2)
-            block = None
+            block = int(method.removeprefix("flash_k")) if fixed else None
             if method == "flash_adaptive":
                 block = self.policies.setdefault(batch, flash.BlockPolicy(max_block=drafter.block_size))
             out = flash.generate(
@@ -323,13 +327,15 @@ def run(args: argparse.Namespace) -> dict:
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens, args.repetition_penalty)
     rows: list[dict] = []
     alone = None
+    fixed_blocks = [int(k) for k in args.fixed_blocks.split(",")] if args.fixed_blocks else []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         wanted = METHODS if batch == 1 else ["target", "hf_generate", "flash", "flash_adaptive"]
+        wanted = wanted + [f"flash_k{k}" for k in fixed_blocks]
         methods = [
             m
             for m in wanted
-            if m not in ("flash", "flash_text_only", "flash_adaptive")
-            or ("flash" if m == "flash_adaptive" else m) in drafters
+            if not m.startswith("flash")
+            or ("flash" if m == "flash_adaptive" or m.startswith("flash_k") else m) in drafters
         ]
         batch_rows, plain = measure(runner, target, inputs_for, clips, batch, methods, args.repeats, args.warmup, alone)
         if batch == 1:
@@ -427,6 +433,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--rendered", action="store_true", help="rendered demo frames instead of encoded clips")
+    p.add_argument(
+        "--fixed-blocks",
+        default="",
+        help="also FLASH with each of these fixed block lengths (rows flash_k<n>), to check the adaptive policy",
+    )
     p.add_argument("--no-continuous", action="store_true", help="skip the continuous-batching rows")
     p.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
     args = p.parse_args(argv)
