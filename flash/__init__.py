@@ -13,7 +13,7 @@ from flash.drafter import Block, DrafterConfig, FlashDrafter
 from flash.generate import DecodeStats, Engine, GenerateOutput, generate
 from flash.policy import BlockPolicy
 from flash.sampling import SamplingParams
-from flash.target import Prefill, Target, TargetSession, load_target
+from flash.target import Prefill, Target, TargetHead, TargetSession, load_target, load_target_head
 
 __all__ = [
     "Block",
@@ -29,4 +29,6 @@ __all__ = [
     "TargetSession",
     "generate",
     "load_target",
+    "load_target_head",
+    "TargetHead",
 ]

@@ -49,6 +49,22 @@ QWEN_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen2.5-VL-7B-Instruct's text model (config.json of the release).
+QWEN2_5_VL_7B_TEXT = dict(
+    vocab_size=152_064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=128_000,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+    rms_norm_eps=1e-6,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+
+
 # Qwen2.5-VL-7B-Instruct's generation_config.json sampling settings (top_k 1: greedy in effect).
 QWEN2_5_VL_RELEASE_GENERATION = {
     "do_sample": True,

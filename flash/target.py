@@ -301,6 +301,92 @@ class TargetSession:
         self.rope_deltas = torch.cat([self.rope_deltas, other.rope_deltas])
 
 
+class TargetHead:
+    """The target's token embedding and LM head alone, with what a drafter needs to know of the
+    target (sizes, model type, EOS ids): all that training a drafter uses of a 7B target, about
+    2.2 GB in bfloat16 instead of 15. Duck-types `Target` for `FlashDrafter.for_target` and
+    `from_pretrained`."""
+
+    def __init__(self, config, embed_tokens: nn.Embedding, lm_head: nn.Linear, eos_token_ids: list[int]) -> None:
+        self.config = config
+        text_config = config.get_text_config()
+        self.hidden_size: int = text_config.hidden_size
+        self.vocab_size: int = text_config.vocab_size
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+        self.eos_token_ids = torch.tensor(eos_token_ids, dtype=torch.long, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+
+def _head_tensor_names(names: list[str], tied: bool) -> tuple[str, str]:
+    """(embedding, LM head) tensor names among a checkpoint's, in any of the layouts transformers has
+    saved VLMs with (`model.embed_tokens`, `model.language_model.embed_tokens`,
+    `language_model.model.embed_tokens`, ...; `lm_head`, `language_model.lm_head`)."""
+    embeds = [n for n in names if n.endswith("embed_tokens.weight") and not any(v in n for v in ("visual", "vision"))]
+    heads = [n for n in names if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    if len(embeds) != 1:
+        raise ValueError(f"expected one token embedding among the checkpoint's tensors, found {embeds or 'none'}")
+    if len(heads) > 1:
+        raise ValueError(f"expected one LM head among the checkpoint's tensors, found {heads}")
+    if not heads and not tied:
+        raise ValueError("the checkpoint has no lm_head weight and does not tie it to the embedding")
+    return embeds[0], heads[0] if heads else embeds[0]
+
+
+def load_target_head(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> TargetHead:
+    """Read only the token embedding and the LM head of a checkpoint (safetensors, sharded or not)."""
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    path = Path(path)
+    _check_checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"target checkpoint {str(path)!r} is a {config.model_type!r} model; flashcap supports vision-language "
+            f"models of types {', '.join(sorted(SUPPORTED_MODELS))}"
+        )
+    text_config = config.get_text_config()
+    files = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            files.update({name: file for name in f.keys()})
+    tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False))
+    embed_name, head_name = _head_tensor_names(sorted(files), tied)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(files[name]), framework="pt", device=str(device)) as f:
+            return f.get_tensor(name).to(dtype)
+
+    embed = nn.Embedding(text_config.vocab_size, text_config.hidden_size, device="meta")
+    embed.weight = nn.Parameter(read(embed_name), requires_grad=False)
+    head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False, device="meta")
+    head.weight = embed.weight if head_name == embed_name else nn.Parameter(read(head_name), requires_grad=False)
+    for module, want in ((embed, (text_config.vocab_size, text_config.hidden_size)), (head, None)):
+        if want and tuple(module.weight.shape) != want:
+            raise ValueError(f"{embed_name} has shape {tuple(module.weight.shape)}, the config says {want}")
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = text_config.eos_token_id
+    return TargetHead(config, embed, head, [eos] if isinstance(eos, int) else list(eos or []))
+
+
 def load_target(
     path: str | Path,
     dtype: torch.dtype = torch.float32,

@@ -31,21 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import flash  # noqa: E402
-
-# Qwen2.5-VL-7B-Instruct's text model (config.json of the release).
-QWEN2_5_VL_7B_TEXT = dict(
-    vocab_size=152_064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=128_000,
-    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
-    rms_norm_eps=1e-6,
-    bos_token_id=151643,
-    eos_token_id=151645,
-)
+from flash.build import QWEN2_5_VL_7B_TEXT  # noqa: E402
 
 
 def build_target(layers: int, device: str, dtype: torch.dtype) -> flash.Target:
