@@ -19,6 +19,7 @@ never leaves a stale position behind.
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -344,6 +345,24 @@ def _head_tensor_names(names: list[str], tied: bool) -> tuple[str, str]:
     return embeds[0], heads[0] if heads else embeds[0]
 
 
+def _tied(config) -> bool:
+    text_config = config.get_text_config()
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False))
+
+
+def head_files(path: str | Path) -> list[str] | None:
+    """The weight files holding the embedding and the LM head, from a sharded checkpoint's index
+    (`model.safetensors.index.json`); None without an index. Lets a trainer fetch 2 of a 7B
+    checkpoint's shards instead of all of them."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = json.loads(index.read_text())["weight_map"]
+    embed, head = _head_tensor_names(sorted(weight_map), _tied(AutoConfig.from_pretrained(path)))
+    return sorted({weight_map[embed], weight_map[head]})
+
+
 def load_target_head(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> TargetHead:
@@ -364,8 +383,7 @@ def load_target_head(
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             files.update({name: file for name in f.keys()})
-    tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text_config, "tie_word_embeddings", False))
-    embed_name, head_name = _head_tensor_names(sorted(files), tied)
+    embed_name, head_name = _head_tensor_names(sorted(files), _tied(config))
 
     def read(name: str) -> torch.Tensor:
         with safe_open(str(files[name]), framework="pt", device=str(device)) as f:

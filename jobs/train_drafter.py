@@ -1,212 +1,265 @@
-"""Train a FLASH drafter for a target by self-distillation, on Ray Train.
+"""Train a FLASH drafter for a target by self-distillation: Ray Data builds the set, Ray Train trains.
 
-    python jobs/train_drafter.py --model DIR --videos DIR --out DIR [--steps N] [--workers W]
-                                 [--text-only] [--draft-vocab N] [--resume]
+    python jobs/train_drafter.py --model REF --videos URI --out URI [--storage URI] [--config YAML]
+                                 [--steps N] [--workers W] [--gpu] [--batch B] [--resume]
+                                 [--text-only] [--draft-vocab N] [--s3-endpoint URL]
 
-1. The target captions every clip in --videos itself (greedy, batched) and its
-   features over prompt + answer are recorded (`<out>/distill.pt`). The set
-   names what made it (a digest of the target's weights and configs, of the
-   clips, and the prompt, frames and token budget); a rerun reuses it only if
-   all of them are unchanged, and rebuilds it otherwise.
-2. A `TorchTrainer` runs W workers (CPU here, GPU with --gpu) over shards of
-   that set; rank 0 reports a checkpoint every --checkpoint-every steps.
-   --resume continues from the newest checkpoint under <out>/ray_train.
-3. The final drafter is written to --out (safetensors + JSON config).
+REF is what the pipeline's --model takes (a local directory, s3://bucket/prefix/ or a Hub id);
+URI is a local path or s3://bucket/prefix/. Prompt, frames and token budget come from the same
+`CaptionConfig` as the captioning job (`--config`, the YAML both share; without it the pipeline's
+defaults for this checkpoint), so the drafter learns on what it will serve.
 
---steps 0 writes an initialised, untrained drafter and starts no cluster.
---text-only trains the ablation that never sees the visual latents.
---draft-vocab N drafts over N target tokens only (EAGLE-3's reduced draft
-vocabulary): every EOS id and the tokens the target's own answers in the
-self-distillation set use most (`flash.train.draft_vocabulary`), saved with the
-drafter; each drafted slot then reads N rows of the LM head instead of all.
+1. The self-distillation set (a Ray Data job): the videos are listed and decoded as the pipeline
+   does; actors holding the target (bfloat16 on GPU) answer each clip greedily and record its
+   features over prompt + answer (`actors/distill.py`). Rows are written as Parquet shards, features
+   in bfloat16, under `<storage>/distill/<digest>/`, the digest naming what made them (the target's
+   files, prompt, frame sampling, token budget, dtype); `_key.json` there says it in full. A rerun
+   distils only clips (uri, etag) that no shard holds yet: the set resumes shard by shard, grows
+   with new clips, and a changed clip gets a new row. Other settings or another target: another set.
+2. Training (Ray Train): W workers read the set through Ray Data (`get_dataset_shard`); each holds
+   only the target's embedding and LM head, read straight from the safetensors shards that hold
+   them (`flash.load_target_head`); the drafter is wrapped by `prepare_model` (DDP), trained in
+   float32 (bfloat16 autocast on GPU) with --batch examples per worker per step, their gradients
+   accumulated. Checkpoints go to `RunConfig(storage_path=<storage>)` every --checkpoint-every steps
+   and at the last step. --steps is the total: `--steps 250 --resume` after a 150-step run trains
+   100 more, from the newest checkpoint under <storage>.
+3. The drafter and `training_summary.json` (steps, resumed_from_step, per-slot top-1, ...) are
+   written to --out.
+
+--storage defaults to a sibling of --out (`<out>_train`): the drafter's own folder holds only the
+drafter, so `--drafter <out>` fetches nothing else. --steps 0 writes an untrained drafter to --out
+and starts no cluster. --text-only trains the ablation that never sees the visual latents.
+--draft-vocab N drafts over N target tokens only (EAGLE-3's reduced draft vocabulary): every EOS id
+and the tokens the target's own answers use most (`flash.train.draft_vocabulary`), saved with the
+drafter.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import flash  # noqa: E402
-from flash.train import DistillExample, distill_example, draft_vocabulary, drafter_loss  # noqa: E402
+from flash.train import DistillExample, draft_vocabulary, drafter_loss  # noqa: E402
+from pipeline.checkpoints import CONFIG_FILES, checkpoint_digest, resolve_checkpoint  # noqa: E402
+from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, CaptionConfig, load_config  # noqa: E402
+from pipeline.storage import OutputStore, S3Settings, arrow_filesystem, is_s3, list_videos  # noqa: E402
+
+DISTILL_FORMAT = 3
 
 
-def _clips(videos: Path) -> list[Path]:
-    clips = sorted(p for p in videos.iterdir() if p.suffix.lower() in {".mp4", ".mkv", ".webm", ".avi", ".mov"})
-    if not clips:
-        raise ValueError(f"no video files in {videos}")
-    return clips
+def settings_of(config: CaptionConfig) -> S3Settings:
+    return S3Settings(config.s3_endpoint, config.s3_region, config.s3_max_attempts, config.s3_timeout_s)
 
 
-def build_distill_set(
-    model_dir: str, videos: Path, prompt: str, frames: int, max_new_tokens: int, batch: int = 16
-) -> list[dict]:
-    """The target captions each clip itself; record its features over prompt + answer."""
-    from pipeline.decode import decode_video, video_metadata
-
-    target = flash.load_target(model_dir, dtype=torch.float32)
-    clips = _clips(videos)
-    examples: list[dict] = []
-    started = time.time()
-    for first in range(0, len(clips), batch):
-        chunk = clips[first : first + batch]
-        decoded = [decode_video(c.read_bytes(), frames) for c in chunk]
-        clip_frames = [f for f, _ in decoded]
-        metadata = [video_metadata(info) for _, info in decoded]  # real time positions, as the pipeline gives them
-        common = dict(do_sample_frames=False, return_tensors="pt")
-        inputs = target.processor(
-            text=[prompt] * len(chunk), videos=clip_frames, video_metadata=metadata, padding=True, **common
-        )
-        answers = flash.generate(target, None, inputs, max_new_tokens=max_new_tokens).sequences
-        for f, meta, answer in zip(clip_frames, metadata, answers):
-            one = target.processor(text=[prompt], videos=[f], video_metadata=[meta], **common)
-            examples.append(distill_example(target, one, answer).as_dict())
-        print(f"distill: {len(examples)}/{len(clips)} clips ({time.time() - started:.0f}s)", flush=True)
-    return examples
+def default_storage(out: str) -> str:
+    return out.rstrip("/") + "_train"
 
 
-DISTILL_FORMAT = 2
-# Files of a checkpoint directory that decide what the target answers (logs and READMEs do not).
-_MODEL_FILES = ("*.safetensors", "*.bin", "*config.json", "tokenizer*", "vocab*", "merges.txt", "chat_template*")
+# ------------------------------------------------------------------------------------------- distil
 
 
-def _digest(paths: list[Path], root: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def distill_key(model_dir: str | Path, videos: Path, prompt: str, frames: int, max_new_tokens: int) -> dict:
-    """What a self-distillation set depends on; a set is reused only under an equal key."""
-    model = Path(model_dir)
-    files = sorted({p for pattern in _MODEL_FILES for p in model.glob(pattern) if p.is_file()})
+def distill_key(config: CaptionConfig, target_digest: str) -> dict:
+    """What a self-distillation set depends on (its rows are keyed by clip)."""
     return {
         "format": DISTILL_FORMAT,
-        "target": _digest(files, model),
-        "clips": _digest(_clips(videos), videos),
-        "prompt": prompt,
-        "frames": frames,
-        "max_new_tokens": max_new_tokens,
+        "target": target_digest,
+        "prompt": config.prompt or f"default: {DEFAULT_INSTRUCTION!r} with a chat template, else {RAW_PROMPT!r}",
+        "num_frames": config.num_frames,
+        "fps": config.fps,
+        "max_frames": config.max_frames,
+        "max_side": config.max_side,
+        "max_new_tokens": config.max_new_tokens,
+        "dtype": config.dtype or ("bfloat16" if config.gpus_per_actor > 0 else "float32"),
     }
 
 
-def load_or_build_distill(
-    path: Path, model_dir: str, videos: Path, prompt: str, frames: int, max_new_tokens: int
-) -> tuple[list[dict], bool]:
-    """The self-distillation set at `path` if it was made by this target from these clips and settings;
-    otherwise build it there. Returns (examples, whether it was built)."""
-    path, videos = Path(path), Path(videos)
-    key = distill_key(model_dir, videos, prompt, frames, max_new_tokens)
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-        old = saved.get("key") if isinstance(saved, dict) else None
-        if old == key:
-            print(f"distill: reusing {path} ({len(saved['examples'])} clips)", flush=True)
-            return saved["examples"], False
-        if old is None:
-            why = "does not record what made it"
-        else:
-            why = "was made with a different " + ", ".join(sorted(k for k in key if old.get(k) != key[k]))
-        print(f"distill: {path} {why}; rebuilding it", flush=True)
-    examples = build_distill_set(model_dir, videos, prompt, frames, max_new_tokens)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "examples": examples}, tmp)
-    os.replace(tmp, path)
-    return examples, True
+def distill_dir(storage: str, key: dict) -> str:
+    import hashlib
+
+    return f"{storage.rstrip('/')}/distill/{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def _shard_keys(fs, path: str) -> set[tuple[str, str]]:
+    """(uri, etag) of every row in the set's readable shards. A shard that cannot be read (cut off by
+    a crash on a local disk) is removed: its clips are distilled again."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    keys: set[tuple[str, str]] = set()
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        try:
+            table = pq.read_table(info.path, filesystem=fs, columns=["video_uri", "etag"])
+        except Exception as err:  # noqa: BLE001 - any unreadable shard is redone
+            print(f"distill: removing unreadable shard {info.path}: {type(err).__name__}: {err}", flush=True)
+            fs.delete_file(info.path)
+            continue
+        keys.update(zip(table.column("video_uri").to_pylist(), table.column("etag").to_pylist()))
+    return keys
+
+
+def build_distill_set(config: CaptionConfig, storage: str, target_digest: str) -> tuple[str, list, int]:
+    """Distil the clips no shard holds yet. Returns (the set's path in its filesystem, the listed
+    clips' (uri, etag) keys, how many clips were distilled now). Ray must be initialised."""
+    from actors.distill import DistillActor
+    from pipeline.run import _build_dataset
+
+    settings = settings_of(config)
+    key = distill_key(config, target_digest)
+    fs, path = arrow_filesystem(distill_dir(storage, key), settings)
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/_key.json") as f:
+        f.write(json.dumps(key, indent=2).encode())
+    objects = list_videos(config.input, config.include, settings)
+    if not objects:
+        raise ValueError(f"no videos under {config.input}")
+    done = _shard_keys(fs, path)
+    todo = [o for o in objects if (o.uri, o.etag) not in done]
+    print(f"distill: {len(objects)} clips, {len(objects) - len(todo)} already in {path}, {len(todo)} to distil")
+    if todo:
+        started = time.time()
+        ds = _build_dataset(config, todo, settings, actor=DistillActor)
+        ds.write_parquet(path, filesystem=fs)
+        print(f"distill: {len(todo)} clips in {time.time() - started:.0f}s", flush=True)
+    return path, [(o.uri, o.etag) for o in objects], len(todo)
+
+
+def read_distill_set(fs, path: str, keys: list, columns: list[str] | None = None):
+    """The set's rows for the listed clips (the newest row per clip), without error rows."""
+    import ray.data
+
+    wanted = set(keys)
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=columns, file_extensions=["parquet"])
+    return ds.filter(lambda r: not r["error"] and (r["video_uri"], r["etag"]) in wanted)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+class DistillLoss(nn.Module):
+    """The drafter's distillation loss as a module's forward, so DDP sees every step."""
+
+    def __init__(self, drafter: flash.FlashDrafter, noise: float) -> None:
+        super().__init__()
+        self.drafter, self.noise = drafter, noise
+
+    def forward(self, example: DistillExample) -> tuple[torch.Tensor, dict[str, float]]:
+        return drafter_loss(self.drafter, example, noise=self.noise)
+
+
+def target_head_dir(ref: str, settings: S3Settings) -> Path:
+    """A local directory with the checkpoint's configs and only the weight files that hold the
+    embedding and the LM head (all of them for an unsharded checkpoint)."""
+    small = resolve_checkpoint(ref, settings, only=CONFIG_FILES)
+    files = flash.target.head_files(small)
+    return resolve_checkpoint(ref, settings, only=CONFIG_FILES + tuple(files or ("*.safetensors",)))
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import contextlib
+
     import ray.train
     import ray.train.torch
+
+    from actors.distill import row_to_example
 
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     device = ray.train.torch.get_device()
-    target = flash.load_target(config["model"], dtype=torch.float32, device=device)
-    data = [DistillExample.from_dict(d) for d in torch.load(config["distill"], weights_only=True)["examples"]]
+    on_gpu = device.type == "cuda"
+    settings = S3Settings(**config["s3"])
+    head = flash.load_target_head(
+        target_head_dir(config["model"], settings), dtype=torch.bfloat16 if on_gpu else torch.float32, device=device
+    )
     drafter_config = flash.DrafterConfig(**config["drafter"])
-    draft_ids = None
-    if drafter_config.draft_vocab_size > 0:  # every rank picks the same ids from the whole set
-        draft_ids = draft_vocabulary(data, drafter_config.draft_vocab_size, target.eos_token_ids, target.vocab_size)
-        if rank == 0:
-            print(f"draft vocabulary: {len(draft_ids)} ids, {_coverage(data, draft_ids):.1%} of answer tokens")
-    drafter = flash.FlashDrafter.for_target(target, drafter_config, draft_ids)
-    drafter.train()
+    draft_ids = torch.tensor(config["draft_ids"], dtype=torch.long) if config["draft_ids"] else None
+    drafter = flash.FlashDrafter.for_target(head, drafter_config, draft_ids).float().train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     start_step = 0
     # A restarted worker group resumes from this run's newest checkpoint; --resume from an earlier run's.
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = config.get("resume_from")
-    if checkpoint or resume_dir:
-        with checkpoint.as_directory() if checkpoint else _as_is(resume_dir) as d:
+    if checkpoint is None and config["resume_from"]:
+        fs, _ = arrow_filesystem(config["storage"], settings)
+        checkpoint = ray.train.Checkpoint(config["resume_from"], filesystem=fs)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
-            drafter.load_state_dict(state["drafter"])
-            opt.load_state_dict(state["optimizer"])
-            start_step = int(state["step"])
-    module = drafter
-    if world > 1:  # one set of weights: rank 0's
-        for p in module.parameters():
-            torch.distributed.broadcast(p.data, src=0)
+        drafter.load_state_dict(state["drafter"])
+        opt.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+    model = ray.train.torch.prepare_model(
+        DistillLoss(drafter, config["noise"]), parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    core = model.module if hasattr(model, "module") else model
 
-    shard = data[rank::world]
-    generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+    def examples():
+        shard = ray.train.get_dataset_shard("train")
+        while True:  # epoch after epoch
+            for row in shard.iter_rows():
+                yield row_to_example(row)
+
+    stream = examples()
     steps, batch = config["steps"], config["batch"]
-
     progress = None
     if rank == 0:
         from tqdm import tqdm
 
-        progress = tqdm(total=steps, initial=start_step, desc="drafter", mininterval=5)
+        progress = tqdm(total=steps, initial=start_step, desc="drafter", mininterval=5, file=sys.stdout)
+    started, seen = time.time(), 0
     for step in range(start_step + 1, steps + 1):
         lr = config["lr"] * min(1.0, step / max(1, config["warmup"]))
         for group in opt.param_groups:
             group["lr"] = lr
-        picks = torch.randint(len(shard), (batch,), generator=generator).tolist()
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         loss_sum = 0.0
-        for i in picks:
-            loss, metrics = drafter_loss(module, shard[i], noise=config["noise"])
-            (loss / batch).backward()
+        for i in range(batch):  # gradient accumulation: one example at a time, synced on the last
+            sync = i == batch - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext():
+                    loss, metrics = model(next(stream))
+                (loss / batch).backward()
             loss_sum += loss.item() / batch
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / batch
-        if world > 1:  # data parallel: average gradients across ranks
-            for p in module.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        seen += batch * world
+        top1 = {k: v for k, v in totals.items() if k.startswith("top1_slot")}
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_sum:.3f}", top1=f"{totals.get('top1_slot0', 0):.2f}")
+            progress.set_postfix(
+                loss=f"{loss_sum:.3f}",
+                top1="/".join(f"{v:.2f}" for v in top1.values()),
+                ex_per_s=f"{seen / max(time.time() - started, 1e-9):.1f}",
+            )
         if step % config["checkpoint_every"] == 0 or step == steps:
-            metrics = {"step": step, "loss": loss_sum, **totals}
+            metrics = {"step": step, "loss": loss_sum, "examples_per_s": seen / (time.time() - started), **totals}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
                     torch.save(
-                        {"drafter": module.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                        {"drafter": core.drafter.state_dict(), "optimizer": opt.state_dict(), "step": step},
                         os.path.join(d, "train_state.pt"),
                     )
-                    module.save_pretrained(os.path.join(d, "drafter"))
+                    Path(d, "state.json").write_text(json.dumps({"step": step}))
+                    core.drafter.save_pretrained(os.path.join(d, "drafter"))
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
@@ -214,41 +267,70 @@ def train_loop_per_worker(config: dict) -> None:
         progress.close()
 
 
-def _coverage(examples: list[DistillExample], draft_ids: torch.Tensor) -> float:
-    """Share of the answers' tokens that are in the draft vocabulary."""
-    answers = torch.cat([ex.input_ids[ex.answer_start :] for ex in examples])
-    return torch.isin(answers, draft_ids.cpu()).float().mean().item() if answers.numel() else 1.0
+def latest_checkpoint(storage: str, settings: S3Settings) -> tuple[str, int] | None:
+    """(path in the storage filesystem, step) of the newest checkpoint of any earlier run, if any."""
+    import pyarrow.fs as pafs
 
-
-class _as_is:
-    """A context manager yielding a local directory unchanged."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> str:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
+    fs, root = arrow_filesystem(storage, settings)
+    found = []
+    for run in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if run.type != pafs.FileType.Directory or run.base_name == "distill":
+            continue
+        for ckpt in fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
+            if ckpt.type != pafs.FileType.Directory or not ckpt.base_name.startswith("checkpoint_"):
+                continue
+            try:
+                with fs.open_input_stream(f"{ckpt.path}/state.json") as f:
+                    step = int(json.loads(f.read())["step"])
+            except (OSError, ValueError, KeyError):  # incomplete: no state.json yet
+                continue
+            found.append((step, ckpt.mtime.timestamp() if ckpt.mtime else 0.0, ckpt.path))
+    if not found:
         return None
+    step, _, path = max(found)
+    return path, step
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest checkpoint of any earlier run under storage, if any."""
-    found = sorted(storage.glob("*/checkpoint_*/train_state.pt"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
+def write_drafter(folder: Path, out: str, settings: S3Settings) -> None:
+    """Every file of a local drafter folder into --out (a local directory or an S3 prefix)."""
+    store = OutputStore(out, settings)
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            store.write_bytes(path.name, path.read_bytes())
 
 
-def main(argv: list[str] | None = None) -> None:
-    from jobs.demo_world import PROMPT, SAMPLED_FRAMES
+def _draft_ids(fs, path: str, keys: list, size: int, head: flash.TargetHead) -> list[int]:
+    """The draft vocabulary from the answers of the whole set (token columns only), on the driver."""
+    rows = read_distill_set(
+        fs, path, keys, columns=["video_uri", "etag", "error", "input_ids", "visual_mask", "answer_start"]
+    )
+    examples = [
+        DistillExample(
+            torch.tensor(r["input_ids"]), None, torch.tensor(r["visual_mask"], dtype=torch.bool), int(r["answer_start"])
+        )
+        for r in rows.iter_rows()
+    ]
+    ids = draft_vocabulary(examples, size, head.eos_token_ids, head.vocab_size)
+    answers = torch.cat([ex.input_ids[ex.answer_start :] for ex in examples])
+    coverage = torch.isin(answers, ids).float().mean().item() if answers.numel() else 1.0
+    print(f"draft vocabulary: {len(ids)} ids, {coverage:.1%} of answer tokens", flush=True)
+    return ids.tolist()
 
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="target checkpoint directory")
-    parser.add_argument("--videos", help="folder of training clips (needed unless --steps 0)")
-    parser.add_argument("--out", required=True, help="where the drafter is written")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--model", help="target: directory, s3:// prefix or Hub id (default: the config's model)")
+    parser.add_argument("--videos", help="training clips: directory or s3:// prefix (needed unless --steps 0)")
+    parser.add_argument("--out", required=True, help="where the drafter goes: directory or s3:// prefix")
+    parser.add_argument("--storage", help="distillation set and Ray Train checkpoints (default: <out>_train)")
+    parser.add_argument("--config", help="the captioning job's YAML: prompt, frames, token budget, S3 settings")
+    parser.add_argument("--s3-endpoint", help="endpoint URL of an S3-compatible store (default: the config's)")
+    parser.add_argument("--steps", type=int, default=2000, help="total optimizer steps (a resumed run included)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8, help="examples per worker per step")
+    parser.add_argument("--batch", type=int, default=8, help="examples per worker per step (gradients accumulated)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--noise", type=float, default=0.05, help="uniform noise on input features")
@@ -264,17 +346,53 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="draft over this many target tokens (the answers' most frequent, plus EOS); 0: the whole vocabulary",
     )
-    parser.add_argument("--prompt", default=PROMPT)
-    parser.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, help="answer budget (default: the config's)")
     parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    parser.add_argument("--distill", help="self-distillation set to (re)use (default: <out>/distill.pt)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --storage")
+    parser.add_argument(
+        "--cpus-per-worker", type=float, help="CPUs per training worker (default: the cluster's, less one, shared)"
+    )
+    parser.add_argument("--gpu", action="store_true", help="one GPU per training worker and per distillation actor")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
 
-    out = Path(args.out).resolve()
+
+def build_config(args: argparse.Namespace) -> CaptionConfig:
+    """The captioning job's configuration with this run's target and clips; the distillation
+    answers greedily, with the target alone, and its rows go to the set, not to `output`."""
+    from pipeline.run import with_checkpoint_defaults
+
+    overrides = {"model": args.model, "s3_endpoint": args.s3_endpoint, "max_new_tokens": args.max_new_tokens}
+    config = load_config(args.config, input=args.videos, output=args.out, **overrides)
+    update: dict = {"drafter": None, "temperature": 0.0, "report": False}
+    if args.gpu and config.gpus_per_actor == 0:
+        update["gpus_per_actor"] = 1.0
+    config = config.model_copy(update=update)
+    return with_checkpoint_defaults(config, settings_of(config))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps == 0 and args.draft_vocab:
+        parser.error("--draft-vocab picks its tokens from the target's answers: it needs --videos and --steps > 0")
+    if args.steps > 0 and not args.videos:
+        parser.error("--videos is required unless --steps 0")
+    out = args.out if is_s3(args.out) else str(Path(args.out).expanduser().resolve())
+    if args.steps == 0:  # no clips: the target and the S3 settings are all it needs
+        import yaml
+
+        raw = yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {}
+        model = args.model or raw.get("model")
+        if not model:
+            parser.error("--model is required (or a --config that names the model)")
+        settings = S3Settings(args.s3_endpoint or raw.get("s3_endpoint"), raw.get("s3_region"))
+    else:
+        try:
+            config = build_config(args)
+        except ValueError as err:
+            parser.error(str(err))
+        settings, model = settings_of(config), config.model
     drafter_config = flash.DrafterConfig(
         block_size=args.block_size,
         num_layers=args.num_layers,
@@ -282,78 +400,104 @@ def main(argv: list[str] | None = None) -> None:
         refine=not args.no_refine,
         draft_vocab_size=args.draft_vocab,
     )
-    if args.steps == 0 and args.draft_vocab:
-        parser.error("--draft-vocab picks its tokens from the target's answers: it needs --videos and --steps > 0")
     if args.steps == 0:
-        target = flash.load_target(args.model, dtype=torch.float32)
-        flash.FlashDrafter.for_target(target, drafter_config).save_pretrained(out)
+        head = flash.load_target_head(target_head_dir(model, settings))
+        with tempfile.TemporaryDirectory() as d:
+            flash.FlashDrafter.for_target(head, drafter_config).save_pretrained(d)
+            write_drafter(Path(d), out, settings)
         print(f"wrote an untrained drafter to {out}")
         return
-    if not args.videos:
-        parser.error("--videos is required unless --steps 0")
 
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out.mkdir(parents=True, exist_ok=True)
-    distill = Path(args.distill).resolve() if args.distill else out / "distill.pt"
-    load_or_build_distill(distill, args.model, Path(args.videos), args.prompt, args.frames, args.max_new_tokens)
-    storage = out / "ray_train"
-    name = "drafter-" + time.strftime("%Y%m%d-%H%M%S")
-    resume = latest_checkpoint(storage) if args.resume else None
-    if args.resume and resume is None:
-        print("no checkpoint to resume from; starting fresh", flush=True)
-
-    from dataclasses import asdict
-
+    storage = args.storage or default_storage(out)
+    if not is_s3(storage):
+        storage = str(Path(storage).expanduser().resolve())
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"),
             include_dashboard=False,
             **({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}),
         )
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    per_worker = max(1, cpus // args.workers)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "model": str(Path(args.model).resolve()),
-            "distill": str(distill),
-            "drafter": asdict(drafter_config),
-            "steps": args.steps,
-            "batch": args.batch,
-            "lr": args.lr,
-            "warmup": args.warmup,
-            "noise": args.noise,
-            "checkpoint_every": args.checkpoint_every,
-            "seed": args.seed,
-            "threads": per_worker,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=args.workers,
-            use_gpu=args.gpu,
-            resources_per_worker={"CPU": min(per_worker, cpus / args.workers)},
-        ),
-        run_config=RunConfig(name=name, storage_path=str(storage)),
-    )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
     started = time.time()
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        target = flash.load_target(args.model, dtype=torch.float32)
-        drafter = flash.FlashDrafter.from_pretrained(Path(d) / "drafter", target)
-        drafter.save_pretrained(out)
-    summary = {
-        "steps": args.steps,
-        "workers": args.workers,
-        "seconds": time.time() - started,
-        "metrics": result.metrics,
-        "config": asdict(drafter.config),
-    }
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"wrote drafter to {out} ({summary['seconds']:.0f}s); last metrics {result.metrics}")
+    path, keys, distilled = build_distill_set(config, storage, checkpoint_digest(config.model, settings))
+    fs, _ = arrow_filesystem(storage, settings)
+
+    resume = latest_checkpoint(storage, settings) if args.resume else None
+    if args.resume and resume is None:
+        print("no checkpoint to resume from; starting fresh", flush=True)
+    resumed_from = resume[1] if resume else None
+    head = flash.load_target_head(target_head_dir(config.model, settings))
+    draft_ids = _draft_ids(fs, path, keys, args.draft_vocab, head) if args.draft_vocab else None
+    if draft_ids is not None:
+        drafter_config.draft_vocab_size = len(draft_ids)
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    # One CPU is left to Ray Data, which streams the set to the workers while they train: workers
+    # holding every CPU would wait forever for rows that no task can be scheduled to read.
+    worker_cpus = max(0.25, min(float(args.cpus_per_worker or 1e9), (cpus - 1) / args.workers))
+    threads = max(1, int(worker_cpus))
+    result_metrics: dict = {}
+    if resumed_from is not None and resumed_from >= args.steps:
+        print(f"the newest checkpoint is at step {resumed_from} >= --steps {args.steps}: nothing to train", flush=True)
+        checkpoint = ray.train.Checkpoint(resume[0], filesystem=fs)
+    else:
+        storage_fs, storage_path = arrow_filesystem(storage, settings)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "model": config.model,
+                "s3": asdict(settings),
+                "storage": storage,
+                "drafter": asdict(drafter_config),
+                "draft_ids": draft_ids,
+                "steps": args.steps,
+                "batch": args.batch,
+                "lr": args.lr,
+                "warmup": args.warmup,
+                "noise": args.noise,
+                "checkpoint_every": args.checkpoint_every,
+                "seed": args.seed,
+                "threads": threads,
+                "resume_from": resume[0] if resume else None,
+            },
+            datasets={"train": read_distill_set(fs, path, keys)},
+            scaling_config=ScalingConfig(
+                num_workers=args.workers,
+                use_gpu=args.gpu,
+                resources_per_worker={"CPU": worker_cpus},
+            ),
+            run_config=RunConfig(
+                name="drafter-" + time.strftime("%Y%m%d-%H%M%S"),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs if is_s3(storage) else None,
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError("training reported no checkpoint")
+        checkpoint, result_metrics = result.checkpoint, dict(result.metrics or {})
+    with checkpoint.as_directory() as d:
+        drafter = flash.FlashDrafter.from_pretrained(Path(d) / "drafter", head)
+        final_step = json.loads(Path(d, "state.json").read_text())["step"]
+        with tempfile.TemporaryDirectory() as local:
+            drafter.save_pretrained(local)
+            summary = {
+                "steps": final_step,
+                "resumed_from_step": resumed_from,
+                "workers": args.workers,
+                "seconds": time.time() - started,
+                "distillation_set": {"path": path, "clips": len(keys), "distilled_now": distilled},
+                "metrics": result_metrics,
+                "config": asdict(drafter.config),
+            }
+            Path(local, "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            write_drafter(Path(local), out, settings)
+    print(f"wrote drafter to {out} ({summary['seconds']:.0f}s); last metrics {result_metrics}")
 
 
 if __name__ == "__main__":

@@ -208,3 +208,30 @@ def video_sampling(model_dir: Path) -> dict[str, int | float | None]:
     except (OSError, ValueError, KeyError):  # no video processor in the checkpoint: nothing to follow
         return {"num_frames": None, "fps": None, "max_frames": None}
     return {name: getattr(processor, name, None) for name in ("num_frames", "fps", "max_frames")}
+
+
+# Files of a checkpoint that decide what the target answers (logs and READMEs do not).
+MODEL_FILES = ("*.safetensors", "*.json", "*.jinja", "tokenizer*", "vocab*", "merges.txt", "*.model")
+
+
+def checkpoint_digest(ref: str, settings: S3Settings) -> str:
+    """A digest that changes when the checkpoint `ref` names changes: its S3 listing (keys, ETags,
+    sizes), its Hub commit, or a local directory's file contents. Reads no weights from S3 or the Hub."""
+    kind = reference_kind(ref)
+    h = hashlib.sha256(kind.encode() + b"\0")
+    if kind == "s3":
+        listing = [item for item in _select(ref, settings, None) if _matches(item[0].rsplit("/", 1)[-1], MODEL_FILES)]
+        if not listing:
+            raise ValueError(f"no checkpoint files under {ref}")
+        h.update(json.dumps(listing).encode())
+    elif kind == "hub":
+        h.update(_from_hub(ref, CONFIG_FILES).name.encode())  # the snapshot folder is named by its commit
+    else:
+        root = Path(ref).expanduser().resolve()
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and _matches(p.name, MODEL_FILES)):
+            h.update(str(path.relative_to(root)).encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            h.update(b"\0")
+    return h.hexdigest()

@@ -73,7 +73,8 @@ class PartWriter:
         self.buffer = []
 
 
-def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3Settings, ledger=None):
+def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3Settings, ledger=None, actor=None):
+    """list -> decode tasks -> actors of `actor` (default the caption actor) holding the target."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -98,7 +99,7 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
         num_cpus=config.cpus_per_decode,
     )
     return ds.map_batches(
-        CaptionActor,
+        actor or CaptionActor,
         fn_constructor_kwargs={"config": config.model_dump(), "ledger": ledger},
         batch_size=config.batch_size,
         batch_format="pyarrow",

@@ -97,6 +97,28 @@ def s3_client(settings: S3Settings):
     return boto3.client("s3", endpoint_url=settings.endpoint, region_name=settings.region, config=config)
 
 
+def arrow_filesystem(uri: str, settings: S3Settings):
+    """(pyarrow filesystem, path in it) for a local path or an s3:// URI: what Ray Data and Ray Train
+    take for storage (`filesystem=`, `storage_filesystem=`). The endpoint, region, retries and
+    timeouts are the job's; pyarrow needs the endpoint passed explicitly."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    bucket, key = split_s3(uri)
+    kwargs: dict = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        "connect_timeout": settings.timeout_s,
+        "request_timeout": settings.timeout_s,
+    }
+    if settings.endpoint:
+        scheme, _, host = settings.endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    if settings.region:
+        kwargs["region"] = settings.region
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
 def _transient_body_errors() -> tuple[type[Exception], ...]:
     from botocore import exceptions as e
 

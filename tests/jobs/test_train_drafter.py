@@ -1,131 +1,159 @@
-"""train_drafter.py: self-distillation on 2 Ray Train workers, checkpoints, resume, --steps 0."""
+"""train_drafter.py: the self-distillation set as a Ray Data job (keyed, resumable, growing), training
+on 2 Ray Train workers from object storage only, --resume, --steps 0, and the trained drafter
+serving in the pipeline with captions equal to --no-drafter."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import flash
-from flash.train import DistillExample, draft_vocabulary
-from jobs.demo_world import PROMPT, write_videos
+from actors.distill import row_to_example
+from flash.train import distill_example
+from jobs.demo_world import write_videos
+from jobs.train_drafter import build_config, build_distill_set, build_parser, main
+from pipeline.checkpoints import checkpoint_digest
+from pipeline.decode import decode_video, video_metadata
+from pipeline.run import run_job
+from pipeline.storage import S3Settings
+from tests.pipeline.common import config_for, new_bucket, read_output, s3_client
+from tests.pipeline.test_real_checkpoint import _upload_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = str(ROOT / "jobs" / "train_drafter.py")
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def test_steps_zero_writes_an_untrained_drafter(tiny_checkpoints, tmp_path):
-    _run("--model", tiny_checkpoints["qwen2_5_vl"], "--out", str(tmp_path / "d"), "--steps", "0", "--text-only")
+    main(["--model", tiny_checkpoints["qwen2_5_vl"], "--out", str(tmp_path / "d"), "--steps", "0", "--text-only"])
     target = flash.load_target(tiny_checkpoints["qwen2_5_vl"])
     drafter = flash.FlashDrafter.from_pretrained(tmp_path / "d", target)
     assert drafter.config.use_visual_latents is False
-
-
-def test_trains_on_two_workers_and_resumes(tiny_checkpoints, tmp_path):
-    videos = tmp_path / "videos"
-    write_videos(videos, 6, seed=1_000_000)
-    out = tmp_path / "drafter"
-    common = [
-        "--model",
-        tiny_checkpoints["qwen2_5_vl"],
-        "--videos",
-        str(videos),
-        "--out",
-        str(out),
-        "--workers",
-        "2",
-        "--batch",
-        "2",
-        "--checkpoint-every",
-        "2",
-        "--max-new-tokens",
-        "12",
-        "--draft-vocab",
-        "24",
-    ]
-    _run(*common, "--steps", "4")
-    first = json.loads((out / "training_summary.json").read_text())
-    assert first["metrics"]["step"] == 4
-    checkpoints = sorted((out / "ray_train").glob("*/checkpoint_*"))
-    assert len(checkpoints) >= 2
-    target = flash.load_target(tiny_checkpoints["qwen2_5_vl"])
-    before = flash.FlashDrafter.from_pretrained(out, target)
-    # The draft vocabulary: picked from the target's own answers in the distillation set, saved with the drafter.
-    examples = [DistillExample.from_dict(d) for d in torch.load(out / "distill.pt", weights_only=True)["examples"]]
-    expected = draft_vocabulary(examples, 24, target.eos_token_ids, target.vocab_size)
-    assert before.config.draft_vocab_size == 24 and torch.equal(before.draft_ids, expected)
-
-    resumed = _run(*common, "--steps", "6", "--resume")
-    assert "no checkpoint to resume from" not in resumed.stdout
-    second = json.loads((out / "training_summary.json").read_text())
-    assert second["metrics"]["step"] == 6
-    after = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
-    changed = any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
-    assert changed and torch.equal(after.draft_ids, expected)
+    assert not (tmp_path / "d_train").exists()  # no set, no cluster
 
 
 def test_draft_vocab_needs_the_distillation_set(tiny_checkpoints, tmp_path):
-    from jobs.train_drafter import main
-
     with pytest.raises(SystemExit):
         main(["--model", tiny_checkpoints["qwen2_5_vl"], "--out", str(tmp_path), "--steps", "0", "--draft-vocab", "8"])
     assert not (tmp_path / "drafter.safetensors").exists()
 
 
-def test_distill_set_is_rebuilt_when_the_target_or_clips_change(tiny_checkpoints, tmp_path):
-    """A self-distillation set records what made it: reused only for the same target, clips and settings.
+def _set(args: list[str], storage: Path, model: str):
+    config = build_config(build_parser().parse_args(args))
+    return build_distill_set(config, str(storage), checkpoint_digest(model, S3Settings()))
 
-    (A stale set silently trains the drafter on another target's answers and features.)"""
-    import shutil
 
+def _rows(path: str) -> dict:
+    table = pq.read_table(path)
+    return {(r["video_uri"], r["etag"]): r for r in table.to_pylist()}
+
+
+def test_distill_set_is_keyed_resumable_and_exact(ray_local, tiny_checkpoints, tmp_path):
+    """Rows are the target's own greedy answers and its features over prompt + answer (bfloat16);
+    a rerun distils only clips no shard holds; other settings or another target make another set."""
     from flash.build import build_qwen2_5_vl
-    from jobs.train_drafter import load_or_build_distill
 
-    videos = tmp_path / "videos"
+    model = tiny_checkpoints["qwen2_5_vl"]
+    videos, storage = tmp_path / "videos", tmp_path / "storage"
     write_videos(videos, 2, seed=1_000_000)
-    first = tiny_checkpoints["qwen2_5_vl"]
-    path = tmp_path / "distill.pt"
-    settings = dict(prompt=PROMPT, frames=4, max_new_tokens=6)
+    args = ["--model", model, "--videos", str(videos), "--out", str(tmp_path / "d"), "--max-new-tokens", "6"]
+    args += ["--config", str(_yaml(tmp_path, num_frames=4, batch_size=2, cpus_per_actor=0.5, cpus_per_decode=0.25))]
 
-    examples, built = load_or_build_distill(path, first, videos, **settings)
-    assert built and len(examples) == 2
-    again, built = load_or_build_distill(path, first, videos, **settings)
-    assert not built and [e["input_ids"].tolist() for e in again] == [e["input_ids"].tolist() for e in examples]
+    path, keys, distilled = _set(args, storage, model)
+    assert distilled == 2 and len(keys) == 2 and json.loads(Path(path, "_key.json").read_text())["max_new_tokens"] == 6
+    rows = _rows(path)
+    # Each row equals the target's own run on the same decoded frames (features rounded to bfloat16).
+    target = flash.load_target(model)
+    for (uri, _), row in rows.items():
+        frames, info = decode_video(Path(uri).read_bytes(), num_frames=4)
+        inputs = target.processor(
+            text=[target.video_prompt(flash_prompt(target))],
+            videos=[frames],
+            video_metadata=[video_metadata(info)],
+            do_sample_frames=False,
+            return_tensors="pt",
+        )
+        answer = flash.generate(target, None, inputs, max_new_tokens=6, temperature=0.0).sequences[0]
+        want = distill_example(target, inputs, answer)
+        got = row_to_example(row)
+        assert torch.equal(got.input_ids, want.input_ids) and got.answer_start == want.answer_start
+        assert torch.equal(got.visual_mask, want.visual_mask)
+        assert torch.equal(got.features, want.features.to(torch.bfloat16).float())
 
-    # Another target (same config, other weights), then one whose weights are the first's (content, not
-    # the directory name, decides), then that directory retrained in place.
-    other = build_qwen2_5_vl(tmp_path / "other", seed=12345)
-    rebuilt, built = load_or_build_distill(path, str(other), videos, **settings)
-    assert built
-    assert any(not torch.equal(a["features"], b["features"]) for a, b in zip(rebuilt, examples))
-    copy = tmp_path / "copy"
-    shutil.copytree(first, copy)
-    _, built = load_or_build_distill(path, str(copy), videos, **settings)
-    assert built
-    _, built = load_or_build_distill(path, first, videos, **settings)
-    assert not built
-    shutil.copy(other / "model.safetensors", copy / "model.safetensors")
-    _, built = load_or_build_distill(path, str(copy), videos, **settings)
-    assert built
+    again = _set(args, storage, model)
+    assert again[0] == path and again[2] == 0  # nothing new: nothing distilled
+    write_videos(tmp_path / "more", 1, seed=2_000_000)  # a clip added: only it is distilled
+    for clip in (tmp_path / "more").glob("*.mp4"):
+        clip.rename(videos / f"added-{clip.name}")
+    path3, keys3, distilled = _set(args, storage, model)
+    assert path3 == path and distilled == 1 and len(_rows(path)) == 3 == len(keys3)
 
-    # A clip added, and other generation settings.
-    write_videos(videos, 3, seed=1_000_000)
-    examples, built = load_or_build_distill(path, str(copy), videos, **settings)
-    assert built and len(examples) == 3
-    _, built = load_or_build_distill(path, str(copy), videos, **{**settings, "max_new_tokens": 7})
-    assert built
+    other = _set(
+        args[:-1] + [str(_yaml(tmp_path, num_frames=2, cpus_per_actor=0.5, cpus_per_decode=0.25))], storage, model
+    )
+    assert other[0] != path and other[2] == 3  # other frame sampling: another set
+    retrained = build_qwen2_5_vl(tmp_path / "other", seed=12345)
+    moved = _set(["--model", str(retrained), *args[2:]], storage, str(retrained))
+    assert moved[0] not in (path, other[0]) and moved[2] == 3  # another target: another set
 
-    # A set in the old format (a bare list) is rebuilt, not trusted.
-    torch.save(examples, path)
-    _, built = load_or_build_distill(path, str(copy), videos, **{**settings, "max_new_tokens": 7})
-    assert built
+
+def flash_prompt(target) -> str:
+    from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT
+
+    return DEFAULT_INSTRUCTION if target.has_chat_template else RAW_PROMPT
+
+
+def _yaml(tmp_path: Path, **fields) -> Path:
+    import yaml
+
+    path = tmp_path / f"config-{abs(hash(tuple(sorted(fields.items()))))}.yaml"
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def test_trains_from_object_storage_resumes_and_serves(ray_local, s3_server, tiny_checkpoints, tmp_path):
+    """Target, clips, storage and output all in S3: 2 workers train, --resume continues from the last
+    checkpoint to the new total, and the drafter serves in the pipeline from --drafter s3://...,
+    with captions equal to --no-drafter."""
+    bucket = new_bucket(s3_server)
+    s3 = s3_client(s3_server)
+    _upload_dir(s3, bucket, Path(tiny_checkpoints["qwen2_5_vl"]), "models/target/")
+    clips = tmp_path / "clips"
+    write_videos(clips, 6, seed=1_000_000)
+    _upload_dir(s3, bucket, clips, "clips/")
+    config = _yaml(tmp_path, num_frames=4, batch_size=3, cpus_per_actor=0.5, cpus_per_decode=0.25, max_new_tokens=12)
+    common = ["--model", f"s3://{bucket}/models/target/", "--videos", f"s3://{bucket}/clips/"]
+    common += ["--out", f"s3://{bucket}/drafters/d/", "--storage", f"s3://{bucket}/train/", "--config", str(config)]
+    common += ["--s3-endpoint", s3_server, "--workers", "2", "--batch", "2", "--checkpoint-every", "2"]
+    common += ["--draft-vocab", "24", "--block-size", "3"]
+
+    main([*common, "--steps", "4"])
+    summary = json.loads(s3.get_object(Bucket=bucket, Key="drafters/d/training_summary.json")["Body"].read())
+    assert summary["steps"] == 4 and summary["resumed_from_step"] is None
+    assert summary["metrics"]["step"] == 4 and "top1_slot0" in summary["metrics"]
+    listed = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="drafters/d/")["Contents"]]
+    assert sorted(k.rsplit("/", 1)[1] for k in listed) == [
+        "drafter.safetensors",
+        "drafter_config.json",
+        "training_summary.json",
+    ]  # the drafter's folder holds the drafter only: the set and checkpoints are under --storage
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="train/")["Contents"]]
+    assert any("/distill/" in k and k.endswith(".parquet") for k in keys)
+    assert sum(k.endswith("state.json") for k in keys) >= 2  # checkpoints at steps 2 and 4
+
+    main([*common, "--steps", "6", "--resume"])
+    resumed = json.loads(s3.get_object(Bucket=bucket, Key="drafters/d/training_summary.json")["Body"].read())
+    assert resumed["steps"] == 6 and resumed["resumed_from_step"] == 4
+    assert resumed["distillation_set"]["distilled_now"] == 0  # the set was reused, not rebuilt
+
+    models = {"model": f"s3://{bucket}/models/target/", "drafter": f"s3://{bucket}/drafters/d/"}
+    captions = {}
+    for side, use in (("flash", True), ("plain", False)):
+        job = config_for(s3_server, bucket, models, output=f"out-{side}/", use_drafter=use, num_frames=4)
+        report = run_job(job, log=lambda line: None)
+        assert report["errors"] == 0
+        rows, _ = read_output(s3_server, bucket, prefix=f"out-{side}/")
+        captions[side] = {r["video_uri"]: r["caption"] for r in rows}
+    assert captions["flash"] == captions["plain"] and len(captions["flash"]) == 6
