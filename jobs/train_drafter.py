@@ -20,7 +20,8 @@ defaults for this checkpoint), so the drafter learns on what it will serve.
    only the target's embedding and LM head, read straight from the safetensors shards that hold
    them (`flash.load_target_head`); the drafter is wrapped by `prepare_model` (DDP), trained in
    float32 (bfloat16 autocast on GPU) with --batch examples per worker per step, their gradients
-   accumulated. Checkpoints go to `RunConfig(storage_path=<storage>)` every --checkpoint-every steps
+   accumulated. A worker whose share of the set fits in --cache-gb keeps it in memory after the
+   first epoch (reshuffled each epoch); a larger share streams again every epoch. Checkpoints go to `RunConfig(storage_path=<storage>)` every --checkpoint-every steps
    and at the last step. --steps is the total: `--steps 250 --resume` after a 150-step run trains
    100 more, from the newest checkpoint under <storage>.
 3. The drafter and `training_summary.json` (steps, resumed_from_step, per-slot top-1, ...) are
@@ -210,10 +211,29 @@ def train_loop_per_worker(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
 
     def examples():
+        """Epoch after epoch. A shard that fits in `cache_bytes` is kept after its first pass and
+        reshuffled for every later epoch; a larger one streams again each epoch (the set's block
+        order is randomized per epoch)."""
         shard = ray.train.get_dataset_shard("train")
-        while True:  # epoch after epoch
-            for row in shard.iter_rows():
-                yield row_to_example(row)
+        order = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
+        cache: list | None = []
+        size = 0
+        for row in shard.iter_rows():
+            example = row_to_example(row)
+            if cache is not None:
+                size += example.features.numel() * example.features.element_size()
+                if size <= config["cache_bytes"]:
+                    cache.append(example)
+                else:
+                    cache = None
+            yield example
+        while True:
+            if cache:
+                for i in torch.randperm(len(cache), generator=order).tolist():
+                    yield cache[i]
+            else:
+                for row in shard.iter_rows():
+                    yield row_to_example(row)
 
     stream = examples()
     steps, batch = config["steps"], config["batch"]
@@ -352,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cpus-per-worker", type=float, help="CPUs per training worker (default: the cluster's, less one, shared)"
     )
+    parser.add_argument(
+        "--cache-gb",
+        type=float,
+        default=4.0,
+        help="a worker keeps its share of the set in memory after the first epoch if it fits in this (float32)",
+    )
     parser.add_argument("--gpu", action="store_true", help="one GPU per training worker and per distillation actor")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -464,8 +490,9 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": args.seed,
                 "threads": threads,
                 "resume_from": resume[0] if resume else None,
+                "cache_bytes": int(args.cache_gb * 2**30),
             },
-            datasets={"train": read_distill_set(fs, path, keys)},
+            datasets={"train": read_distill_set(fs, path, keys).randomize_block_order()},
             scaling_config=ScalingConfig(
                 num_workers=args.workers,
                 use_gpu=args.gpu,
