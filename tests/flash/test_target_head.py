@@ -79,7 +79,8 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 head = flash.load_target_head(sys.argv[1], dtype=torch.bfloat16)
 head.embed_tokens.weight.sum(), head.lm_head.weight.sum()  # every page read (weights may be memory-mapped)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (head.embed_tokens.weight, head.lm_head.weight)}
+weights = (head.embed_tokens.weight, head.lm_head.weight)
+held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights}
 print(json.dumps({"grew_mb": (after - before) / 1024, "held_mb": sum(held.values()) / 2**20,
                   "embed": list(head.embed_tokens.weight.shape),
                   "head": list(head.lm_head.weight.shape), "dtype": str(head.dtype),
