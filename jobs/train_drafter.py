@@ -21,9 +21,10 @@ defaults for this checkpoint), so the drafter learns on what it will serve.
    them (`flash.load_target_head`); the drafter is wrapped by `prepare_model` (DDP), trained in
    float32 (bfloat16 autocast on GPU) with --batch examples per worker per step, their gradients
    accumulated. A worker whose share of the set fits in --cache-gb keeps it in memory after the
-   first epoch (reshuffled each epoch); a larger share streams again every epoch. Checkpoints go to `RunConfig(storage_path=<storage>)` every --checkpoint-every steps
-   and at the last step. --steps is the total: `--steps 250 --resume` after a 150-step run trains
-   100 more, from the newest checkpoint under <storage>.
+   first epoch (reshuffled each epoch); a larger share streams again every epoch. Checkpoints
+   go to `RunConfig(storage_path=<storage>)` every --checkpoint-every steps and at the last step.
+   --steps is the total: `--steps 250 --resume` after a 150-step run trains 100 more, from the
+   newest checkpoint under <storage>.
 3. The drafter and `training_summary.json` (steps, resumed_from_step, per-slot top-1, ...) are
    written to --out.
 
