@@ -89,6 +89,36 @@ def word_tokenizer(words: Sequence[str], special: Sequence[str], eos: str, pad: 
     )
 
 
+def bpe_tokenizer(words: Sequence[str], special: Sequence[str], eos: str, pad: str):
+    """A byte-level BPE tokenizer of the Qwen3.5 class (what transformers loads for a qwen3_5
+    checkpoint, whatever its tokenizer_config says): every byte a token, merges that make each word
+    (and " word") one token, specials first. Unknown text falls back to bytes, as in the releases."""
+    from transformers import Qwen3_5Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in [*special, *alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    space = bytes_to_unicode()[ord(" ")]
+    for word in words:
+        for form in (word, space + word):
+            if len(form) < 2 or form in vocab:
+                continue
+            left = form[0]
+            for ch in form[1:]:
+                merged = left + ch
+                if merged not in vocab:
+                    merges.append((left, ch))
+                    vocab[merged] = len(vocab)
+                left = merged
+    tokenizer = Qwen3_5Tokenizer(vocab=vocab, merges=merges, unk_token=pad, eos_token=eos, pad_token=pad)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def _round_up(n: int, multiple: int = 16) -> int:
     return (n + multiple - 1) // multiple * multiple
 
@@ -193,6 +223,136 @@ def _build_qwen(
     processor = processor_class(
         image_processor=Qwen2VLImageProcessor(**patches),
         video_processor=Qwen2VLVideoProcessor(**patches, **video),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_qwen3_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
+    """Write a Qwen3-VL checkpoint (random weights; DeepStack from two vision layers), tokenizer and
+    processor (timestamps written into the prompt) to `out_dir`."""
+    return _build_qwen3(out_dir, words, version="3-vl", **sizes)
+
+
+def build_qwen3_5(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
+    """Write a Qwen3.5 checkpoint (random weights; gated-DeltaNet linear-attention layers with one
+    full-attention layer in every `full_attention_interval`), tokenizer and processor to `out_dir`."""
+    return _build_qwen3(out_dir, words, version="3.5", **sizes)
+
+
+def _build_qwen3(
+    out_dir: str | Path,
+    words: Sequence[str],
+    version: str,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    image_side: int = 64,
+    full_attention_interval: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    chat_template: str | None = None,
+    generation: dict | None = None,
+    num_frames: int | None = None,
+) -> Path:
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    out = Path(out_dir)
+    make_tokenizer = bpe_tokenizer if version == "3.5" else word_tokenizer
+    tokenizer = make_tokenizer(words, QWEN_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    patch = 16
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        patch_size=patch,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=(image_side // patch) ** 2 * 4,
+        deepstack_visual_indexes=list(range(vision_depth - 1)) or [0],
+    )
+    half = head_dim // 2
+    text = dict(
+        vocab_size=_round_up(len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    if version == "3-vl":
+        config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+        section = [half - 2 * (half // 4), half // 4, half // 4]
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": section,
+            "mrope_interleaved": True,
+        }
+    else:
+        config_class, model_class = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+        rotary = head_dim // 4  # partial_rotary_factor 0.25, as the releases
+        section = [rotary // 2 - 2 * (rotary // 8), rotary // 8, rotary // 8]
+        text.update(
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": section,
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.25,
+            },
+            layer_types=[
+                "full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+                for i in range(num_layers)
+            ],
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+        )
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).to(dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
+    pixels = image_side * image_side
+    size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
+    patches = dict(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    video = dict(do_sample_frames=False)
+    if num_frames is not None:
+        video["num_frames"] = num_frames
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patches),
+        video_processor=Qwen3VLVideoProcessor(**patches, **video),
         tokenizer=tokenizer,
         chat_template=chat_template,
     )

@@ -18,6 +18,7 @@ never leaves a stale position behind.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import dataclass, fields
@@ -28,10 +29,14 @@ from torch import nn
 from transformers import AutoConfig, AutoProcessor, BatchFeature
 from transformers.cache_utils import DynamicCache
 
+from flash.hybrid import LinearStates, linear_layers
+
 # model_type -> (family, model class name in transformers)
 SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
     "qwen2_5_vl": ("qwen", "Qwen2_5_VLForConditionalGeneration"),
     "qwen2_vl": ("qwen", "Qwen2VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen", "Qwen3VLForConditionalGeneration"),
+    "qwen3_5": ("qwen", "Qwen3_5ForConditionalGeneration"),
     "llava_onevision": ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
 }
 
@@ -200,6 +205,9 @@ class Target:
             last_logits=self.lm_head(features[:, -1]),
         )
         session = TargetSession(self, cache, mask, mask.long().sum(dim=1), deltas)
+        layers = linear_layers(self.config.get_text_config())
+        if layers:  # a hybrid target (Qwen3.5): linear-attention states are rolled back per row
+            session.linear = LinearStates(self.model, cache, layers)
         return session, prefill
 
 
@@ -225,6 +233,7 @@ class TargetSession:
         self.next_index = next_index  # [B]
         self.rope_deltas = rope_deltas  # [B]
         self._pending = 0  # tokens verified but not yet committed
+        self.linear: LinearStates | None = None  # the linear-attention layers of a hybrid target
 
     @property
     def length(self) -> int:
@@ -247,13 +256,14 @@ class TargetSession:
         assert self._pending == 0, "verify called twice without commit"
         width = tokens.shape[1]
         mask = torch.cat([self.attention_mask, torch.ones_like(tokens)], dim=1)
-        out = self.target.model.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=self._positions(width),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        with self.linear.recording() if self.linear else contextlib.nullcontext():
+            out = self.target.model.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=self._positions(width),
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         self.attention_mask = mask
         self._pending = width
         features = out.last_hidden_state
@@ -267,8 +277,12 @@ class TargetSession:
         width = self._pending
         keep = int(n_kept.max()) if kept_max is None else kept_max
         if keep < width:
-            self.cache.crop(-(width - keep))
+            for i, layer in enumerate(self.cache.layers):
+                if not self.linear or i not in self.linear.layers:
+                    layer.crop(-(width - keep))
             self.attention_mask = self.attention_mask[:, : self.length - (width - keep)]
+        if self.linear:
+            self.linear.commit(n_kept)
         if keep > 0:
             steps = torch.arange(keep, device=n_kept.device)
             self.attention_mask[:, -keep:] = (steps.unsqueeze(0) < n_kept.unsqueeze(1)).to(self.attention_mask.dtype)
@@ -277,7 +291,11 @@ class TargetSession:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows: keep only `rows` [B'] of the batch."""
-        self.cache.batch_select_indices(rows)
+        for i, layer in enumerate(self.cache.layers):
+            if not self.linear or i not in self.linear.layers:
+                layer.batch_select_indices(rows)
+        if self.linear:
+            self.linear.select_rows(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_index = self.next_index[rows]
         self.rope_deltas = self.rope_deltas[rows]
@@ -290,7 +308,9 @@ class TargetSession:
         """
         assert self._pending == 0 and other._pending == 0, "join between cycles only"
         length = max(self.length, other.length)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for i, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
+            if self.linear and i in self.linear.layers:
+                continue  # no sequence axis: joined below
             for name in ("keys", "values"):
                 a, b = getattr(mine, name), getattr(theirs, name)  # [B, H, S, D]
                 a = torch.nn.functional.pad(a, (0, 0, length - a.shape[2], 0))
@@ -300,6 +320,8 @@ class TargetSession:
         self.attention_mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
         self.next_index = torch.cat([self.next_index, other.next_index])
         self.rope_deltas = torch.cat([self.rope_deltas, other.rope_deltas])
+        if self.linear:
+            self.linear.join(other.linear)
 
 
 class TargetHead:

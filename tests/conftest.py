@@ -3,6 +3,7 @@ mode) on 127.0.0.1 and a local Ray bound to loopback, all started here, once per
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -12,24 +13,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from flash.build import build_llava_onevision, build_qwen2_5_vl  # noqa: E402
+from flash.build import build_llava_onevision, build_qwen2_5_vl, build_qwen3_5, build_qwen3_vl  # noqa: E402
 from pipeline.faults import ENV as FAULTS_ENV  # noqa: E402
 
-BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "llava_onevision": build_llava_onevision}
+BUILDERS = {
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "llava_onevision": build_llava_onevision,
+    "qwen3_vl": build_qwen3_vl,
+    # A second EOS id, as releases list several: picked so that this random model's greedy outputs end
+    # at varied lengths (its <|im_end|> alone almost never comes first).
+    "qwen3_5": functools.partial(build_qwen3_5, generation={"eos_token_id": [2, 549]}),
+}
 # Seeds picked so that some greedy outputs end at EOS inside a block and some run to the budget.
-SEEDS = {"qwen2_5_vl": 0, "llava_onevision": 2}
+SEEDS = {"qwen2_5_vl": 0, "llava_onevision": 2, "qwen3_vl": 0, "qwen3_5": 4}
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
-    """Directories holding a tiny Qwen2.5-VL and a tiny LLaVA-OneVision checkpoint."""
+    """Directories holding a tiny checkpoint of each supported family."""
     root = tmp_path_factory.mktemp("tiny")
     return {name: str(build(root / name, seed=SEEDS[name])) for name, build in BUILDERS.items()}
 
 
 @pytest.fixture(scope="session")
 def targets64(tiny_checkpoints):
-    """Both tiny targets loaded through flash.load_target in float64 (the lossless contract's setting)."""
+    """Every tiny target loaded through flash.load_target in float64 (the lossless contract's setting)."""
     import flash
 
     return {name: flash.load_target(path, dtype=torch.float64) for name, path in tiny_checkpoints.items()}

@@ -27,6 +27,7 @@ MEDIA_TOKEN = {
     },
     "llava_onevision": {"video": "<video>", "image": "<image>"},
 }
+MEDIA_TOKEN["qwen3_vl"] = MEDIA_TOKEN["qwen3_5"] = MEDIA_TOKEN["qwen2_5_vl"]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import flash
 from flash.lookup import PromptLookupDrafter
 from tests.helpers import OracleDrafter, cases, hf_greedy
 
-FAMILIES = ["qwen2_5_vl", "llava_onevision"]
+FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
 MAX_NEW = 24
 K = 4
 
@@ -157,3 +157,35 @@ def test_qwen2_vl_shares_the_adapter(tmp_path):
         assert flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
         oracle = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=2)
         assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+
+
+def test_linear_attention_rollback_matters(targets64, references, monkeypatch):
+    """Qwen3.5's linear-attention layers: a session that keeps the recurrent state and convolution
+    window of the whole block instead of each row's accepted length must lose exactness."""
+    import flash.target
+    from flash.hybrid import LinearStates
+
+    class NoRestore(LinearStates):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.restore = False
+
+    target = targets64["qwen3_5"]
+    rows = references["qwen3_5"]
+    exact = [
+        flash.generate(
+            target, OracleDrafter([r], target.vocab_size, K, right_for=1), i, max_new_tokens=MAX_NEW
+        ).sequences[0]
+        == r
+        for _, i, r in rows
+    ]
+    assert all(exact)
+    monkeypatch.setattr(flash.target, "LinearStates", NoRestore)
+    broken = [
+        flash.generate(
+            target, OracleDrafter([r], target.vocab_size, K, right_for=1), i, max_new_tokens=MAX_NEW
+        ).sequences[0]
+        == r
+        for _, i, r in rows
+    ]
+    assert not all(broken)

@@ -127,3 +127,23 @@ def test_collate_refuses_parts_it_cannot_stack(targets64):
     two = [c for c in cases("llava_onevision") if c.videos is not None][:2]  # 2 and 4 frames
     with pytest.raises(ValueError, match="cannot batch"):
         target.collate([c.inputs(target.processor) for c in two])
+
+
+def test_qwen3_vl_features_are_taken_after_deepstack(targets64, monkeypatch):
+    """Qwen3-VL adds vision-tower features into its first decoder layers at the visual positions
+    (DeepStack). The features a drafter learns from must be the LM head's input after that: the
+    head of the prefill features gives the model's own logits at every prompt position; features
+    taken without the injection do not."""
+    from tests.helpers import cases
+
+    target = targets64["qwen3_vl"]
+    case = next(c for c in cases("qwen3_vl") if c.videos is not None)
+    inputs = case.inputs(target.processor)
+    with torch.inference_mode():
+        logits = target.model(**inputs).logits
+        _, prefill = target.prefill(inputs)
+        assert torch.allclose(target.lm_head(prefill.features), logits, atol=1e-9)
+        language_model = type(target.model.model.language_model)
+        monkeypatch.setattr(language_model, "_deepstack_process", lambda self, hidden, *rest: hidden)
+        _, before = target.prefill(inputs)
+        assert not torch.allclose(target.lm_head(before.features), logits, atol=1e-6)
