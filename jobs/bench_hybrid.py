@@ -60,6 +60,7 @@ def _timed(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+@torch.inference_mode()
 def cycle_costs(target, batch: int, block: int, repeats: int) -> dict:
     """ms per plain step, per verify+commit of a block (ragged acceptance), and for a hybrid target the
     recompute design's parts."""
