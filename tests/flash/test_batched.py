@@ -71,10 +71,11 @@ def test_oracle_in_a_batch_accepts_whole_blocks(targets64, family):
         assert cycles == -(-(len(ref) - 1) // (K + 1))  # ceil((tokens after the first) / (k+1))
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
 @pytest.mark.parametrize("budget", [1, 3, 7, 11])
-def test_max_new_tokens_inside_a_block_in_a_batch(targets64, budget):
-    target = targets64["qwen2_5_vl"]
-    prompts, videos = _batch("qwen2_5_vl", 4, 3)
+def test_max_new_tokens_inside_a_block_in_a_batch(targets64, budget, family):
+    target = targets64[family]
+    prompts, videos = _batch(family, 4, 3)
     alone = _alone(target, prompts, videos, max_new=budget)
     inputs = target.processor(text=prompts, videos=videos, return_tensors="pt", padding=True)
     oracle = OracleDrafter(_alone(target, prompts, videos), target.vocab_size, K)

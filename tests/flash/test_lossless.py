@@ -99,9 +99,10 @@ def test_drafter_right_then_wrong_is_exact(targets64, references, family, right_
         assert all(a == right_for for a in per_cycle[:-1]), (case.name, per_cycle)
 
 
-def test_max_new_tokens_inside_a_block(targets64, references):
-    target = targets64["qwen2_5_vl"]
-    case, inputs, ref = next(r for r in references["qwen2_5_vl"] if len(r[2]) == MAX_NEW)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_max_new_tokens_inside_a_block(targets64, references, family):
+    target = targets64[family]
+    case, inputs, ref = next(r for r in references[family] if len(r[2]) == MAX_NEW)
     for budget in (1, 2, 3, 7, 10):
         drafter = OracleDrafter([ref], target.vocab_size, block_size=K)
         out = flash.generate(target, drafter, inputs, max_new_tokens=budget)
