@@ -195,6 +195,8 @@ class CaptionActor:
                     "model": self.config.model,
                     "drafter": self.config.drafter or "",
                     "error": str(r["error"]),
+                    # Errors found here (processing, generation, repeated worker deaths) are the input's own.
+                    "error_kind": (r.get("error_kind") or "permanent") if r["error"] else "",
                     "worker_node": self.node,
                     "finished_at": now,
                     "actor": self.actor_id,

@@ -156,13 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage import StorageError
 
     try:
-        report = run_job(config)
+        report = run_job(config, log=(lambda line: print(line, file=sys.stderr)) if config.dry_run else print)
     except StorageError as err:  # permanent storage problems: say what, before any model loads
         print(f"[flashcap] {err}", file=sys.stderr)
         return 3
     except JobIncomplete as err:  # the cluster kept losing work: what was written stays; a rerun finishes
         print(f"[flashcap] {err}", file=sys.stderr)
         return 4
+    if config.dry_run:  # the plan, as one JSON line last; no model was loaded
+        print(json.dumps(report))
+        return 0
     keys = (
         "clips",
         "errors",

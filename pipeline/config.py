@@ -26,9 +26,22 @@ class CaptionConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     input: str = Field(
-        description="Videos to caption: s3://bucket/prefix/ or a local directory (searched recursively)."
+        default="",
+        description="Videos to caption: s3://bucket/prefix/ or a local directory (searched recursively); "
+        "or give a manifest.",
     )
     output: str = Field(description="Where Parquet captions go: s3://bucket/prefix/ or a local directory.")
+    manifest: str | None = Field(
+        default=None,
+        description="The objects to caption, from a Parquet or CSV file (local or s3://): columns video_uri "
+        "(optional etag, size) or S3 Inventory's bucket, key, size, e_tag; instead of listing input.",
+    )
+    retry_errors: bool = Field(
+        default=False, description="Caption again the videos whose rows are transient errors (error_kind)."
+    )
+    dry_run: bool = Field(
+        default=False, description="Print the plan (listed, already done, to caption, to retry) and exit."
+    )
     include: tuple[str, ...] = Field(
         default=VIDEO_PATTERNS, description="Glob patterns on object names (basename) that count as videos."
     )
@@ -157,7 +170,9 @@ class CaptionConfig(BaseModel):
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         if self.num_frames is not None and self.fps is not None:
             raise ValueError("set num_frames or fps, not both")
-        if not self.input.startswith("s3://") and not Path(self.input).is_dir():
+        if not self.input and not self.manifest:
+            raise ValueError("give the videos to caption: an input (s3:// prefix or directory) or a manifest")
+        if self.input and not self.input.startswith("s3://") and not Path(self.input).is_dir():
             raise ValueError(f"input {self.input!r} is not a directory")
         from pipeline.checkpoints import reference_kind  # here: config stays importable without boto3/pyarrow
 

@@ -267,13 +267,13 @@ def decode_row(
     """Ray Data map: a listed object -> the same row with frames (bytes + shape) and where they sit in
     the source (video_total_frames, video_fps, frame_indices), or an error."""
     started = time.perf_counter()
-    out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="")
+    out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="", error_kind="")
     out.update(video_total_frames=0, video_fps=0.0, frame_indices=[])  # where the frames sit in the source
     guard = Guard(ledger, "decode", max_crashes, f"{socket.gethostname()}:{os.getpid()}")
     crashes = guard.begin([row])[0]
     try:
         if guard.gave_up(crashes):
-            out["error"] = guard.message(crashes)
+            out["error"], out["error_kind"] = guard.message(crashes), "permanent"
         else:
             faults.maybe_crash("decode", [row])
             if row["size"] > max_bytes:
@@ -285,6 +285,7 @@ def decode_row(
             out["frame_indices"] = list(info.indices)
     except Exception as err:  # any failure on one input must become that input's error row
         out["error"] = f"decode failed: {type(err).__name__}: {err}"[:2000]
+        out["error_kind"] = "transient" if getattr(err, "transient", False) else "permanent"
     finally:
         guard.done([row])
     out["decode_s"] = time.perf_counter() - started

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pipeline.config import DEFAULT_MAX_FRAMES, DEFAULT_NUM_FRAMES, CaptionConfig, redact
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, list_videos
+from pipeline.plan import make_plan
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject
 from pipeline.throughput import Throughput
 
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_SCHEMA]
@@ -81,9 +82,12 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
     from actors.caption import CaptionActor
     from pipeline.decode import decode_row
 
-    items = [{"video_uri": o.uri, "size": o.size, "etag": o.etag} for o in todo]
     # ~8 objects per read/decode task: fewer, larger tasks cut Ray overhead; frames stay small per block.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // 8)))
+    if isinstance(todo, list):
+        items = [{"video_uri": o.uri, "size": o.size, "etag": o.etag} for o in todo]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // 8)))
+    else:  # a Ray Data plan (manifest or a large listing)
+        ds = todo.repartition(target_num_rows_per_block=8)
     ds = ds.map(
         decode_row,
         fn_kwargs=dict(
@@ -150,25 +154,28 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     config = with_checkpoint_defaults(config, settings)
     store = OutputStore(config.output, settings)
     # Storage problems surface here, before any model loads.
-    done = store.existing_keys()
-    store.check_writable()
-    objects = list_videos(config.input, config.include, settings)
-    todo = [o for o in objects if (o.uri, o.etag) not in done]
+    plan = make_plan(config, settings)
+    if config.dry_run:
+        log(json.dumps(plan.summary()))
+        return plan.summary()
+    todo = plan.todo
+    source = redact(config.manifest) if config.manifest else f"under {redact(config.input)}"
     log(
-        f"[flashcap] {len(objects)} videos under {redact(config.input)}: {len(objects) - len(todo)} already "
-        f"captioned, {len(todo)} to caption"
+        f"[flashcap] {plan.listed} videos {source}: {plan.already_done} already captioned, "
+        f"{plan.to_caption} to caption" + (f" ({plan.to_retry} of them retries)" if plan.to_retry else "")
     )
 
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-    writer = PartWriter(store, run_id, config.flush_rows, config.flush_seconds, done)
-    tracker = Throughput(len(todo))
-    remaining, rounds, round_errors, ledger = list(todo), 0, [], None
-    if todo:
+    # Keys written by this run: the plan left out every key the output already holds.
+    writer = PartWriter(store, run_id, config.flush_rows, config.flush_seconds, set())
+    tracker = Throughput(plan.to_caption)
+    remaining, missing, rounds, round_errors, ledger = todo, plan.to_caption, 0, [], None
+    if missing:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
         ledger = start_ledger()
-    while remaining and rounds < config.max_rounds:
+    while missing and rounds < config.max_rounds:
         rounds += 1
         try:
             for batch in _build_dataset(config, remaining, settings, ledger).iter_batches(
@@ -187,10 +194,15 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
             round_errors.append(message)
             log(f"[flashcap] round {rounds} stopped early: {message}")
         writer.flush()
-        remaining = [o for o in remaining if (o.uri, o.etag) not in writer.known]
-        if remaining and rounds < config.max_rounds:
-            log(f"[flashcap] {len(remaining)} videos without a row; round {rounds + 1} starts")
-    if todo:
+        if isinstance(remaining, list):
+            remaining = [o for o in remaining if (o.uri, o.etag) not in writer.known]
+            missing = len(remaining)
+        else:  # a Ray Data plan: plan again against the output as it is now
+            again = make_plan(config.model_copy(update={"retry_errors": False}), settings)
+            remaining, missing = again.todo, again.to_caption
+        if missing and rounds < config.max_rounds:
+            log(f"[flashcap] {missing} videos without a row; round {rounds + 1} starts")
+    if plan.to_caption:
         log(tracker.line())
 
     crashes = ray.get(ledger.summary.remote()) if ledger is not None else {"worker_crashes": {}, "crashed_videos": []}
@@ -198,11 +210,12 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         run_id=run_id,
         input=redact(config.input),
         output=redact(config.output),
-        listed=len(objects),
-        already_done=len(objects) - len(todo),
-        expected_rows=len(todo),
+        listed=plan.listed,
+        already_done=plan.already_done,
+        expected_rows=plan.to_caption,
+        retried=plan.to_retry,
         rows_written=writer.rows_written,
-        missing=len(remaining),
+        missing=missing,
         duplicates_dropped=writer.duplicates_dropped,
         rounds=rounds,
         round_errors=round_errors,
@@ -218,9 +231,9 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         store.write_bytes(f"_throughput-{run_id}.png", tracker.chart_png())
     if ledger is not None:
         ray.kill(ledger)
-    if remaining:
+    if missing:
         raise JobIncomplete(
-            f"{len(remaining)} of {len(todo)} videos have no row after {rounds} rounds (last: {round_errors[-1]}); "
+            f"{missing} of {plan.to_caption} videos have no row after {rounds} rounds (last: {round_errors[-1]}); "
             "rerun the same command to finish them: rows already written are kept and never duplicated"
         )
     return report

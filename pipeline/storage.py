@@ -41,6 +41,9 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("drafter", pa.string(), nullable=True),
         pa.field("error", pa.string(), nullable=True),
+        # "" for a caption; "transient" (may pass: storage throttling that outlasted the retries) or
+        # "permanent" (the input itself: corrupt, too large, killed its worker repeatedly) for an error.
+        pa.field("error_kind", pa.string(), nullable=True),
         pa.field("worker_node", pa.string(), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
@@ -48,7 +51,10 @@ OUTPUT_SCHEMA = pa.schema(
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed for good (missing bucket, access denied, ...), after retries."""
+    """A storage operation failed for good (missing bucket, access denied, ...), after retries.
+    `transient`: the last failure was of a kind that can pass (throttling, 5xx, resets, timeouts)."""
+
+    transient: bool = False
 
 
 def _explain(err: Exception, what: str) -> StorageError:
@@ -71,6 +77,15 @@ class VideoObject:
     uri: str
     size: int
     etag: str  # S3 ETag, or mtime-size for local files: changes when the object does
+
+
+def _with_output_schema(table: pa.Table) -> pa.Table:
+    """A part in today's schema: columns added since it was written are null (parts written before
+    `error_kind` existed read with no kind: every row final)."""
+    for field in OUTPUT_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
 
 
 def is_s3(uri: str) -> bool:
@@ -182,7 +197,9 @@ def read_object(uri: str, settings: S3Settings) -> bytes:
             return s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
         except transient as err:
             if attempt + 1 == settings.max_attempts:
-                raise _explain(err, f"read {uri} ({settings.max_attempts} attempts)") from None
+                failure = _explain(err, f"read {uri} ({settings.max_attempts} attempts)")
+                failure.transient = True
+                raise failure from None
             time.sleep(_backoff(attempt))
         except (ClientError, BotoCoreError) as err:
             raise _explain(err, f"read {uri}") from None
@@ -229,7 +246,7 @@ class OutputStore:
         tables = [pq.read_table(io.BytesIO(read_object(p, self.settings))) for p in self.parts()]
         if not tables:
             return OUTPUT_SCHEMA.empty_table()
-        return pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables])
+        return pa.concat_tables([_with_output_schema(t) for t in tables])
 
     def existing_keys(self) -> set[tuple[str, str]]:
         table = self.read_table()

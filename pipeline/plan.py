@@ -1,0 +1,177 @@
+"""What a run captions: the objects to caption (a listing or a manifest) less the keys the output
+already holds, keyed by (video_uri, etag).
+
+A key is done when the output has a row for it that is final: a caption, or an error that is not
+`transient`. With `retry_errors`, keys whose rows are all transient errors are planned again; the
+newest row per key is the current one (the retry's row is newer). Outputs written before the
+`error_kind` column existed count every row as final.
+
+Small plans (listing and output both under `DRIVER_PLAN_LIMIT` keys) are made on the driver. Larger
+ones are a Ray Data job: the output's key columns are read by tasks, part by part, and joined
+against the input (a hash-partitioned left anti-join), so no set of keys is ever held on the driver.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.storage import OutputStore, S3Settings, VideoObject, arrow_filesystem, read_object
+
+DRIVER_PLAN_LIMIT = 200_000
+KEY_COLUMNS = ["video_uri", "etag"]
+MANIFEST_COLUMNS = ("video_uri", "etag", "size")
+
+
+@dataclass
+class Plan:
+    listed: int
+    already_done: int
+    to_caption: int
+    to_retry: int
+    todo: object  # list[VideoObject] (a driver plan) or a ray.data.Dataset of video_uri, etag, size
+
+    def summary(self) -> dict:
+        return {
+            "listed": self.listed,
+            "already_done": self.already_done,
+            "to_caption": self.to_caption,
+            "to_retry": self.to_retry,
+        }
+
+
+def part_keys(table: pa.Table) -> pa.Table:
+    """A part's rows as (video_uri, etag, transient): transient = an error row of kind `transient`
+    (parts without `error_kind` were written before retries existed: every row is final)."""
+    n = table.num_rows
+    error = table.column("error").to_pylist() if "error" in table.column_names else [""] * n
+    kind = table.column("error_kind").to_pylist() if "error_kind" in table.column_names else [""] * n
+    transient = [bool(e) and k == "transient" for e, k in zip(error, kind)]
+    return pa.table(
+        {
+            "video_uri": table.column("video_uri").cast(pa.string()),
+            "etag": table.column("etag").cast(pa.string()),
+            "transient": pa.array(transient, pa.bool_()),
+        }
+    )
+
+
+def _read_part_keys(path: str, settings: S3Settings) -> pa.Table:
+    data = read_object(path, settings)
+    schema = pq.read_schema(io.BytesIO(data))
+    columns = [c for c in ("video_uri", "etag", "error", "error_kind") if c in schema.names]
+    return part_keys(pq.read_table(io.BytesIO(data), columns=columns))
+
+
+def _output_rows(store: OutputStore) -> int:
+    """Rows in the output, from the parts' footers only (ranged reads)."""
+    fs, _ = arrow_filesystem(store.uri, store.settings)
+    total = 0
+    for path in store.parts():
+        total += pq.read_metadata(path.removeprefix("s3://"), filesystem=fs).num_rows
+    return total
+
+
+def _split_done(keys: pa.Table, retry_errors: bool) -> tuple[set, set]:
+    """(done keys, keys whose every row is a transient error) from part keys, on the driver."""
+    final, transient = set(), set()
+    for uri, etag, is_transient in zip(*(keys.column(c).to_pylist() for c in ("video_uri", "etag", "transient"))):
+        (transient if is_transient and retry_errors else final).add((uri, etag))
+    return final, transient - final
+
+
+def plan_on_driver(objects: list[VideoObject], store: OutputStore, retry_errors: bool) -> Plan:
+    tables = [_read_part_keys(p, store.settings) for p in store.parts()]
+    keys = pa.concat_tables(tables) if tables else part_keys(pa.table({"video_uri": [], "etag": []}))
+    done, retry = _split_done(keys, retry_errors)
+    todo = [o for o in objects if (o.uri, o.etag) not in done]
+    return Plan(
+        listed=len(objects),
+        already_done=len(objects) - len(todo),
+        to_caption=len(todo),
+        to_retry=sum((o.uri, o.etag) in retry for o in todo),
+        todo=todo,
+    )
+
+
+def read_manifest(uri: str, settings: S3Settings):
+    """A Parquet or CSV manifest as a Ray Dataset of video_uri, etag, size. Columns: `video_uri`
+    (optional `etag`, `size`), or S3 Inventory's `bucket`, `key`, `size`, `e_tag`."""
+    import ray.data
+
+    fs, path = arrow_filesystem(uri, settings)
+    lower = uri.lower()
+    csv = lower.endswith((".csv", ".csv.gz"))
+    ds = ray.data.read_csv(path, filesystem=fs) if csv else ray.data.read_parquet(path, filesystem=fs)
+    return ds.map_batches(_normalise_manifest, batch_format="pyarrow")
+
+
+def _normalise_manifest(table: pa.Table) -> pa.Table:
+    names = set(table.column_names)
+    n = table.num_rows
+    if "video_uri" in names:
+        uri = table.column("video_uri").cast(pa.string())
+    elif {"bucket", "key"} <= names:
+        from urllib.parse import unquote
+
+        buckets, keys = table.column("bucket").to_pylist(), table.column("key").to_pylist()
+        uri = pa.array([f"s3://{b}/{unquote(k)}" for b, k in zip(buckets, keys)], pa.string())
+    else:
+        raise ValueError(f"a manifest needs a video_uri column, or S3 Inventory's bucket and key; got {sorted(names)}")
+    etag_column = "etag" if "etag" in names else "e_tag" if "e_tag" in names else None
+    etag = table.column(etag_column).cast(pa.string()) if etag_column else pa.array([""] * n, pa.string())
+    etag = pa.array([(e or "").strip('"') for e in etag.to_pylist()], pa.string())
+    size = table.column("size").cast(pa.int64()) if "size" in names else pa.array([0] * n, pa.int64())
+    return pa.table({"video_uri": uri, "etag": etag, "size": size})
+
+
+def plan_with_ray(inputs, store: OutputStore, retry_errors: bool, partitions: int = 0) -> Plan:
+    """The plan as a Ray Data job. `inputs`: a Dataset of video_uri, etag, size."""
+    import ray.data
+
+    parts = store.parts()
+    partitions = partitions or max(2, min(256, len(parts) // 4 + 2))
+    settings = store.settings
+    if parts:
+        keys = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 1024))
+        keys = keys.map_batches(
+            lambda batch: pa.concat_tables([_read_part_keys(p, settings) for p in batch.column("path").to_pylist()]),
+            batch_format="pyarrow",
+            batch_size=1,
+        )
+        final = keys.filter(lambda r: not (r["transient"] and retry_errors)).select_columns(KEY_COLUMNS)
+        todo = inputs.join(final, join_type="left_anti", num_partitions=partitions, on=tuple(KEY_COLUMNS))
+        todo = todo.materialize()
+        to_retry = 0
+        if retry_errors:
+            transient = keys.filter(lambda r: r["transient"]).select_columns(KEY_COLUMNS)
+            to_retry = todo.join(
+                transient, join_type="left_semi", num_partitions=partitions, on=tuple(KEY_COLUMNS)
+            ).count()
+    else:
+        todo, to_retry = inputs.materialize(), 0
+    listed, to_caption = inputs.count(), todo.count()
+    return Plan(listed, listed - to_caption, to_caption, to_retry, todo)
+
+
+def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = None) -> Plan:
+    """The plan for a config: from its manifest (always a Ray Data plan) or a listing."""
+    import ray.data
+
+    store = OutputStore(config.output, settings)
+    output_rows = _output_rows(store)  # the output first: a run that cannot read or write it stops here
+    if not config.dry_run:
+        store.check_writable()
+    if config.manifest:
+        return plan_with_ray(read_manifest(config.manifest, settings), store, config.retry_errors)
+    if objects is None:
+        from pipeline.storage import list_videos
+
+        objects = list_videos(config.input, config.include, settings)
+    if len(objects) <= DRIVER_PLAN_LIMIT and output_rows <= DRIVER_PLAN_LIMIT:
+        return plan_on_driver(objects, store, config.retry_errors)
+    items = [{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects]
+    return plan_with_ray(ray.data.from_items(items), store, config.retry_errors)
