@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.run import run_job
 
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster
+    if ray.is_initialized():  # called from a process that already holds a Ray (a notebook, a test)
+        pass
+    elif os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster
         ray.init()
     else:  # a local Ray bound to loopback
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)

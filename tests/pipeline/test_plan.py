@@ -1,0 +1,130 @@
+"""Planning: what a run captions, from a listing or a manifest, against what the output holds, keyed
+by (uri, etag), on the driver for small plans and as a Ray Data join for large ones (the same plan);
+transient errors are planned again only with --retry-errors; old outputs count as done."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.plan import make_plan, plan_on_driver, plan_with_ray, read_manifest
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject
+
+
+def _row(uri: str, etag: str, error: str = "", kind: str | None = None) -> dict:
+    return {
+        "video_uri": uri,
+        "etag": etag,
+        "size": 1,
+        "caption": "" if error else "a caption",
+        "num_tokens": 3,
+        "acceptance_length": 1.0,
+        "decode_s": 0.0,
+        "generate_s": 0.0,
+        "model": "m",
+        "drafter": "",
+        "error": error,
+        "error_kind": kind if kind is not None else ("permanent" if error else ""),
+        "worker_node": "n",
+        "finished_at": datetime.now(UTC),
+    }
+
+
+@pytest.fixture
+def world(tmp_path):
+    """20 objects; the output holds: 0-5 captioned, 6 a permanent error, 7-8 transient errors, 9 a
+    transient error then a caption, 10 captioned at an older etag, and a part written before
+    error_kind existed (11, an error: final), plus a key no longer listed."""
+    objects = [VideoObject(f"s3://b/v{i:02d}.mp4", 1, f"e{i}") for i in range(20)]
+    out = tmp_path / "out"
+    store = OutputStore(str(out), S3Settings())
+    rows = [_row(o.uri, o.etag) for o in objects[:6]]
+    rows += [_row(objects[6].uri, "e6", "decode failed: corrupt")]
+    rows += [_row(objects[i].uri, f"e{i}", "decode failed: SlowDown", "transient") for i in (7, 8, 9)]
+    rows += [_row(objects[9].uri, "e9"), _row(objects[10].uri, "old-etag"), _row("s3://b/gone.mp4", "x")]
+    store.write_part(rows, "part-a.parquet")
+    legacy = pa.Table.from_pylist([_row(objects[11].uri, "e11", "decode failed: x")], schema=OUTPUT_SCHEMA)
+    pq.write_table(legacy.drop(["error_kind"]), out / "part-legacy.parquet")
+    return objects, store
+
+
+def test_driver_plan(world):
+    objects, store = world
+    plan = plan_on_driver(objects, store, retry_errors=False)
+    assert plan.summary() == {"listed": 20, "already_done": 11, "to_caption": 9, "to_retry": 0}
+    assert sorted(o.uri[-7:-4] for o in plan.todo) == [f"v{i}" for i in (10, 12, 13, 14, 15, 16, 17, 18, 19)]
+    retry = plan_on_driver(objects, store, retry_errors=True)
+    assert retry.summary() == {"listed": 20, "already_done": 9, "to_caption": 11, "to_retry": 2}  # 7 and 8
+
+
+def test_ray_plan_equals_the_driver_plan(ray_local, world):
+    import ray.data
+
+    objects, store = world
+    items = ray.data.from_items([{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects])
+    for retry_errors in (False, True):
+        driver = plan_on_driver(objects, store, retry_errors)
+        ray_plan = plan_with_ray(items, store, retry_errors, partitions=3)
+        assert ray_plan.summary() == driver.summary()
+        got = sorted((r["video_uri"], r["etag"]) for r in ray_plan.todo.take_all())
+        assert got == sorted((o.uri, o.etag) for o in driver.todo)
+
+
+def test_manifests_in_every_layout(ray_local, world, tmp_path):
+    objects, store = world
+    table = pa.table(
+        {"video_uri": [o.uri for o in objects], "etag": [o.etag for o in objects], "size": [o.size for o in objects]}
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    pcsv.write_csv(table, tmp_path / "m.csv")
+    inventory = pa.table(
+        {
+            "bucket": ["b"] * 20,
+            "key": [o.uri.removeprefix("s3://b/") for o in objects],
+            "size": [1] * 20,
+            "e_tag": [f'"{o.etag}"' for o in objects],
+        }
+    )
+    pq.write_table(inventory, tmp_path / "inventory.parquet")
+    want = plan_on_driver(objects, store, retry_errors=False).summary()
+    for manifest in ("m.parquet", "m.csv", "inventory.parquet"):
+        rows = read_manifest(str(tmp_path / manifest), S3Settings()).take_all()
+        assert sorted((r["video_uri"], r["etag"]) for r in rows) == sorted((o.uri, o.etag) for o in objects)
+        config = load_config(
+            manifest=str(tmp_path / manifest), output=store.uri, model="models/demo-target", dry_run=True
+        )
+        assert make_plan(config, S3Settings()).summary() == want, manifest
+
+
+def test_dry_run_prints_the_plan_and_loads_no_model(ray_local, world, tmp_path, capsys):
+    from jobs.caption_videos import main
+
+    objects, store = world
+    pq.write_table(
+        pa.table({"video_uri": [o.uri for o in objects], "etag": [o.etag for o in objects]}), tmp_path / "m.parquet"
+    )
+    # A model path that does not hold a model: a dry run never loads one.
+    assert (
+        main(
+            [
+                "--manifest",
+                str(tmp_path / "m.parquet"),
+                "--output",
+                store.uri,
+                "--model",
+                "models/demo-target",
+                "--dry-run",
+                "--retry-errors",
+            ]
+        )
+        == 0
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == {"listed": 20, "already_done": 9, "to_caption": 11, "to_retry": 2}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-a.parquet", "part-legacy.parquet"]
