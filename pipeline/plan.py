@@ -6,7 +6,7 @@ A key is done when the output has a row for it that is final: a caption, or an e
 newest row per key is the current one (the retry's row is newer). Outputs written before the
 `error_kind` column existed count every row as final.
 
-Small plans (listing and output both under `DRIVER_PLAN_LIMIT` keys) are made on the driver. Larger
+Small plans (at most 200,000 listed objects and 64 MB of output) are made on the driver. Larger
 ones are a Ray Data job: the output's key columns are read by tasks, part by part, and joined
 against the input (a hash-partitioned left anti-join), so no set of keys is ever held on the driver.
 """
@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 
 from pipeline.storage import OutputStore, S3Settings, VideoObject, arrow_filesystem, read_object
 
-DRIVER_PLAN_LIMIT = 200_000
+DRIVER_PLAN_LIMIT = 200_000  # listed objects
+DRIVER_PLAN_OUTPUT_BYTES = 64 << 20  # Parquet bytes of output (a few hundred thousand rows)
 KEY_COLUMNS = ["video_uri", "etag"]
 MANIFEST_COLUMNS = ("video_uri", "etag", "size")
 
@@ -66,13 +67,9 @@ def _read_part_keys(path: str, settings: S3Settings) -> pa.Table:
     return part_keys(pq.read_table(io.BytesIO(data), columns=columns))
 
 
-def _output_rows(store: OutputStore) -> int:
-    """Rows in the output, from the parts' footers only (ranged reads)."""
-    fs, _ = arrow_filesystem(store.uri, store.settings)
-    total = 0
-    for path in store.parts():
-        total += pq.read_metadata(path.removeprefix("s3://"), filesystem=fs).num_rows
-    return total
+def _output_bytes(store: OutputStore) -> int:
+    """The output's size, from its listing."""
+    return sum(size for _, size in store.part_sizes())
 
 
 def _split_done(keys: pa.Table, retry_errors: bool) -> tuple[set, set]:
@@ -162,7 +159,7 @@ def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = 
     import ray.data
 
     store = OutputStore(config.output, settings)
-    output_rows = _output_rows(store)  # the output first: a run that cannot read or write it stops here
+    output_bytes = _output_bytes(store)  # the output first: a run that cannot read or write it stops here
     if not config.dry_run:
         store.check_writable()
     if config.manifest:
@@ -171,7 +168,7 @@ def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = 
         from pipeline.storage import list_videos
 
         objects = list_videos(config.input, config.include, settings)
-    if len(objects) <= DRIVER_PLAN_LIMIT and output_rows <= DRIVER_PLAN_LIMIT:
+    if len(objects) <= DRIVER_PLAN_LIMIT and output_bytes <= DRIVER_PLAN_OUTPUT_BYTES:
         return plan_on_driver(objects, store, config.retry_errors)
     items = [{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects]
     return plan_with_ray(ray.data.from_items(items), store, config.retry_errors)

@@ -57,11 +57,26 @@ class StorageError(RuntimeError):
     transient: bool = False
 
 
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeTooSkewed",
+}
+
+
 def _explain(err: Exception, what: str) -> StorageError:
     response = getattr(err, "response", None) or {}
     code = response.get("Error", {}).get("Code", type(err).__name__)
     message = response.get("Error", {}).get("Message", str(err))
-    return StorageError(f"cannot {what}: {code}: {message}")
+    failure = StorageError(f"cannot {what}: {code}: {message}")
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    # Throttling, 5xx and lost connections can pass; 403, 404 and their kind cannot.
+    failure.transient = code in _TRANSIENT_CODES or status >= 500 or status == 429 or not response
+    return failure
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,10 @@ class OutputStore:
         self.delete(probe)
 
     def parts(self) -> list[str]:
+        return [path for path, _ in self.part_sizes()]
+
+    def part_sizes(self) -> list[tuple[str, int]]:
+        """(path, bytes) of every Parquet part, sorted by path."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         if is_s3(self.uri):
@@ -232,7 +251,7 @@ class OutputStore:
             paginator = s3_client(self.settings).get_paginator("list_objects_v2")
             try:
                 return sorted(
-                    f"s3://{bucket}/{o['Key']}"
+                    (f"s3://{bucket}/{o['Key']}", int(o["Size"]))
                     for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
                     for o in page.get("Contents", [])
                     if o["Key"].endswith(".parquet") and "/" not in o["Key"][len(prefix) :]
@@ -240,7 +259,7 @@ class OutputStore:
             except (ClientError, BotoCoreError) as err:
                 raise _explain(err, f"list the output {self.uri}") from None
         root = Path(self.uri)
-        return sorted(str(p) for p in root.glob("*.parquet")) if root.is_dir() else []
+        return sorted((str(p), p.stat().st_size) for p in root.glob("*.parquet")) if root.is_dir() else []
 
     def read_table(self) -> pa.Table:
         tables = [pq.read_table(io.BytesIO(read_object(p, self.settings))) for p in self.parts()]

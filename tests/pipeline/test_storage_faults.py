@@ -101,6 +101,20 @@ def test_job_under_faults_writes_every_row_once(s3_server, ray_local, pipeline_m
     assert all(by_name[f"clip_{s:06d}.mp4"]["error"] == "" for s in range(600, 608))
     assert "SlowDown" in by_name["throttled.mp4"]["error"] and "4 attempts" not in by_name["throttled.mp4"]["error"]
     assert sum(proxy.injected.values()) >= 13, proxy.injected
+    # Throttling that outlasted the retries is transient; the clips captioned have no kind.
+    assert by_name["throttled.mp4"]["error_kind"] == "transient"
+    assert {by_name[f"clip_{s:06d}.mp4"]["error_kind"] for s in range(600, 608)} == {""}
+
+    # The store recovers: a rerun plans nothing; with --retry-errors it tries the transient row again,
+    # whose new row (the object is not a video: a permanent error) is the current one.
+    proxy.clear()
+    assert run_job(config)["expected_rows"] == 0
+    again = run_job(config.model_copy(update={"retry_errors": True}))
+    assert again["expected_rows"] == again["retried"] == again["rows_written"] == 1
+    rows, _ = read_output(s3_server, bucket)
+    newest = max((r for r in rows if r["video_uri"].endswith("throttled.mp4")), key=lambda r: r["finished_at"])
+    assert newest["error_kind"] == "permanent" and "decode failed" in newest["error"]
+    assert run_job(config.model_copy(update={"retry_errors": True}))["expected_rows"] == 0
 
 
 def test_permanent_error_fails_before_any_model_loads(s3_server, ray_local, pipeline_models, proxy, monkeypatch):
