@@ -15,7 +15,9 @@ the batch is collated from those outputs (`Target.collate`, equal to the
 processor's own batch), so any grouping of rows can be decoded together.
 
 Rows that arrive with a decode error pass through untouched; a row the
-processor refuses gets its error and costs no other row. If a batch fails
+processor refuses gets its error and costs no other row. A device failure (a
+CUDA error) is not the videos' fault: the actor exits without charging them,
+Ray replaces it and the batch is retried. If a batch fails
 in generation, its rows are retried one by one so a single bad input only costs
 its own row (which gets the error). If a batch's rows were in flight when an
 earlier worker process died (see pipeline/ledger.py), they are captioned one at
@@ -46,6 +48,17 @@ from pipeline.ledger import Guard
 from pipeline.storage import S3Settings
 
 PROCESSED = "_processed"  # a row's processor output, made ahead of the model
+DEVICE_FAILURE_EXIT = 75
+_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert", "NCCL error")
+
+
+def is_device_failure(err: BaseException) -> bool:
+    """An error of the accelerator itself (it leaves the process's device context unusable), as
+    opposed to one of the input."""
+    accelerator = getattr(torch, "AcceleratorError", None)
+    return (accelerator is not None and isinstance(err, accelerator)) or any(m in str(err) for m in _DEVICE_ERRORS)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -112,6 +125,7 @@ class CaptionActor:
         return self.target.collate([r[PROCESSED] if PROCESSED in r else self.process(r) for r in rows])
 
     def _generate(self, rows: list[dict]) -> tuple[list[str], list[int], list[float], float]:
+        faults.maybe_crash("generate", rows)
         started = time.perf_counter()
         engine = flash.Engine(
             self.target,
@@ -158,17 +172,31 @@ class CaptionActor:
         try:
             groups = [todo]
             results = [self._generate(todo)]
-        except Exception:  # isolate the bad row: retry one by one
+        except Exception as err:  # isolate the bad row: retry one by one
+            self._exit_on_device_failure(err, todo)
             groups, results = [], []
             for r in todo:
                 try:
                     results.append(self._generate([r]))
                     groups.append([r])
                 except Exception as err:  # this input cannot be captioned: its row says why
+                    self._exit_on_device_failure(err, todo)
                     r["error"] = f"caption failed: {type(err).__name__}: {err}"[:2000]
         for group, (texts, counts, accept, elapsed) in zip(groups, results):
             for r, text, count, length in zip(group, texts, counts, accept):
                 r.update(caption=text, num_tokens=count, acceptance_length=length, generate_s=elapsed / len(group))
+
+    def _exit_on_device_failure(self, err: Exception, rows: list[dict]) -> None:
+        """A device error (CUDA's poisons the process's context) is not the videos' fault: release
+        their ledger entries, so the death charges none of them, and exit; Ray replaces the actor
+        and Ray Data retries the batch."""
+        if not is_device_failure(err):
+            return
+        import sys
+
+        print(f"[flashcap] device failure in {self.actor_id}: {err}; exiting for a fresh actor", file=sys.stderr)
+        self.guard.done(rows)
+        os._exit(DEVICE_FAILURE_EXIT)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

@@ -11,7 +11,8 @@ A rule kills the worker process (os._exit, as an out-of-memory kill or a
 segfault would) when a row whose video_uri contains `match` reaches `stage`;
 `times` bounds how often per video across all processes (-1: every time),
 counted with marker files beside the rules file. A rule with `delay_s` sleeps
-that long instead of killing (a slow worker, for tests that act mid-job).
+that long instead of killing (a slow worker, for tests that act mid-job); one with `raise` raises
+a RuntimeError with that message instead (a device failure, for the caption actor's handling).
 """
 
 from __future__ import annotations
@@ -66,4 +67,6 @@ def maybe_crash(stage: str, rows: list[dict]) -> None:
                 if "delay_s" in rule:
                     time.sleep(float(rule["delay_s"]))
                     break
+                if "raise" in rule:  # an error raised where the stage runs (e.g. a CUDA error message)
+                    raise RuntimeError(rule["raise"])
                 os._exit(77)

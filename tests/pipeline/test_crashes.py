@@ -112,3 +112,17 @@ def test_job_incomplete_after_max_rounds_and_a_rerun_finishes(s3_server, ray_loc
     rows, _ = read_output(s3_server, bucket)
     assert again["already_done"] == len(partial) and again["missing"] == 0
     assert len(rows) == len({r["video_uri"] for r in rows}) == 16
+
+
+def test_a_device_failure_restarts_the_actor_and_charges_no_video(s3_server, ray_local, pipeline_models, faults):
+    """A CUDA error in generation poisons the process's device context: the actor exits, Ray replaces
+    it, and the batch is captioned again; no video gets an error row or a crash charge for it."""
+    bucket = new_bucket(s3_server)
+    upload_clips(s3_server, bucket, range(720, 724))
+    message = "CUDA error: an illegal memory access was encountered"
+    faults([{"stage": "generate", "match": "clip_000721", "raise": message, "times": 2}])
+    report = run_job(config_for(s3_server, bucket, pipeline_models))
+    rows, _ = read_output(s3_server, bucket)
+    assert len(rows) == 4 and report["missing"] == 0
+    assert all(r["error"] == "" and r["caption"] for r in rows), [r["error"] for r in rows]
+    assert report["videos_in_flight_at_a_crash"] == 0  # the exits charged no video
