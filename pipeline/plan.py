@@ -125,6 +125,18 @@ def _normalise_manifest(table: pa.Table) -> pa.Table:
     return pa.table({"video_uri": uri, "etag": etag, "size": size})
 
 
+def _keys_where(table: pa.Table, final: bool, retry_errors: bool) -> pa.Table:
+    """The (uri, etag) columns of the rows that are final (or, final=False, transient errors)."""
+    import pyarrow.compute as pc
+
+    transient = table.column("transient")
+    if final:
+        mask = pc.invert(transient) if retry_errors else pa.array([True] * table.num_rows, pa.bool_())
+    else:
+        mask = transient
+    return table.filter(mask).select(KEY_COLUMNS)
+
+
 def plan_with_ray(inputs, store: OutputStore, retry_errors: bool, partitions: int = 0) -> Plan:
     """The plan as a Ray Data job. `inputs`: a Dataset of video_uri, etag, size."""
     import ray.data
@@ -139,12 +151,17 @@ def plan_with_ray(inputs, store: OutputStore, retry_errors: bool, partitions: in
             batch_format="pyarrow",
             batch_size=1,
         )
-        final = keys.filter(lambda r: not (r["transient"] and retry_errors)).select_columns(KEY_COLUMNS)
+        # map_batches, not filter: an empty result keeps its columns (the join needs them in every block)
+        final = keys.map_batches(
+            lambda t: _keys_where(t, final=True, retry_errors=retry_errors), batch_format="pyarrow"
+        )
         todo = inputs.join(final, join_type="left_anti", num_partitions=partitions, on=tuple(KEY_COLUMNS))
         todo = todo.materialize()
         to_retry = 0
         if retry_errors:
-            transient = keys.filter(lambda r: r["transient"]).select_columns(KEY_COLUMNS)
+            transient = keys.map_batches(
+                lambda t: _keys_where(t, final=False, retry_errors=True), batch_format="pyarrow"
+            )
             to_retry = todo.join(
                 transient, join_type="left_semi", num_partitions=partitions, on=tuple(KEY_COLUMNS)
             ).count()

@@ -96,10 +96,10 @@ def test_manifests_in_every_layout(ray_local, world, tmp_path):
     for manifest in ("m.parquet", "m.csv", "inventory.parquet"):
         rows = read_manifest(str(tmp_path / manifest), S3Settings()).take_all()
         assert sorted((r["video_uri"], r["etag"]) for r in rows) == sorted((o.uri, o.etag) for o in objects)
-        config = load_config(
-            manifest=str(tmp_path / manifest), output=store.uri, model="models/demo-target", dry_run=True
-        )
-        assert make_plan(config, S3Settings()).summary() == want, manifest
+    config = load_config(
+        manifest=str(tmp_path / "inventory.parquet"), output=store.uri, model="models/demo-target", dry_run=True
+    )
+    assert make_plan(config, S3Settings()).summary() == want
 
 
 def test_dry_run_prints_the_plan_and_loads_no_model(ray_local, world, tmp_path, capsys):
