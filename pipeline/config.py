@@ -134,7 +134,11 @@ class CaptionConfig(BaseModel):
     gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs per caption actor; 0: CPU.")
     cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs per caption actor.")
     cpus_per_decode: float = Field(default=1.0, gt=0.0, description="CPUs per video-decoding task.")
-    flush_rows: int = Field(default=256, ge=1, description="Rows buffered before a Parquet part is written.")
+    flush_rows: int = Field(
+        default=20_000,
+        ge=1,
+        description="Rows buffered before a Parquet part is written (with flush_seconds, whichever comes first).",
+    )
     flush_seconds: float = Field(default=60.0, gt=0, description="Longest wait before buffered rows are written.")
     max_worker_crashes: int = Field(
         default=3,
