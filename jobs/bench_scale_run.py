@@ -1,0 +1,90 @@
+"""A real run over many small objects on an S3-protocol server (moto, started here on 127.0.0.1):
+the demo target and drafter caption N objects (copies of a few demo clips under distinct keys),
+then a rerun plans nothing. Prints the job report's figures and the driver's peak RSS.
+
+    python jobs/bench_scale_run.py [--objects 10000] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objects", type=int, default=10_000)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from jobs.demo_world import encode_mp4, render, scene_for_seed
+    from pipeline.config import load_config
+    from pipeline.run import run_job
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="scale")
+    clips = [encode_mp4(render(scene_for_seed(seed))) for seed in range(9000, 9016)]
+    started = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda i: s3.put_object(Bucket="scale", Key=f"clips/{i:06d}.mp4", Body=clips[i % len(clips)]),
+                range(args.objects),
+            )
+        )
+    uploaded_s = time.time() - started
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    config = load_config(
+        input="s3://scale/clips/",
+        output="s3://scale/captions/",
+        s3_endpoint=endpoint,
+        model=str(ROOT / "models" / "demo-target"),
+        drafter=str(ROOT / "models" / "demo-drafter"),
+        cpus_per_actor=1.0,
+        cpus_per_decode=0.5,
+        report=False,
+    )
+    started = time.time()
+    report = run_job(config, log=lambda line: print(line, flush=True))
+    run_s = time.time() - started
+    again = run_job(config, log=lambda line: None)
+    result = {
+        "date": date.today().isoformat(),
+        "objects": args.objects,
+        "upload_s": uploaded_s,
+        "run_s": run_s,
+        **{k: report[k] for k in ("rows_written", "errors", "missing", "clips_per_s", "steady_clips_per_s")},
+        "parts": len(report["parts"]),
+        "rerun_expected_rows": again["expected_rows"],
+        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    ray.shutdown()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
