@@ -133,6 +133,61 @@ def build_qwen2_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **siz
     return _build_qwen(out_dir, words, version="2", **sizes)
 
 
+def _qwen_checkpoint(
+    out: Path,
+    model_class,
+    config_class,
+    text: dict,
+    vision: dict,
+    ids: dict[str, int],
+    processor_class,
+    image_processor_class,
+    video_processor_class,
+    tokenizer,
+    *,
+    patch: int,
+    image_side: int,
+    seed: int,
+    dtype: torch.dtype,
+    chat_template: str | None,
+    generation: dict | None,
+    num_frames: int | None,
+    video: dict,
+) -> Path:
+    """The part every Qwen builder shares: media token ids in the config, the seeded model and its
+    generation config, the processor's patch settings, and the checkpoint written to `out`."""
+    config = config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).to(dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
+    pixels = image_side * image_side
+    size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
+    patches = dict(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
+    video = dict(video, do_sample_frames=False)
+    if num_frames is not None:
+        video["num_frames"] = num_frames
+    processor = processor_class(
+        image_processor=image_processor_class(**patches),
+        video_processor=video_processor_class(**patches, **video),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
 def _build_qwen(
     out_dir: str | Path,
     words: Sequence[str],
@@ -187,48 +242,39 @@ def _build_qwen(
             transformers.Qwen2VLProcessor,
         )
         vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=2)
-    config = config_class(
-        text_config=dict(
-            vocab_size=_round_up(len(tokenizer)),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+    text = dict(
+        vocab_size=_round_up(len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
-    torch.manual_seed(seed)
-    model = model_class(config).to(dtype)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    for key, value in (generation or {}).items():
-        setattr(model.generation_config, key, value)
-    pixels = image_side * image_side
-    size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
-    patches = dict(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    video = dict(do_sample_frames=False, cap_pixels_per_frame=True)
-    if num_frames is not None:
-        video["num_frames"] = num_frames
-    processor = processor_class(
-        image_processor=Qwen2VLImageProcessor(**patches),
-        video_processor=Qwen2VLVideoProcessor(**patches, **video),
-        tokenizer=tokenizer,
+    return _qwen_checkpoint(
+        out,
+        model_class,
+        config_class,
+        text,
+        vision,
+        ids,
+        processor_class,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        tokenizer,
+        patch=14,
+        image_side=image_side,
+        seed=seed,
+        dtype=dtype,
         chat_template=chat_template,
+        generation=generation,
+        num_frames=num_frames,
+        video={"cap_pixels_per_frame": True},
     )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
 
 
 def build_qwen3_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
@@ -329,36 +375,26 @@ def _build_qwen3(
             linear_num_key_heads=2,
             linear_num_value_heads=4,
         )
-    config = config_class(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = model_class(config).to(dtype)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    for key, value in (generation or {}).items():
-        setattr(model.generation_config, key, value)
-    pixels = image_side * image_side
-    size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
-    patches = dict(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
-    video = dict(do_sample_frames=False)
-    if num_frames is not None:
-        video["num_frames"] = num_frames
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**patches),
-        video_processor=Qwen3VLVideoProcessor(**patches, **video),
-        tokenizer=tokenizer,
+    return _qwen_checkpoint(
+        out,
+        model_class,
+        config_class,
+        text,
+        vision,
+        ids,
+        Qwen3VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen3VLVideoProcessor,
+        tokenizer,
+        patch=patch,
+        image_side=image_side,
+        seed=seed,
+        dtype=dtype,
         chat_template=chat_template,
+        generation=generation,
+        num_frames=num_frames,
+        video={},
     )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
 
 
 def build_llava_onevision(
