@@ -67,11 +67,6 @@ def _read_part_keys(path: str, settings: S3Settings) -> pa.Table:
     return part_keys(pq.read_table(io.BytesIO(data), columns=columns))
 
 
-def _output_bytes(store: OutputStore) -> int:
-    """The output's size, from its listing."""
-    return sum(size for _, size in store.part_sizes())
-
-
 def _split_done(keys: pa.Table, retry_errors: bool) -> tuple[set, set]:
     """(done keys, keys whose every row is a transient error) from part keys, on the driver."""
     final, transient = set(), set()
@@ -80,8 +75,11 @@ def _split_done(keys: pa.Table, retry_errors: bool) -> tuple[set, set]:
     return final, transient - final
 
 
-def plan_on_driver(objects: list[VideoObject], store: OutputStore, retry_errors: bool) -> Plan:
-    tables = [_read_part_keys(p, store.settings) for p in store.parts()]
+def plan_on_driver(
+    objects: list[VideoObject], store: OutputStore, retry_errors: bool, parts: list[str] | None = None
+) -> Plan:
+    """`parts`: the output's parts if the caller listed them already."""
+    tables = [_read_part_keys(p, store.settings) for p in (store.parts() if parts is None else parts)]
     keys = pa.concat_tables(tables) if tables else part_keys(pa.table({"video_uri": [], "etag": []}))
     done, retry = _split_done(keys, retry_errors)
     todo = [o for o in objects if (o.uri, o.etag) not in done]
@@ -137,11 +135,14 @@ def _keys_where(table: pa.Table, final: bool, retry_errors: bool) -> pa.Table:
     return table.filter(mask).select(KEY_COLUMNS)
 
 
-def plan_with_ray(inputs, store: OutputStore, retry_errors: bool, partitions: int = 0) -> Plan:
-    """The plan as a Ray Data job. `inputs`: a Dataset of video_uri, etag, size."""
+def plan_with_ray(
+    inputs, store: OutputStore, retry_errors: bool, partitions: int = 0, parts: list[str] | None = None
+) -> Plan:
+    """The plan as a Ray Data job. `inputs`: a Dataset of video_uri, etag, size; `parts`: the output's
+    parts if the caller listed them already."""
     import ray.data
 
-    parts = store.parts()
+    parts = store.parts() if parts is None else parts
     partitions = partitions or max(2, min(256, len(parts) // 4 + 2))
     settings = store.settings
     if parts:
@@ -151,6 +152,8 @@ def plan_with_ray(inputs, store: OutputStore, retry_errors: bool, partitions: in
             batch_format="pyarrow",
             batch_size=1,
         )
+        if retry_errors:  # read once, joined twice (final keys, then transient ones)
+            keys = keys.materialize()
         # map_batches, not filter: an empty result keeps its columns (the join needs them in every block)
         final = keys.map_batches(
             lambda t: _keys_where(t, final=True, retry_errors=retry_errors), batch_format="pyarrow"
@@ -176,16 +179,17 @@ def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = 
     import ray.data
 
     store = OutputStore(config.output, settings)
-    output_bytes = _output_bytes(store)  # the output first: a run that cannot read or write it stops here
+    listing = store.part_sizes()  # the output first: a run that cannot read or write it stops here
+    parts, output_bytes = [path for path, _ in listing], sum(size for _, size in listing)
     if not config.dry_run:
         store.check_writable()
     if config.manifest:
-        return plan_with_ray(read_manifest(config.manifest, settings), store, config.retry_errors)
+        return plan_with_ray(read_manifest(config.manifest, settings), store, config.retry_errors, parts=parts)
     if objects is None:
         from pipeline.storage import list_videos
 
         objects = list_videos(config.input, config.include, settings)
     if len(objects) <= DRIVER_PLAN_LIMIT and output_bytes <= DRIVER_PLAN_OUTPUT_BYTES:
-        return plan_on_driver(objects, store, config.retry_errors)
+        return plan_on_driver(objects, store, config.retry_errors, parts=parts)
     items = [{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects]
-    return plan_with_ray(ray.data.from_items(items), store, config.retry_errors)
+    return plan_with_ray(ray.data.from_items(items), store, config.retry_errors, parts=parts)

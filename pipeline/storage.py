@@ -267,10 +267,6 @@ class OutputStore:
             return OUTPUT_SCHEMA.empty_table()
         return pa.concat_tables([_with_output_schema(t) for t in tables])
 
-    def existing_keys(self) -> set[tuple[str, str]]:
-        table = self.read_table()
-        return set(zip(table.column("video_uri").to_pylist(), table.column("etag").to_pylist()))
-
     def write_bytes(self, name: str, data: bytes) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
