@@ -96,7 +96,7 @@ class CaptionActor:
         self.node = _node_name()
         self.actor_id = f"{self.node}:{os.getpid()}"
         self._metrics = _Metrics()
-        self.guard = Guard(ledger, "caption", self.config.max_worker_crashes, self.actor_id)
+        self.guard = Guard(ledger, "caption", self.config.max_worker_crashes)
         self._model_lock = threading.Lock()
 
     def process(self, row: dict):
@@ -148,22 +148,11 @@ class CaptionActor:
 
     def _caption(self, rows: list[dict]) -> None:
         """Fill caption/num_tokens/acceptance_length/generate_s/error on rows without a decode error."""
-        todo = [r for r in rows if not r["error"]]
-        crashes = self.guard.begin(todo)
-        if not any(crashes):
-            self._caption_rows(todo)
-            self.guard.done(todo)
-            return
-        # An earlier attempt at some of these rows died with its process: one row at a time, so that
-        # only the row that kills the process is charged again.
-        self.guard.done(todo)
-        for r in todo:
-            (count,) = self.guard.begin([r])
-            if self.guard.gave_up(count):
-                r["error"] = self.guard.message(count)
-            else:
-                self._caption_rows([r])
-            self.guard.done([r])
+
+        def give_up(r: dict, crashes: int) -> None:
+            r["error"] = self.guard.message(crashes)
+
+        self.guard.run([r for r in rows if not r["error"]], self._caption_rows, give_up)
 
     def _caption_rows(self, todo: list[dict]) -> None:
         if not todo:

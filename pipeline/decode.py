@@ -14,11 +14,11 @@ import io
 import math
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline import faults
 from pipeline.ledger import Guard
@@ -253,8 +253,49 @@ def _rgb_graph(frame, time_base, filters: list[tuple[str, str]]):
     return graph
 
 
-def decode_row(
-    row: dict,
+DECODED_COLUMNS = pa.schema(
+    [
+        ("frames", pa.binary()),
+        ("frames_shape", pa.list_(pa.int64())),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("video_total_frames", pa.int64()),
+        ("video_fps", pa.float64()),
+        ("frame_indices", pa.list_(pa.int64())),
+        ("decode_s", pa.float64()),
+    ]
+)
+
+
+def _undecoded(row: dict) -> dict:
+    out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="", error_kind="", decode_s=0.0)
+    out.update(video_total_frames=0, video_fps=0.0, frame_indices=[])  # where the frames sit in the source
+    return out
+
+
+def _decode_one(row: dict, settings: S3Settings, num_frames, max_side, fps, max_frames, max_bytes) -> dict:
+    """A listed object -> the same row with frames (bytes + shape) and where they sit in the source
+    (video_total_frames, video_fps, frame_indices), or an error."""
+    started = time.perf_counter()
+    out = _undecoded(row)
+    try:
+        faults.maybe_crash("decode", [row])
+        if row["size"] > max_bytes:
+            raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
+        data = read_object(row["video_uri"], settings)
+        frames, info = decode_video(data, num_frames, max_side, fps, max_frames)
+        out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
+        out["video_total_frames"], out["video_fps"] = info.total_frames, info.fps
+        out["frame_indices"] = list(info.indices)
+    except Exception as err:  # any failure on one input must become that input's error row
+        out["error"] = f"decode failed: {type(err).__name__}: {err}"[:2000]
+        out["error_kind"] = "transient" if getattr(err, "transient", False) else "permanent"
+    out["decode_s"] = time.perf_counter() - started
+    return out
+
+
+def decode_rows(
+    rows: list[dict],
     settings: S3Settings,
     num_frames: int,
     max_side: int,
@@ -263,33 +304,35 @@ def decode_row(
     max_bytes: int,
     ledger=None,
     max_crashes: int = 3,
-) -> dict:
-    """Ray Data map: a listed object -> the same row with frames (bytes + shape) and where they sit in
-    the source (video_total_frames, video_fps, frame_indices), or an error."""
-    started = time.perf_counter()
-    out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="", error_kind="")
-    out.update(video_total_frames=0, video_fps=0.0, frame_indices=[])  # where the frames sit in the source
-    guard = Guard(ledger, "decode", max_crashes, f"{socket.gethostname()}:{os.getpid()}")
-    crashes = guard.begin([row])[0]
-    try:
-        if guard.gave_up(crashes):
-            out["error"], out["error_kind"] = guard.message(crashes), "permanent"
-        else:
-            faults.maybe_crash("decode", [row])
-            if row["size"] > max_bytes:
-                raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
-            data = read_object(row["video_uri"], settings)
-            frames, info = decode_video(data, num_frames, max_side, fps, max_frames)
-            out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
-            out["video_total_frames"], out["video_fps"] = info.total_frames, info.fps
-            out["frame_indices"] = list(info.indices)
-    except Exception as err:  # any failure on one input must become that input's error row
-        out["error"] = f"decode failed: {type(err).__name__}: {err}"[:2000]
-        out["error_kind"] = "transient" if getattr(err, "transient", False) else "permanent"
-    finally:
-        guard.done([row])
-    out["decode_s"] = time.perf_counter() - started
-    return out
+) -> list[dict]:
+    """Decode a block of listed objects (one ledger call each way for the block; see pipeline/ledger.py)."""
+    args = (settings, num_frames, max_side, fps, max_frames, max_bytes)
+    out: dict[int, dict] = {}
+    guard = Guard(ledger, "decode", max_crashes)
+
+    def work(block: list[dict]) -> None:
+        for r in block:
+            out[id(r)] = _decode_one(r, *args)
+
+    def give_up(r: dict, crashes: int) -> None:
+        out[id(r)] = dict(_undecoded(r), error=guard.message(crashes), error_kind="permanent")
+
+    guard.run(rows, work, give_up)
+    return [out[id(r)] for r in rows]
+
+
+def decode_row(row: dict, *args, **kwargs) -> dict:
+    """`decode_rows` of one row."""
+    return decode_rows([row], *args, **kwargs)[0]
+
+
+def decode_block(batch: pa.Table, **kwargs) -> pa.Table:
+    """Ray Data map_batches over listed objects (pyarrow blocks) -> decoded rows."""
+    rows = decode_rows(batch.to_pylist(), **kwargs)
+    schema = pa.schema([batch.schema.field(n) for n in batch.column_names if n not in DECODED_COLUMNS.names])
+    for field in DECODED_COLUMNS:
+        schema = schema.append(field)
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def frames_of(row: dict) -> np.ndarray:

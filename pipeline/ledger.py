@@ -4,12 +4,13 @@ instead of stalling the job.
 Ray Data restarts dead actors and retries failed tasks without limit, which is
 right for a node that vanished and wrong for an input that crashes its worker
 every time (a decoder segfault, an out-of-memory kill): the job would loop on
-it forever. So every worker brackets each unit of work with `begin`/`done`
-calls to one small actor that lives beside the driver. A `begin` for a key
-that is still in flight means the previous attempt's process died with it:
-that key's crash count goes up. Workers isolate keys with a crash on record
-(one at a time, so only the culprit is charged again), and a key charged
-`max_crashes` times gets an error row without being touched again.
+it forever. So every worker brackets each block of rows with one `begin` and
+one `done` call to one small actor that lives beside the driver. A `begin` for
+a key that is still in flight means the previous attempt's process died with
+it: that key's crash count goes up, unless the previous attempt's node is gone
+(a lost spot node is not the video's fault). Workers isolate keys with a crash
+on record (one at a time, so only the culprit is charged again), and a key
+charged `max_crashes` times gets an error row without being touched again.
 
 The ledger only counts; it never decides what is written. The driver still
 writes each (uri, etag) once.
@@ -17,26 +18,44 @@ writes each (uri, etag) once.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 Key = tuple[str, str, str]  # (stage, video_uri, etag)
 
 
-class AttemptLedger:
-    """Plain class (unit-testable); `start_ledger` runs it as a Ray actor."""
+def _live_nodes() -> set[str]:
+    import ray
 
-    def __init__(self) -> None:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+class AttemptLedger:
+    """Plain class (unit-testable); `start_ledger` runs it as a Ray actor. Workers are named
+    "<ray node id>/<process>" (no node id: always charged); `live_nodes` gives the node ids still in
+    the cluster, asked only when a key is found still in flight."""
+
+    def __init__(self, live_nodes: Callable[[], set[str]] | None = None) -> None:
         self.in_flight: dict[Key, str] = {}
         self.crashes: Counter[Key] = Counter()
+        self.lost_with_node = 0
+        self.live_nodes = live_nodes or _live_nodes
 
     def begin(self, keys: Sequence[Key], worker: str) -> list[int]:
         """Mark keys in flight on `worker`; return each key's crash count (this attempt's evidence included)."""
-        out = []
+        out, live = [], None
         for key in keys:
             key = tuple(key)
-            if key in self.in_flight:  # the attempt that marked it never finished: its process died
-                self.crashes[key] += 1
+            previous = self.in_flight.get(key)
+            if previous is not None:  # the attempt that marked it never finished: its process died
+                node = previous.split("/", 1)[0] if "/" in previous else ""
+                live = self.live_nodes() if live is None and node else live
+                if node and node not in live:  # ... with its node: not the video's doing
+                    self.lost_with_node += 1
+                else:
+                    self.crashes[key] += 1
             self.in_flight[key] = worker
             out.append(self.crashes[key])
         return out
@@ -53,6 +72,7 @@ class AttemptLedger:
         return {
             "worker_crashes": dict(by_stage),
             "crashed_videos": sorted({uri for (_, uri, _), n in self.crashes.items() if n}),
+            "lost_with_node": self.lost_with_node,
         }
 
 
@@ -73,11 +93,46 @@ def start_ledger():
     )
 
 
+def worker_name() -> str:
+    """This process as the ledger knows it: "<ray node id>/<host>:<pid>"."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - outside Ray the node is unknown: deaths are charged as before
+        node = ""
+    return f"{node}/{socket.gethostname()}:{os.getpid()}"
+
+
 class Guard:
     """A worker's view of the ledger. Without a ledger (benchmarks, notebooks) it counts nothing."""
 
-    def __init__(self, ledger, stage: str, max_crashes: int, worker: str) -> None:
-        self.ledger, self.stage, self.max_crashes, self.worker = ledger, stage, max_crashes, worker
+    def __init__(self, ledger, stage: str, max_crashes: int, worker: str | None = None) -> None:
+        self.ledger, self.stage, self.max_crashes = ledger, stage, max_crashes
+        self.worker = worker or worker_name()
+
+    def run(self, rows: list[dict], work: Callable[[list[dict]], None], give_up: Callable[[dict, int], None]) -> None:
+        """`work(rows)` with one `begin` and one `done` call for the whole block. If an earlier attempt
+        at any of them died with its process, the rows go one at a time instead, so that only the one
+        that kills the process is charged again; a row charged `max_crashes` times gets
+        `give_up(row, crashes)` and no work."""
+        crashes = self.begin(rows)
+        if not any(crashes):
+            try:
+                work(rows)
+            finally:  # an exception is not a death
+                self.done(rows)
+            return
+        self.done(rows)
+        for r in rows:
+            (count,) = self.begin([r])
+            try:
+                if self.gave_up(count):
+                    give_up(r, count)
+                else:
+                    work([r])
+            finally:
+                self.done([r])
 
     def _keys(self, rows: Sequence[dict]) -> list[Key]:
         return [(self.stage, str(r["video_uri"]), str(r["etag"])) for r in rows]

@@ -80,7 +80,7 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
     from ray.data import ActorPoolStrategy
 
     from actors.caption import CaptionActor
-    from pipeline.decode import decode_row
+    from pipeline.decode import decode_block
 
     # ~8 objects per read/decode task: fewer, larger tasks cut Ray overhead; frames stay small per block.
     if isinstance(todo, list):
@@ -88,8 +88,10 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // 8)))
     else:  # a Ray Data plan (manifest or a large listing)
         ds = todo.repartition(target_num_rows_per_block=8)
-    ds = ds.map(
-        decode_row,
+    ds = ds.map_batches(
+        decode_block,
+        batch_format="pyarrow",
+        batch_size=None,  # a block (~8 objects) per call: one ledger call each way
         fn_kwargs=dict(
             settings=settings,
             num_frames=config.num_frames,
@@ -205,7 +207,11 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     if plan.to_caption:
         log(tracker.line())
 
-    crashes = ray.get(ledger.summary.remote()) if ledger is not None else {"worker_crashes": {}, "crashed_videos": []}
+    crashes = (
+        ray.get(ledger.summary.remote())
+        if ledger is not None
+        else {"worker_crashes": {}, "crashed_videos": [], "lost_with_node": 0}
+    )
     report = tracker.report(
         run_id=run_id,
         input=redact(config.input),
@@ -221,6 +227,7 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         round_errors=round_errors,
         worker_crashes=crashes["worker_crashes"],
         videos_in_flight_at_a_crash=len(crashes["crashed_videos"]),
+        videos_lost_with_a_node=crashes["lost_with_node"],
         parts=writer.parts,
         model=config.model,
         drafter=config.drafter,

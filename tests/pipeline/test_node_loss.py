@@ -41,3 +41,5 @@ def test_killing_a_worker_node_mid_job_loses_and_duplicates_nothing(pipeline_mod
     nodes = [n.split("@")[0] for n in table.column("worker_node").to_pylist()]
     assert killed["node"] in nodes and len(set(nodes) - {killed["node"]}) >= 1
     assert killed["rows_before"] < 48
+    # The videos in flight on the lost node are not charged as crashes (the node died, not the video).
+    assert report["videos_in_flight_at_a_crash"] == 0 and report["videos_lost_with_a_node"] >= 1, report
