@@ -123,6 +123,14 @@ def _normalise_manifest(table: pa.Table) -> pa.Table:
     return pa.table({"video_uri": uri, "etag": etag, "size": size})
 
 
+def unique_keys(inputs, partitions: int):
+    """A manifest's rows, one per (video_uri, etag): a key listed twice is captioned once."""
+    from ray.data.aggregate import Max
+
+    grouped = inputs.groupby(list(KEY_COLUMNS), num_partitions=partitions).aggregate(Max("size", alias_name="size"))
+    return grouped.select_columns(list(MANIFEST_COLUMNS))
+
+
 def _keys_where(table: pa.Table, final: bool, retry_errors: bool) -> pa.Table:
     """The (uri, etag) columns of the rows that are final (or, final=False, transient errors)."""
     import pyarrow.compute as pc
@@ -174,6 +182,19 @@ def plan_with_ray(
     return Plan(listed, listed - to_caption, to_caption, to_retry, todo)
 
 
+def _partitions_for(uri: str, settings: S3Settings) -> int:
+    """Shuffle partitions for a manifest: one per ~32 MB of it (a million keys is ~40 MB of Parquet)."""
+    import pyarrow.fs as pafs
+
+    fs, path = arrow_filesystem(uri, settings)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        size = sum(f.size or 0 for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    else:
+        size = info.size or 0
+    return max(2, min(256, size // (32 << 20) + 2))
+
+
 def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = None) -> Plan:
     """The plan for a config: from its manifest (always a Ray Data plan) or a listing."""
     import ray.data
@@ -184,7 +205,8 @@ def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = 
     if not config.dry_run:
         store.check_writable()
     if config.manifest:
-        return plan_with_ray(read_manifest(config.manifest, settings), store, config.retry_errors, parts=parts)
+        inputs = unique_keys(read_manifest(config.manifest, settings), _partitions_for(config.manifest, settings))
+        return plan_with_ray(inputs, store, config.retry_errors, parts=parts)
     if objects is None:
         from pipeline.storage import list_videos
 

@@ -83,23 +83,27 @@ def test_manifests_in_every_layout(ray_local, world, tmp_path):
     )
     pq.write_table(table, tmp_path / "m.parquet")
     pcsv.write_csv(table, tmp_path / "m.csv")
+    listed = objects + objects[12:15] + objects[:2]  # a key listed twice is planned once
     inventory = pa.table(
         {
-            "bucket": ["b"] * 20,
-            "key": [o.uri.removeprefix("s3://b/") for o in objects],
-            "size": [1] * 20,
-            "e_tag": [f'"{o.etag}"' for o in objects],
+            "bucket": ["b"] * len(listed),
+            "key": [o.uri.removeprefix("s3://b/") for o in listed],
+            "size": [1] * len(listed),
+            "e_tag": [f'"{o.etag}"' for o in listed],
         }
     )
     pq.write_table(inventory, tmp_path / "inventory.parquet")
     want = plan_on_driver(objects, store, retry_errors=False).summary()
     for manifest in ("m.parquet", "m.csv", "inventory.parquet"):
         rows = read_manifest(str(tmp_path / manifest), S3Settings()).take_all()
-        assert sorted((r["video_uri"], r["etag"]) for r in rows) == sorted((o.uri, o.etag) for o in objects)
+        assert sorted({(r["video_uri"], r["etag"]) for r in rows}) == sorted((o.uri, o.etag) for o in objects)
     config = load_config(
         manifest=str(tmp_path / "inventory.parquet"), output=store.uri, model="models/demo-target", dry_run=True
     )
-    assert make_plan(config, S3Settings()).summary() == want
+    plan = make_plan(config, S3Settings())
+    assert plan.summary() == want
+    todo = sorted((r["video_uri"], r["etag"]) for r in plan.todo.take_all())
+    assert todo == sorted((o.uri, o.etag) for o in plan_on_driver(objects, store, retry_errors=False).todo)
 
 
 def test_dry_run_prints_the_plan_and_loads_no_model(ray_local, world, tmp_path, capsys):
@@ -128,3 +132,16 @@ def test_dry_run_prints_the_plan_and_loads_no_model(ray_local, world, tmp_path, 
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == {"listed": 20, "already_done": 9, "to_caption": 11, "to_retry": 2}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-a.parquet", "part-legacy.parquet"]
+
+
+def test_the_writers_key_set_is_a_set(monkeypatch):
+    from pipeline.run import KeySet
+
+    monkeypatch.setattr(KeySet, "MERGE_AT", 7)
+    keys, added = KeySet(), set()
+    for i in range(100):
+        key = (f"s3://b/{i % 61}.mp4", f"e{i % 3 == 0}")
+        assert keys.add(key) == (key not in added)
+        added.add(key)
+    assert len(keys) == len(added)
+    assert all(k in keys for k in added) and ("s3://b/0.mp4", "other") not in keys
