@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import OutputStore, S3Settings, VideoObject, arrow_filesystem, read_object
+from pipeline.storage import (
+    OutputStore,
+    S3Settings,
+    VideoObject,
+    arrow_filesystem,
+    is_s3,
+    list_videos,
+    listing_shards,
+    read_object,
+)
 
 DRIVER_PLAN_LIMIT = 200_000  # listed objects
 DRIVER_PLAN_OUTPUT_BYTES = 64 << 20  # Parquet bytes of output (a few hundred thousand rows)
@@ -208,10 +217,45 @@ def make_plan(config, settings: S3Settings, objects: list[VideoObject] | None = 
         inputs = unique_keys(read_manifest(config.manifest, settings), _partitions_for(config.manifest, settings))
         return plan_with_ray(inputs, store, config.retry_errors, parts=parts)
     if objects is None:
-        from pipeline.storage import list_videos
-
-        objects = list_videos(config.input, config.include, settings)
+        objects = list_input(config.input, config.include, settings)
+    if not isinstance(objects, list):
+        return plan_with_ray(objects, store, config.retry_errors, parts=parts)
     if len(objects) <= DRIVER_PLAN_LIMIT and output_bytes <= DRIVER_PLAN_OUTPUT_BYTES:
         return plan_on_driver(objects, store, config.retry_errors, parts=parts)
-    items = [{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects]
-    return plan_with_ray(ray.data.from_items(items), store, config.retry_errors, parts=parts)
+    return plan_with_ray(ray.data.from_items(_rows(objects)), store, config.retry_errors, parts=parts)
+
+
+def _rows(objects: list[VideoObject]) -> list[dict]:
+    return [{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects]
+
+
+def _list_prefixes(batch: pa.Table, patterns: tuple[str, ...], settings: S3Settings) -> pa.Table:
+    objects = [o for p in batch.column("prefix").to_pylist() for o in list_videos(p, patterns, settings)]
+    return pa.Table.from_pylist(_rows(objects), schema=LISTING_SCHEMA)
+
+
+LISTING_SCHEMA = pa.schema([("video_uri", pa.string()), ("etag", pa.string()), ("size", pa.int64())])
+
+
+def list_input(uri: str, patterns: tuple[str, ...], settings: S3Settings):
+    """The objects under `uri`: a sorted list, or, for an s3:// input with sub-prefixes and more than
+    DRIVER_PLAN_LIMIT objects, a Ray Dataset of video_uri, etag, size. The sub-prefixes (see
+    `listing_shards`) are listed by parallel Ray tasks, each writing its own block."""
+    if not is_s3(uri):
+        return list_videos(uri, patterns, settings)
+    found, prefixes = listing_shards(uri, patterns, settings)
+    if not prefixes:
+        return found
+    import ray.data
+
+    listed = ray.data.from_items([{"prefix": p} for p in prefixes], override_num_blocks=len(prefixes))
+    listed = listed.map_batches(
+        _list_prefixes, fn_kwargs={"patterns": patterns, "settings": settings}, batch_size=1, batch_format="pyarrow"
+    )
+    if found:
+        listed = listed.union(ray.data.from_arrow(pa.Table.from_pylist(_rows(found), schema=LISTING_SCHEMA)))
+    listed = listed.materialize()
+    if listed.count() > DRIVER_PLAN_LIMIT:
+        return listed
+    rows = listed.take_all()
+    return sorted((VideoObject(r["video_uri"], int(r["size"]), r["etag"]) for r in rows), key=lambda o: o.uri)

@@ -198,6 +198,48 @@ def list_videos(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> li
     return sorted(found, key=lambda o: o.uri)
 
 
+def list_level(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> tuple[list[VideoObject], list[str]]:
+    """One level of an s3:// prefix ("/" as the delimiter): the matching objects directly under it
+    and the sub-prefixes (as s3:// URIs), both sorted."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = split_s3(uri)
+    objects, prefixes = [], []
+    paginator = s3_client(settings).get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            prefixes += [f"s3://{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", [])]
+            objects += [
+                VideoObject(f"s3://{bucket}/{o['Key']}", int(o["Size"]), o["ETag"].strip('"'))
+                for o in page.get("Contents", [])
+                if _matches(o["Key"], patterns)
+            ]
+    except (ClientError, BotoCoreError) as err:
+        raise _explain(err, f"list {uri}") from None
+    return sorted(objects, key=lambda o: o.uri), sorted(prefixes)
+
+
+def listing_shards(
+    uri: str, patterns: tuple[str, ...], settings: S3Settings, width: int = 64, depth: int = 3
+) -> tuple[list[VideoObject], list[str]]:
+    """How to list an s3:// input in parallel: walk its "folders" breadth first, level by level,
+    until a level has `width` sub-prefixes or `depth` levels are walked. Returns the matching objects
+    met on the way and the sub-prefixes left, each to be listed whole by its own task. A flat prefix
+    (no sub-prefixes) is listed here, sequentially, at about 1,000 keys a request."""
+    found: list[VideoObject] = []
+    level = [uri]  # as given: "s3://b/clips" is a key prefix, as in list_videos
+    for _ in range(depth):
+        below: list[str] = []
+        for prefix in level:
+            objects, prefixes = list_level(prefix, patterns, settings)
+            found += objects
+            below += prefixes
+        level = below
+        if len(level) >= width or not level:
+            break
+    return found, level
+
+
 def read_object(uri: str, settings: S3Settings) -> bytes:
     """The object's bytes. botocore retries the request; a body cut off mid-stream (reset, timeout,
     short read), which botocore does not retry, is fetched again here, with backoff."""

@@ -145,3 +145,36 @@ def test_the_writers_key_set_is_a_set(monkeypatch):
         added.add(key)
     assert len(keys) == len(added)
     assert all(k in keys for k in added) and ("s3://b/0.mp4", "other") not in keys
+
+
+def test_listing_fans_out_over_prefixes_and_finds_what_a_sequential_listing_finds(
+    ray_local, s3_server, tmp_path, monkeypatch
+):
+    import pipeline.plan
+    from pipeline.plan import list_input
+    from pipeline.storage import list_videos, listing_shards
+    from tests.pipeline.common import new_bucket, s3_client
+
+    bucket, s3 = new_bucket(s3_server), s3_client(s3_server)
+    keys = ["v/top.mp4", "v/a/1.mp4", "v/a/x/2.MP4", "v/a/x/y/z/3.mp4", "v/b/4.mp4", "v/b/notes.txt", "vx/5.mp4"]
+    keys += [f"v/c/{i:02d}.mp4" for i in range(12)]
+    for k in keys:
+        s3.put_object(Bucket=bucket, Key=k, Body=k.encode())
+    settings, patterns = S3Settings(endpoint=s3_server), ("*.mp4",)
+    found, shards = listing_shards(f"s3://{bucket}/v/", patterns, settings, width=2)
+    assert [o.uri.rsplit("/", 1)[1] for o in found] == ["top.mp4"]
+    assert shards == [f"s3://{bucket}/v/{p}/" for p in ("a", "b", "c")]
+    monkeypatch.setattr(pipeline.plan, "DRIVER_PLAN_LIMIT", 4)  # beyond it the listing stays a Dataset
+    for uri in (f"s3://{bucket}/v/", f"s3://{bucket}/v", f"s3://{bucket}"):
+        want = [(o.uri, o.etag, o.size) for o in list_videos(uri, patterns, settings)]
+        listed = list_input(uri, patterns, settings)
+        got = sorted((r["video_uri"], r["etag"], r["size"]) for r in listed.take_all())
+        assert got == want and len(want) > 4, uri
+    config = load_config(
+        input=f"s3://{bucket}", output=str(tmp_path / "out"), model="models/demo-target", s3_endpoint=s3_server
+    )
+    plan = make_plan(config.model_copy(update={"dry_run": True}), settings)
+    assert plan.summary() == {"listed": 18, "already_done": 0, "to_caption": 18, "to_retry": 0}
+    monkeypatch.setattr(pipeline.plan, "DRIVER_PLAN_LIMIT", 1000)
+    listed = list_input(f"s3://{bucket}/v/", patterns, settings)
+    assert listed == list_videos(f"s3://{bucket}/v/", patterns, settings)  # small: a list, as before
