@@ -6,8 +6,11 @@ plans it, with the driver's peak memory and the time.
 The data is generated first, in a child process (so it does not count in the driver's peak): a
 Parquet manifest (video_uri, etag, size) and output parts in flashcap's schema holding rows for half
 the manifest's keys, of which 2% carry an older etag (the object changed since: to caption again),
-plus rows for objects no longer in the manifest (10% of the output), and 1% transient error rows.
-The plan must come out exactly as the generator counts.
+plus rows for objects no longer in the manifest (10% of the output), and 1% transient error rows;
+1% of the manifest's keys are listed twice. The plan must come out exactly as the generator counts.
+
+Then the writer's side: the keys of `to_caption` rows go through the driver's KeySet (what a run
+keeps of the rows it writes), with the memory it takes.
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ def generate(root: Path, objects: int) -> dict:
     rng = np.random.default_rng(0)
     uris = np.array([f"s3://bucket/videos/{i:09d}.mp4" for i in range(objects)], dtype=object)
     etags = np.array([f"{i * 2654435761 % 2**32:08x}" for i in range(objects)], dtype=object)
+    twice = rng.choice(objects, size=objects // 100, replace=False)  # listed twice: planned once
+    listed_uris, listed_etags = np.concatenate([uris, uris[twice]]), np.concatenate([etags, etags[twice]])
     pq.write_table(
-        pa.table({"video_uri": uris, "etag": etags, "size": np.full(objects, 1 << 20)}), root / "manifest.parquet"
+        pa.table({"video_uri": listed_uris, "etag": listed_etags, "size": np.full(len(listed_uris), 1 << 20)}),
+        root / "manifest.parquet",
     )
     in_output = rng.random(objects) < 0.5
     changed = in_output & (rng.random(objects) < 0.02)
@@ -88,6 +94,23 @@ def generate(root: Path, objects: int) -> dict:
         "output_rows": n,
         "retry_errors": {"already_done": done - int(transient.sum()), "to_retry": int(transient.sum())},
     }
+
+
+def _rss_mb() -> float:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def writer_keys(n: int) -> dict:
+    """The driver's KeySet holding n keys (a run's writes): memory and time."""
+    from pipeline.run import KeySet
+
+    before, started = _rss_mb(), time.time()
+    keys = KeySet()
+    for i in range(n):
+        keys.add((f"s3://bucket/videos/{i:09d}.mp4", f"{i * 2654435761 % 2**32:08x}"))
+    return {"keys": len(keys), "seconds": time.time() - started, "rss_growth_mb": _rss_mb() - before}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         want["retry_errors"]["already_done"],
         want["retry_errors"]["to_retry"],
     )
+    writer = writer_keys(plain["to_caption"])
     report = {
         "date": datetime.now(UTC).date().isoformat(),
         "objects": args.objects,
@@ -147,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "expected": want,
         "exact": exact,
         "driver_peak_rss_mb": peak_mb,
+        "writer": writer,
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -1,6 +1,8 @@
-"""A real run over many small objects on an S3-protocol server (moto, started here on 127.0.0.1):
-the demo target and drafter caption N objects (copies of a few demo clips under distinct keys),
-then a rerun plans nothing. Prints the job report's figures and the driver's peak RSS.
+"""A real run over many small objects on an S3-protocol server (moto, in its own process on
+127.0.0.1): the demo target and drafter caption N objects (copies of a few demo clips under distinct
+keys, spread over sub-prefixes so the listing fans out), then a rerun plans nothing. Prints the job
+report's figures and the driver's peak RSS (the driver process alone: the S3 server holds the
+objects in its own memory).
 
     python jobs/bench_scale_run.py [--objects 10000] [--out F]
 """
@@ -12,6 +14,7 @@ import json
 import os
 import resource
 import socket
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +33,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
     import ray
-    from moto.server import ThreadedMotoServer
 
     from jobs.demo_world import encode_mp4, render, scene_for_seed
     from pipeline.config import load_config
@@ -39,17 +41,24 @@ def main(argv: list[str] | None = None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    moto = Path(sys.executable).with_name("moto_server")
+    server = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="scale")
+    for _ in range(100):
+        try:
+            s3.create_bucket(Bucket="scale")
+            break
+        except Exception:  # noqa: BLE001 - the server is still starting
+            time.sleep(0.2)
     clips = [encode_mp4(render(scene_for_seed(seed))) for seed in range(9000, 9016)]
     started = time.time()
     with ThreadPoolExecutor(8) as pool:
         list(
             pool.map(
-                lambda i: s3.put_object(Bucket="scale", Key=f"clips/{i:06d}.mp4", Body=clips[i % len(clips)]),
+                lambda i: s3.put_object(Bucket="scale", Key=f"clips/{i % 100:02d}/{i:06d}.mp4", Body=clips[i % len(clips)]),
                 range(args.objects),
             )
         )
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     ray.shutdown()
-    server.stop()
+    server.terminate()
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ def plan_with_ray(
 
     parts = store.parts() if parts is None else parts
     partitions = partitions or max(2, min(256, len(parts) // 4 + 2))
+    inputs = inputs.materialize()  # computed once: joined, then counted
     settings = store.settings
     if parts:
         keys = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=min(len(parts), 1024))
@@ -186,7 +187,7 @@ def plan_with_ray(
                 transient, join_type="left_semi", num_partitions=partitions, on=tuple(KEY_COLUMNS)
             ).count()
     else:
-        todo, to_retry = inputs.materialize(), 0
+        todo, to_retry = inputs, 0
     listed, to_caption = inputs.count(), todo.count()
     return Plan(listed, listed - to_caption, to_caption, to_retry, todo)
 
