@@ -16,6 +16,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -23,6 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,9 +79,22 @@ def main(argv: list[str] | None = None) -> None:
         cpus_per_decode=0.5,
         report=False,
     )
+    samples: list[tuple[float, float]] = []  # (seconds into the run, driver RSS MB)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            samples.append((time.time() - started, _rss_mb()))
+
+    rss_before_run = _rss_mb()
     started = time.time()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     report = run_job(config, log=lambda line: print(line, flush=True))
     run_s = time.time() - started
+    stop.set()
+    sampler.join()
+    quarter = max(1, len(samples) // 4)
     again = run_job(config, log=lambda line: None)
     result = {
         "date": date.today().isoformat(),
@@ -87,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         "parts": len(report["parts"]),
         "rerun_expected_rows": again["expected_rows"],
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_rss_mb_before_run": rss_before_run,
+        "driver_rss_mb_peak_first_quarter": max(r for _, r in samples[:quarter]),
+        "driver_rss_mb_peak_last_quarter": max(r for _, r in samples[-quarter:]),
+        "driver_rss_mb_end": samples[-1][1],
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -1,11 +1,13 @@
-"""Train the demo target from scratch on the CPU: a small Qwen2.5-VL (Hugging
+"""Train a demo target from scratch on the CPU: a small Qwen2.5-VL (Hugging
 Face's class, 8 decoder layers) that learns to caption demo-world videos.
 
-    python jobs/train_demo_target.py --out models/demo-target [--steps N] [--batch B]
+    python jobs/train_demo_target.py [--world v1|v2] [--out DIR] [--steps N] [--batch B]
 
-Training clips use seeds >= 1,000,000; the held-out range is below that (the
-sample videos, tests and benchmarks use it). Evaluation decodes real H.264
-files with decord and reports exact-match captions.
+World v1 (jobs/demo_world.py, short templated captions) trains models/demo-target; world v2
+(jobs/demo_world_v2.py, long time-ordered captions) trains models/demo-v2-target. Training clips
+use seeds >= 1,000,000; the held-out range is below that (the sample videos, tests and benchmarks
+use it). Evaluation decodes real H.264 files and reports exact-match captions and, for v2, the
+share of clauses right (jobs/demo_world_v2.clause_accuracy).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch  # noqa: E402
 from transformers import BatchFeature  # noqa: E402
 
 import flash  # noqa: E402
+import jobs.demo_world_v2 as v2  # noqa: E402
 from flash.build import build_qwen2_5_vl  # noqa: E402
 from jobs.demo_world import (  # noqa: E402
     FRAMES,
@@ -31,12 +34,12 @@ from jobs.demo_world import (  # noqa: E402
     SAMPLED_FRAMES,
     decode_frames,
     encode_mp4,
-    model_inputs,
     render,
     sample_indices,
     scene_for_seed,
     vocabulary,
 )
+from jobs.demo_world import clip_metadata as clip_metadata_v1  # noqa: E402
 
 TRAIN_SEED_START = 1_000_000
 TARGET_SIZES = dict(
@@ -53,6 +56,17 @@ TARGET_SIZES = dict(
     tokens_per_second=2,
     num_frames=SAMPLED_FRAMES,  # the video processor's default, so the pipeline samples what training saw
 )
+# World v2: 16 frames of 4-8 s clips (8 temporal patches), captions of 60-170 words.
+TARGET_SIZES_V2 = dict(
+    TARGET_SIZES,
+    hidden_size=192,
+    num_heads=6,
+    intermediate_size=576,
+    num_frames=v2.SAMPLED_FRAMES,
+)
+WORLDS = ("v1", "v2")
+DEFAULT_OUT = {"v1": "models/demo-target", "v2": "models/demo-v2-target"}
+MAX_NEW_TOKENS = {"v1": 48, "v2": 200}
 
 
 def training_scenes(rng: np.random.Generator, batch: int, object_weights: tuple[float, ...] | None = None):
@@ -72,14 +86,29 @@ def training_scenes(rng: np.random.Generator, batch: int, object_weights: tuple[
     return scenes
 
 
-def training_batch(processor, rng: np.random.Generator, batch: int, object_weights=None):
-    texts, videos = [], []
-    for scene in training_scenes(rng, batch, object_weights):
-        frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES)).astype(np.int16)
-        frames += rng.integers(-3, 4, size=frames.shape, dtype=np.int16)  # stands in for codec noise
+def _clips(world: str, rng: np.random.Generator, batch: int, object_weights=None):
+    """(frames, metadata, prompt, caption) of `batch` training clips of the world."""
+    if world == "v1":
+        for scene in training_scenes(rng, batch, object_weights):
+            frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES))
+            yield frames, clip_metadata_v1(len(frames)), PROMPT, scene.caption()
+        return
+    for seed in rng.integers(TRAIN_SEED_START, 2**31 - 1, size=batch):
+        clip = v2.clip_for_seed(int(seed))
+        metadata = v2.clip_metadata(clip)
+        yield v2.render(clip, only=metadata["frames_indices"]), metadata, v2.PROMPT, clip.caption()
+
+
+def training_batch(processor, rng: np.random.Generator, batch: int, object_weights=None, world: str = "v1"):
+    texts, videos, metadata = [], [], []
+    for frames, meta, prompt, caption in _clips(world, rng, batch, object_weights):
+        frames = frames.astype(np.int16) + rng.integers(-3, 4, size=frames.shape, dtype=np.int16)  # codec noise
         videos.append(np.clip(frames, 0, 255).astype(np.uint8))
-        texts.append(f"{PROMPT} {scene.caption()}<|im_end|>")
-    inputs = model_inputs(processor, texts, videos)
+        texts.append(f"{prompt} {caption}<|im_end|>")
+        metadata.append(meta)
+    inputs = processor(
+        text=texts, videos=videos, video_metadata=metadata, do_sample_frames=False, return_tensors="pt", padding=True
+    )
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
     # Learn only the caption: mask everything up to and including "assistant".
@@ -141,8 +170,9 @@ def _init_worker(processor_dir: str) -> None:
 def _worker_batch(task: tuple) -> tuple[dict[str, np.ndarray], np.ndarray]:
     # Numpy, not tensors: torch would pass tensors between processes as file descriptors, which
     # failed on the GPU machine ("received 0 items of ancdata") and killed the pool's result thread.
-    seed, step, batch, object_weights = task
-    inputs, labels = training_batch(_WORKER_PROCESSOR, np.random.default_rng([seed, step]), batch, object_weights)
+    seed, step, batch, object_weights, world = task
+    rng = np.random.default_rng([seed, step])
+    inputs, labels = training_batch(_WORKER_PROCESSOR, rng, batch, object_weights, world)
     return {k: v.numpy() for k, v in inputs.items()}, labels.numpy()
 
 
@@ -156,43 +186,64 @@ def batches(
     batch: int,
     workers: int,
     object_weights: tuple[float, ...] | None = None,
+    world: str = "v1",
 ):
     """Training batches for steps first_step..steps. With workers, prepared ahead in worker processes
     (for fast accelerators), each step's scenes drawn from its own seed (seed, step), so a resumed run
     continues the same stream; without, drawn in turn from `rng` (kept in the resume state)."""
     if workers <= 0:
         for _ in range(first_step, steps + 1):
-            yield training_batch(processor, rng, batch, object_weights)
+            yield training_batch(processor, rng, batch, object_weights, world)
         return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (processor_dir,)) as pool:
-        tasks = ((seed, step, batch, object_weights) for step in range(first_step, steps + 1))
+        tasks = ((seed, step, batch, object_weights, world) for step in range(first_step, steps + 1))
         for arrays, labels in pool.imap(_worker_batch, tasks, chunksize=1):
             yield BatchFeature({k: torch.from_numpy(v) for k, v in arrays.items()}), torch.from_numpy(labels)
 
 
-def evaluate(target, seeds: range, max_new_tokens: int = 48, rendered: bool = False) -> tuple[float, list[dict]]:
-    """Exact-match rate on real mp4 clips decoded with decord (rendered: the renderer's frames, no codec)."""
+def evaluate(
+    target, seeds: range, max_new_tokens: int = 48, rendered: bool = False, world: str = "v1"
+) -> tuple[float, list[dict], dict]:
+    """Exact-match rate on real mp4 clips decoded with decord (rendered: the renderer's frames, no
+    codec), the rows, and (v2) clause counts: {"right", "total"}."""
     tok = target.processor.tokenizer
-    hits, rows = 0, []
+    hits, rows, clauses = 0, [], {"right": 0, "total": 0}
     for s in seeds:
-        scene = scene_for_seed(s)
-        if rendered:
-            frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES))
+        if world == "v1":
+            scene = scene_for_seed(s)
+            want, prompt = scene.caption(), PROMPT
+            if rendered:
+                frames = render(scene, only=sample_indices(FRAMES, SAMPLED_FRAMES))
+            else:
+                frames = decode_frames(encode_mp4(render(scene)))
+            metadata = clip_metadata_v1(len(frames))
         else:
-            frames = decode_frames(encode_mp4(render(scene)))
-        inputs = model_inputs(target.processor, [PROMPT], [frames])
+            clip = v2.clip_for_seed(s)
+            want, prompt, metadata = clip.caption(), v2.PROMPT, v2.clip_metadata(clip)
+            if rendered:
+                frames = v2.render(clip, only=metadata["frames_indices"])
+            else:
+                frames = decode_frames(encode_mp4(v2.render(clip), fps=v2.FPS), v2.SAMPLED_FRAMES)
+        inputs = target.processor(
+            text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
+        )
         out = flash.generate(target, None, inputs, max_new_tokens=max_new_tokens)
         text = tok.decode(out.sequences[0], skip_special_tokens=True).strip()
-        hits += text == scene.caption()
-        rows.append({"seed": s, "got": text, "want": scene.caption()})
-    return hits / len(seeds), rows
+        hits += text == want
+        if world == "v2":
+            score = v2.clause_accuracy(text, want)
+            clauses["right"] += score["right"]
+            clauses["total"] += score["total"]
+        rows.append({"seed": s, "got": text, "want": want})
+    return hits / len(seeds), rows, clauses
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="models/demo-target")
+    parser.add_argument("--world", choices=WORLDS, default="v1", help="the demo world to learn (see the docstring)")
+    parser.add_argument("--out", help="checkpoint folder (default: models/demo-target, or models/demo-v2-target for v2)")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -221,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    out = Path(args.out)
+    out = Path(args.out or DEFAULT_OUT[args.world])
+    sizes = TARGET_SIZES if args.world == "v1" else TARGET_SIZES_V2
+    words = vocabulary() if args.world == "v1" else v2.vocabulary()
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     else:
         if not args.resume:
-            build_qwen2_5_vl(out, vocabulary(), seed=args.seed, **TARGET_SIZES)
+            build_qwen2_5_vl(out, words, seed=args.seed, **sizes)
         target = flash.load_target(out, dtype=torch.float32, device=args.device)
     model, processor = target.model, target.processor
     model.requires_grad_(True)
@@ -243,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
     )
     rng = np.random.default_rng(args.seed)
+    metric = "exact_match" if args.world == "v1" else "clause_accuracy"
     log = []
     started = time.time()
     best = -1.0
@@ -258,8 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         first_step, best, log = state["step"] + 1, state["best"], state["log"]
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
-        print(f"resumed at step {state['step']} (best exact match {best:.3f})", flush=True)
+        print(f"resumed at step {state['step']} (best {metric} {best:.3f})", flush=True)
     object_weights = None
+    if args.object_weights and args.world != "v1":
+        parser.error("--object-weights is for world v1 (its scenes have one to three objects)")
     if args.object_weights:
         object_weights = tuple(float(w) for w in args.object_weights.split(","))
         training_scenes(np.random.default_rng(0), 1, object_weights)  # refuse bad weights before training
@@ -273,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         args.batch,
         args.data_workers,
         object_weights,
+        args.world,
     )
     for step, (inputs, labels) in zip(range(first_step, args.steps + 1), stream):
         model.train()
@@ -292,10 +349,16 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             live = ema.swap_in(model) if ema is not None else None  # evaluate (and save) the average
-            acc, rows = evaluate(target, range(0, args.eval_clips), rendered=args.eval_rendered)
+            exact, rows, clauses = evaluate(
+                target, range(0, args.eval_clips), MAX_NEW_TOKENS[args.world], args.eval_rendered, args.world
+            )
             elapsed = time.time() - started
-            log.append({"step": step, "loss": loss.item(), "exact_match": acc, "seconds": elapsed})
-            print(f"eval step {step}: exact match {acc:.3f} ({elapsed:.0f}s)", flush=True)
+            entry = {"step": step, "loss": loss.item(), "exact_match": exact, "seconds": elapsed}
+            if args.world == "v2":
+                entry["clause_accuracy"] = clauses["right"] / max(1, clauses["total"])
+            log.append(entry)
+            acc = entry[metric]
+            print(f"eval step {step}: {metric} {acc:.3f}, exact match {exact:.3f} ({elapsed:.0f}s)", flush=True)
             for r in rows[:3]:
                 if r["got"] != r["want"]:
                     print("  got :", r["got"], "\n  want:", r["want"], flush=True)
@@ -322,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
             (out / "training_log.json").write_text(
                 json.dumps(
                     {
-                        "sizes": TARGET_SIZES,
+                        "world": args.world,
+                        "sizes": sizes,
                         "batch": args.batch,
                         "lr": args.lr,
                         "ema": args.ema,
@@ -330,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                         "steps": args.steps,
                         "parameters": n_params,
                         "log": log,
-                        "best_exact_match": best,
+                        f"best_{metric}": best,
                         "torch_threads": torch.get_num_threads(),
                         "device": args.device,
                         "data_workers": args.data_workers,
@@ -343,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             if acc == 1.0 and step >= args.steps // 2:
                 print("perfect held-out exact match; stopping early", flush=True)
                 break
-    print(f"done: best exact match {best:.3f} in {time.time() - started:.0f}s", flush=True)
+    print(f"done: best {metric} {best:.3f} in {time.time() - started:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

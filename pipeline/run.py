@@ -46,7 +46,7 @@ class KeySet:
     recent set merged into it, about 16 bytes a key (160 MB for 10 million keys, against ~230 bytes
     a key as Python tuples). A false match needs a 128-bit collision."""
 
-    MERGE_AT = 1 << 18
+    MERGE_AT = 1 << 16
 
     def __init__(self) -> None:
         self._sorted = np.empty(0, dtype="S16")

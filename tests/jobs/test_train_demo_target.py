@@ -81,3 +81,17 @@ def test_object_weights_set_the_mix_of_scenes():
     for bad in [(1, 1), (0, 0, 0), (1, -1, 1)]:
         with pytest.raises(ValueError, match="object weights"):
             train_demo_target.training_scenes(rng, 1, bad)
+
+
+def test_world_v2_trains_and_scores_clauses(tmp_path):
+    from jobs import demo_world_v2
+
+    out = tmp_path / "v2"
+    train_demo_target.main(
+        ["--world", "v2", "--out", str(out), "--batch", "2", "--steps", "1", "--eval-clips", "1", "--eval-rendered"]
+    )
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["world"] == "v2" and log["sizes"]["num_frames"] == demo_world_v2.SAMPLED_FRAMES
+    assert 0.0 <= log["log"][0]["clause_accuracy"] <= 1.0 and "best_clause_accuracy" in log
+    target = flash.load_target(out)
+    assert set(demo_world_v2.vocabulary()) <= set(target.processor.tokenizer.get_vocab())
