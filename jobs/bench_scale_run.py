@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(
             pool.map(
-                lambda i: s3.put_object(Bucket="scale", Key=f"clips/{i % 100:02d}/{i:06d}.mp4", Body=clips[i % len(clips)]),
+                lambda i: s3.put_object(
+                    Bucket="scale", Key=f"clips/{i % 100:02d}/{i:06d}.mp4", Body=clips[i % len(clips)]
+                ),
                 range(args.objects),
             )
         )

@@ -23,7 +23,6 @@ Everything is deterministic per seed. Seeds >= 1,000,000 are for training, below
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -317,12 +316,13 @@ def facts(caption: str) -> dict:
     out: dict = {"background": "", "first": [], "events": [], "last": []}
     if not sentences:
         return out
-    head = re.match(r"(?:%s) there (?:is|are) \w+ objects? on a (\w+) background : (.*)" % "|".join(OPENINGS), sentences[0])
+    openings, endings = "|".join(OPENINGS), "|".join(ENDINGS)
+    head = re.match(rf"(?:{openings}) there (?:is|are) \w+ objects? on a (\w+) background : (.*)", sentences[0])
     if head:
         out["background"] = head.group(1)
         out["first"] = [" ".join(m) for m in re.findall(_OBJ, head.group(2))]
     tail = sentences[-1].rstrip(" .")
-    end = re.match(r"(?:%s) (?:there (?:is|are) \w+ objects? : (.*)|the background is empty)" % "|".join(ENDINGS), tail)
+    end = re.match(rf"(?:{endings}) (?:there (?:is|are) \w+ objects? : (.*)|the background is empty)", tail)
     body = sentences[1:-1] if end else sentences[1:]
     if end:
         out["last"] = [" ".join(m) for m in re.findall(_OBJ, end.group(1) or "")]
@@ -334,7 +334,7 @@ def facts(caption: str) -> dict:
 
 
 def _event(clause: str) -> str:
-    m = re.match(rf"a (small|large) (\w+) (\w+) (?:enters|comes in) from the (\w+) and stops (.*)", clause)
+    m = re.match(r"a (small|large) (\w+) (\w+) (?:enters|comes in) from the (\w+) and stops (.*)", clause)
     if m:
         return "enter " + " ".join(m.groups())
     m = re.match(rf"{_NAME} and {_NAME} (?:bump into each other|collide and bounce back)", clause)
@@ -389,9 +389,3 @@ def vocabulary() -> list[str]:
             words |= set(re.sub(r"\{\w+\}", "", v).split())
     words |= {"left", "right", "and", "a", "to"}
     return sorted(words)
-
-
-def caption_bytes(clip: Clip) -> bytes:
-    """The clip as H.264 mp4 bytes."""
-    buf = io.BytesIO(encode_mp4(render(clip), fps=FPS))
-    return buf.getvalue()

@@ -1,6 +1,6 @@
 """Write synthetic captioned demo videos: H.264 mp4 files and captions.jsonl.
 
-python jobs/make_demo_videos.py --out DIR --count N --seed S
+python jobs/make_demo_videos.py --out DIR --count N --seed S [--world v2]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.demo_world import write_videos  # noqa: E402
+from jobs import demo_world, demo_world_v2  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,10 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--count", type=int, default=20, help="number of clips")
     parser.add_argument("--seed", type=int, default=0, help="first scene seed; clip i uses seed + i")
+    parser.add_argument("--world", choices=("v1", "v2"), default="v1", help="v2: long, time-ordered captions")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be >= 1")
-    records = write_videos(args.out, args.count, args.seed)
+    world = demo_world if args.world == "v1" else demo_world_v2
+    records = world.write_videos(args.out, args.count, args.seed)
     print(f"wrote {len(records)} clips and captions.jsonl to {args.out}")
 
 

@@ -243,7 +243,7 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=WORLDS, default="v1", help="the demo world to learn (see the docstring)")
-    parser.add_argument("--out", help="checkpoint folder (default: models/demo-target, or models/demo-v2-target for v2)")
+    parser.add_argument("--out", help="checkpoint folder (default: models/demo-target; v2: models/demo-v2-target)")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
