@@ -300,6 +300,25 @@ def measure(
     return rows, outputs["target"]
 
 
+def _v2_clips(args: argparse.Namespace, videos: Path | None):
+    """World v2's held-out clips: (names, frames, metadata), each clip with its own length."""
+    from jobs import demo_world_v2 as v2
+    from pipeline.decode import decode_video, video_metadata
+
+    seeds = range(args.seed, args.seed + args.clips)
+    if args.rendered:
+        clips = [v2.clip_for_seed(s) for s in seeds]
+        metadata = [v2.clip_metadata(c, args.frames) for c in clips]
+        frames = [v2.render(c, only=m["frames_indices"]) for c, m in zip(clips, metadata)]
+        return [Path(f"scene_{s}") for s in seeds], frames, metadata
+    if videos is None:
+        videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-v2-"))
+        v2.write_videos(videos, args.clips, seed=args.seed)
+    names = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
+    decoded = [decode_video(c.read_bytes(), args.frames, 448, None, 64) for c in names]
+    return names, [f for f, _ in decoded], [video_metadata(info) for _, info in decoded]
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     target = flash.load_target(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -310,7 +329,10 @@ def run(args: argparse.Namespace) -> dict:
         drafters["flash_text_only"] = flash.FlashDrafter.from_pretrained(args.text_drafter, target)
 
     videos = Path(args.videos) if args.videos else None
-    if args.rendered:  # frames straight from the renderer: no codec needed (machines without PyAV/decord)
+    metadata = None  # world v1: every clip's metadata is the same (model_inputs)
+    if args.world == "v2":
+        clips, frames, metadata = _v2_clips(args, videos)
+    elif args.rendered:  # frames straight from the renderer: no codec needed (machines without PyAV/decord)
         clips = [Path(f"scene_{s}") for s in range(args.seed, args.seed + args.clips)]
         only = sample_indices(FRAMES, args.frames)
         frames = [render(scene_for_seed(s), only=only) for s in range(args.seed, args.seed + args.clips)]
@@ -322,7 +344,16 @@ def run(args: argparse.Namespace) -> dict:
         frames = [decode_frames(c.read_bytes(), args.frames) for c in clips]
 
     def inputs_for(indices: list[int]):
-        return model_inputs(target.processor, [args.prompt] * len(indices), [frames[i] for i in indices])
+        if metadata is None:
+            return model_inputs(target.processor, [args.prompt] * len(indices), [frames[i] for i in indices])
+        return target.processor(
+            text=[args.prompt] * len(indices),
+            videos=[frames[i] for i in indices],
+            video_metadata=[metadata[i] for i in indices],
+            do_sample_frames=False,
+            return_tensors="pt",
+            padding=True,
+        )
 
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens, args.repetition_penalty)
     rows: list[dict] = []
@@ -354,6 +385,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": machine(),
         "date": date.today().isoformat(),
         **best_vs_best(rows),
+        "world": args.world,
         "model": args.model,
         "drafter": args.drafter,
         "max_new_tokens": args.max_new_tokens,
@@ -440,7 +472,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no-continuous", action="store_true", help="skip the continuous-batching rows")
     p.add_argument("--frames", type=int, default=SAMPLED_FRAMES)
+    p.add_argument(
+        "--world",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v2: demo world v2's clips, models (models/demo-v2-*), prompt, 16 frames and a 200-token budget",
+    )
     args = p.parse_args(argv)
+    if args.world == "v2":  # the v2 defaults, where the v1 ones were left
+        from jobs import demo_world_v2 as v2
+
+        v1_defaults = {a.dest: a.default for a in p._actions}
+        for name, value in (
+            ("model", ROOT / "models" / "demo-v2-target"),
+            ("drafter", ROOT / "models" / "demo-v2-drafter"),
+            ("text_drafter", ROOT / "models" / "demo-v2-drafter-text-only"),
+            ("prompt", v2.PROMPT),
+            ("max_new_tokens", 200),
+            ("frames", v2.SAMPLED_FRAMES),
+        ):
+            if getattr(args, name) == v1_defaults[name]:
+                setattr(args, name, str(value) if isinstance(value, Path) else value)
     if not args.batch_sizes.startswith("1"):
         args.batch_sizes = "1," + args.batch_sizes  # rows are compared with each clip decoded alone
     report = run(args)

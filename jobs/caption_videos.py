@@ -38,6 +38,14 @@ DEMO_DRAFTER = ROOT / "models" / "demo-drafter"
 SAMPLE_VIDEOS = Path("out") / "sample_videos"  # relative to the working directory, as is SAMPLE_OUTPUT
 SAMPLE_OUTPUT = Path("out") / "captions"
 SAMPLE_COUNT = 12
+# --demo-world v2: demo world v2's samples, models and caption budget (docs/demo.md).
+DEMO_V2 = {
+    "target": ROOT / "models" / "demo-v2-target",
+    "drafter": ROOT / "models" / "demo-v2-drafter",
+    "videos": Path("out") / "sample_videos_v2",
+    "output": Path("out") / "captions_v2",
+    "max_new_tokens": 200,
+}
 
 
 def _field_flag(name: str, field: FieldInfo) -> tuple[str, dict[str, Any]]:
@@ -77,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file with CaptionConfig fields (flags override it)")
     p.add_argument("--no-drafter", action="store_true", help="plain decoding (same captions, slower)")
+    p.add_argument(
+        "--demo-world",
+        choices=("v1", "v2"),
+        default="v1",
+        help="the embedded default's demo world: v2 has long, time-ordered captions (docs/demo.md)",
+    )
     fields = p.add_argument_group("CaptionConfig fields (each overrides the YAML file)")
     for name, field in CaptionConfig.model_fields.items():
         flag, kwargs = _field_flag(name, field)
@@ -93,7 +107,26 @@ def build_config(args: argparse.Namespace) -> tuple[CaptionConfig, bool]:
 
     overrides = {name: getattr(args, name) for name in CaptionConfig.model_fields}  # None: not given
     embedded = args.config is None and args.input is None
-    if embedded:
+    if embedded and args.demo_world == "v2":
+        from jobs import demo_world_v2
+
+        if not (DEMO_V2["target"] / "config.json").is_file():
+            raise ValueError(
+                f"demo world v2's target is not trained yet ({DEMO_V2['target']} is missing): "
+                "train it with jobs/train_demo_target.py --world v2 (docs/demo.md)"
+            )
+        videos = DEMO_V2["videos"]
+        if not (videos / "captions.jsonl").exists():
+            print(f"[flashcap] writing {SAMPLE_COUNT} sample demo v2 videos to {videos}/")
+            demo_world_v2.write_videos(videos, SAMPLE_COUNT, seed=0)
+        overrides["input"] = str(videos.resolve())
+        overrides["output"] = overrides["output"] or str(DEMO_V2["output"].resolve())
+        overrides["model"] = overrides["model"] or str(DEMO_V2["target"])
+        if overrides["drafter"] is None and DEMO_V2["drafter"].is_dir():
+            overrides["drafter"] = str(DEMO_V2["drafter"])
+        overrides["prompt"] = overrides["prompt"] or demo_world_v2.PROMPT
+        overrides["max_new_tokens"] = overrides["max_new_tokens"] or DEMO_V2["max_new_tokens"]
+    elif embedded:
         from jobs.demo_world import write_videos
 
         if not (SAMPLE_VIDEOS / "captions.jsonl").exists():
@@ -104,6 +137,7 @@ def build_config(args: argparse.Namespace) -> tuple[CaptionConfig, bool]:
         overrides["model"] = overrides["model"] or str(DEMO_TARGET)
         if overrides["drafter"] is None and DEMO_DRAFTER.is_dir():
             overrides["drafter"] = str(DEMO_DRAFTER)
+    if embedded:
         cpus = os.cpu_count() or 1
         overrides["cpus_per_actor"] = overrides["cpus_per_actor"] or max(1.0, cpus - 1.0)
         overrides["cpus_per_decode"] = overrides["cpus_per_decode"] or 0.5
@@ -119,9 +153,8 @@ def _words(text: str) -> str:
     return " ".join(text.split())
 
 
-def sample_captions_exact(config: CaptionConfig, videos: Path = SAMPLE_VIDEOS) -> tuple[int, int]:
-    """(exact, total): the newest caption of each sample video against its true caption in
-    captions.jsonl, equal after whitespace normalisation; an error row counts as not equal."""
+def _sample_pairs(config: CaptionConfig, videos: Path) -> list[tuple[str | None, str]]:
+    """(newest caption or None for an error row or no row, true caption) of each sample video."""
     from pipeline.storage import OutputStore, S3Settings
 
     records = [json.loads(line) for line in (videos / "captions.jsonl").read_text().splitlines() if line.strip()]
@@ -132,8 +165,26 @@ def sample_captions_exact(config: CaptionConfig, videos: Path = SAMPLE_VIDEOS) -
         uri = row["video_uri"]
         if uri in want and (uri not in newest or row["finished_at"] > newest[uri]["finished_at"]):
             newest[uri] = row
-    exact = sum(not row["error"] and _words(row["caption"]) == _words(want[uri]) for uri, row in newest.items())
-    return exact, len(want)
+    got = {uri: row["caption"] for uri, row in newest.items() if not row["error"]}
+    return [(got.get(uri), caption) for uri, caption in want.items()]
+
+
+def sample_captions_exact(config: CaptionConfig, videos: Path = SAMPLE_VIDEOS) -> tuple[int, int]:
+    """(exact, total): the newest caption of each sample video against its true caption in
+    captions.jsonl, equal after whitespace normalisation; an error row counts as not equal."""
+    pairs = _sample_pairs(config, videos)
+    return sum(got is not None and _words(got) == _words(want) for got, want in pairs), len(pairs)
+
+
+def sample_clause_accuracy(config: CaptionConfig, videos: Path) -> float:
+    """Demo world v2: the share of the samples' clauses the captions get right (an error row: none)."""
+    from jobs.demo_world_v2 import clause_accuracy
+
+    right = total = 0
+    for got, want in _sample_pairs(config, videos):
+        score = clause_accuracy(_words(got or ""), _words(want))
+        right, total = right + score["right"], total + score["total"]
+    return right / max(1, total)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: report[k] for k in keys}
     summary["sample_captions_exact"] = None  # only the embedded default knows the true captions
     if embedded:
-        exact, total = sample_captions_exact(config)
+        videos = DEMO_V2["videos"] if args.demo_world == "v2" else SAMPLE_VIDEOS
+        exact, total = sample_captions_exact(config, videos)
         print(f"[flashcap] {exact} of {total} captions equal the sample's captions.jsonl")
         summary["sample_captions_exact"] = exact
+        if args.demo_world == "v2":
+            summary["sample_clause_accuracy"] = sample_clause_accuracy(config, videos)
+            print(f"[flashcap] clauses right: {summary['sample_clause_accuracy']:.1%}")
     print(json.dumps(summary, indent=2))
     print(f"[flashcap] captions in {config.output}")
     return 0

@@ -73,3 +73,23 @@ def test_embedded_default_captions_the_samples_exactly(tmp_path):
     summary, _ = json.JSONDecoder().raw_decode(result.stdout, result.stdout.index("\n{\n") + 1)
     assert int(total) == 12 and summary["clips"] == 12 and summary["errors"] == 0
     assert summary["sample_captions_exact"] == int(exact) >= 10, lines[0]
+
+
+def test_demo_world_v2_has_its_own_samples_models_and_budget(tmp_path, monkeypatch):
+    import jobs.caption_videos as job
+    from jobs import demo_world_v2
+
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "demo-v2-target"
+    monkeypatch.setitem(job.DEMO_V2, "target", target)
+    with pytest.raises(ValueError, match="train it with jobs/train_demo_target.py --world v2"):
+        build_config(parse_args(["--demo-world", "v2"]))
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    config, embedded = build_config(parse_args(["--demo-world", "v2"]))
+    assert embedded and config.model == str(target) and config.max_new_tokens == 200
+    assert config.prompt == demo_world_v2.PROMPT
+    assert config.input == str((tmp_path / "out" / "sample_videos_v2").resolve())
+    assert config.output == str((tmp_path / "out" / "captions_v2").resolve())
+    records = [json.loads(line) for line in (tmp_path / "out" / "sample_videos_v2" / "captions.jsonl").open()]
+    assert len(records) == 12 and records[0]["caption"] == demo_world_v2.clip_for_seed(0).caption()
