@@ -207,20 +207,31 @@ def model_inputs(processor, prompts: list[str], videos: list[np.ndarray]):
     )
 
 
-def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
-    """Write `count` clips (seeds seed..seed+count-1) and captions.jsonl to out_dir."""
+def write_clips(out_dir: str | Path, seeds: range, clip) -> list[dict]:
+    """Write one clip per seed (`clip(seed)` -> (mp4 bytes, record fields)) as clip_<seed>.mp4, and
+    captions.jsonl with {"file", "seed", **fields} per clip, to out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for s in range(seed, seed + count):
-        scene = scene_for_seed(s)
+    for s in seeds:
+        data, fields = clip(s)
         name = f"clip_{s:06d}.mp4"
-        (out / name).write_bytes(encode_mp4(render(scene)))
-        records.append({"file": name, "seed": s, "caption": scene.caption(), "scene": asdict(scene)})
+        (out / name).write_bytes(data)
+        records.append({"file": name, "seed": s, **fields})
     with open(out / "captions.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return records
+
+
+def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
+    """Write `count` clips (seeds seed..seed+count-1) and captions.jsonl to out_dir."""
+
+    def clip(s: int) -> tuple[bytes, dict]:
+        scene = scene_for_seed(s)
+        return encode_mp4(render(scene)), {"caption": scene.caption(), "scene": asdict(scene)}
+
+    return write_clips(out_dir, range(seed, seed + count), clip)
 
 
 def vocabulary() -> list[str]:

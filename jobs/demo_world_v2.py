@@ -23,14 +23,13 @@ Everything is deterministic per seed. Seeds >= 1,000,000 are for training, below
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from jobs.demo_world import BACKGROUNDS, COLOURS, SHAPES, _draw, encode_mp4
+from jobs.demo_world import BACKGROUNDS, COLOURS, SHAPES, _draw, encode_mp4, write_clips
 from pipeline.decode import sample_indices
 
 SIDE = 112
@@ -287,19 +286,13 @@ def clip_metadata(clip: Clip, count: int = SAMPLED_FRAMES) -> dict:
 
 
 def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
-    """Write `count` clips (seeds seed..seed+count-1) and captions.jsonl to out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for s in range(seed, seed + count):
-        clip = clip_for_seed(s)
-        name = f"clip_{s:06d}.mp4"
-        (out / name).write_bytes(encode_mp4(render(clip), fps=FPS))
-        records.append({"file": name, "seed": s, "caption": clip.caption(), "facts": facts(clip.caption())})
-    with open(out / "captions.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return records
+    """Write `count` clips (seeds seed..seed+count-1) and captions.jsonl (caption and facts) to out_dir."""
+
+    def clip(s: int) -> tuple[bytes, dict]:
+        c = clip_for_seed(s)
+        return encode_mp4(render(c), fps=FPS), {"caption": c.caption(), "facts": facts(c.caption())}
+
+    return write_clips(out_dir, range(seed, seed + count), clip)
 
 
 # ---- reading captions back -------------------------------------------------------------------
