@@ -66,7 +66,8 @@ class KeySet:
         if d in self._recent:
             return True
         i = int(np.searchsorted(self._sorted, d))
-        return i < len(self._sorted) and self._sorted[i] == d
+        # numpy hands "S16" items back without their trailing zero bytes
+        return i < len(self._sorted) and self._sorted[i] == d.rstrip(b"\x00")
 
     def add(self, key: tuple[str, str]) -> bool:
         """Add the key; False if it was there already."""
@@ -74,10 +75,10 @@ class KeySet:
         if self._has(d):
             return False
         self._recent.add(d)
-        if len(self._recent) >= self.MERGE_AT:
-            merged = np.concatenate([self._sorted, np.array(sorted(self._recent), dtype="S16")])
-            merged.sort(kind="stable")
-            self._sorted, self._recent = merged, set()
+        if len(self._recent) >= self.MERGE_AT:  # one copy of the array, no sort of it
+            recent = np.array(sorted(self._recent), dtype="S16")
+            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, recent), recent)
+            self._recent = set()
         return True
 
 

@@ -145,6 +145,12 @@ def test_the_writers_key_set_is_a_set(monkeypatch):
         added.add(key)
     assert len(keys) == len(added)
     assert all(k in keys for k in added) and ("s3://b/0.mp4", "other") not in keys
+    # A digest that ends in zero bytes (1 key in 256) is found once merged into the sorted array.
+    zero = next(k for k in ((f"s3://b/z{i}.mp4", "e") for i in range(100_000)) if KeySet.digest(k)[-1] == 0)
+    assert keys.add(zero) and not keys.add(zero)
+    for i in range(10):
+        keys.add((f"s3://b/after{i}.mp4", "e"))
+    assert zero not in keys._recent and zero in keys and not keys.add(zero)
 
 
 def test_listing_fans_out_over_prefixes_and_finds_what_a_sequential_listing_finds(
