@@ -67,3 +67,14 @@ def test_clips_are_real_h264_files_of_four_to_eight_seconds(tmp_path):
         clip = clip_for_seed(r["seed"])
         assert frames.shape == (16, SIDE, SIDE, 3) and info.total_frames == clip.frames
         assert abs(info.fps - FPS) < 0.01 and r["facts"] == facts(r["caption"])
+
+
+def test_the_v2_job_settings_match_the_world(tmp_path):
+    from pathlib import Path
+
+    from jobs.demo_world_v2 import PROMPT
+    from pipeline.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "demo_v2.yaml"
+    config = load_config(str(path), input=str(tmp_path), output=str(tmp_path / "out"), model="models/demo-target")
+    assert config.prompt == PROMPT and config.max_new_tokens == 200
