@@ -47,3 +47,22 @@ def test_best_vs_best_takes_each_method_at_its_best_batch_size():
     assert summary["best_plain"] == "target"
     assert summary["best"]["flash"]["batch_size"] == 16  # the batch-32 row changed outputs: never a best
     assert summary["best_vs_best"]["flash"] == 520 / 400
+
+
+def test_world_v2_takes_its_own_models_prompt_frames_and_budget(tmp_path, monkeypatch):
+    from jobs import demo_world_v2
+
+    seen = {}
+
+    def run(args):
+        seen.update(vars(args))
+        return {"rows": []}
+
+    monkeypatch.setattr(bench_speedup, "run", run)
+    monkeypatch.setattr(bench_speedup, "markdown", lambda report: "")
+    bench_speedup.main(["--world", "v2", "--out", str(tmp_path / "r.json")])
+    assert seen["model"].endswith("models/demo-v2-target") and seen["drafter"].endswith("models/demo-v2-drafter")
+    assert seen["text_drafter"].endswith("models/demo-v2-drafter-text-only")
+    assert (seen["prompt"], seen["frames"], seen["max_new_tokens"]) == (demo_world_v2.PROMPT, 16, 200)
+    bench_speedup.main(["--world", "v2", "--max-new-tokens", "40", "--out", str(tmp_path / "r.json")])
+    assert seen["max_new_tokens"] == 40  # a flag given wins

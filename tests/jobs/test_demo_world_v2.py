@@ -78,3 +78,13 @@ def test_the_v2_job_settings_match_the_world(tmp_path):
     path = Path(__file__).resolve().parents[2] / "jobs" / "demo_v2.yaml"
     config = load_config(str(path), input=str(tmp_path), output=str(tmp_path / "out"), model="models/demo-target")
     assert config.prompt == PROMPT and config.max_new_tokens == 200
+
+
+def test_make_demo_videos_writes_the_v2_world(tmp_path):
+    import json
+
+    from jobs.make_demo_videos import main
+
+    main(["--world", "v2", "--out", str(tmp_path), "--count", "2", "--seed", "5"])
+    records = [json.loads(line) for line in (tmp_path / "captions.jsonl").open()]
+    assert [r["caption"] for r in records] == [clip_for_seed(s).caption() for s in (5, 6)]
