@@ -172,6 +172,15 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatch(base.lower(), p.lower()) for p in patterns)
 
 
+def _page_videos(bucket: str, page: dict, patterns: tuple[str, ...]) -> list[VideoObject]:
+    """The matching objects of one list_objects_v2 page."""
+    return [
+        VideoObject(f"s3://{bucket}/{o['Key']}", int(o["Size"]), o["ETag"].strip('"'))
+        for o in page.get("Contents", [])
+        if _matches(o["Key"], patterns)
+    ]
+
+
 def list_videos(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> list[VideoObject]:
     """Every object under `uri` whose name matches, sorted by URI."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -182,11 +191,7 @@ def list_videos(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> li
         paginator = s3_client(settings).get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    if _matches(obj["Key"], patterns):
-                        found.append(
-                            VideoObject(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["ETag"].strip('"'))
-                        )
+                found += _page_videos(bucket, page, patterns)
         except (ClientError, BotoCoreError) as err:
             raise _explain(err, f"list {uri}") from None
     else:
@@ -209,11 +214,7 @@ def list_level(uri: str, patterns: tuple[str, ...], settings: S3Settings) -> tup
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             prefixes += [f"s3://{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", [])]
-            objects += [
-                VideoObject(f"s3://{bucket}/{o['Key']}", int(o["Size"]), o["ETag"].strip('"'))
-                for o in page.get("Contents", [])
-                if _matches(o["Key"], patterns)
-            ]
+            objects += _page_videos(bucket, page, patterns)
     except (ClientError, BotoCoreError) as err:
         raise _explain(err, f"list {uri}") from None
     return sorted(objects, key=lambda o: o.uri), sorted(prefixes)
