@@ -123,6 +123,22 @@ def _round_up(n: int, multiple: int = 16) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+def _text_config(tokenizer, ids: dict, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads) -> dict:
+    """The decoder settings every family's text config shares: sizes, context and special ids."""
+    return dict(
+        vocab_size=_round_up(len(tokenizer)),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+
+
 def build_qwen2_5_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
     """Write a Qwen2.5-VL checkpoint (random weights), tokenizer and processor to `out_dir`."""
     return _build_qwen(out_dir, words, version="2.5", **sizes)
@@ -242,19 +258,8 @@ def _build_qwen(
             transformers.Qwen2VLProcessor,
         )
         vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=2)
-    text = dict(
-        vocab_size=_round_up(len(tokenizer)),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
     return _qwen_checkpoint(
         out,
         model_class,
@@ -331,19 +336,8 @@ def _build_qwen3(
         deepstack_visual_indexes=list(range(vision_depth - 1)) or [0],
     )
     half = head_dim // 2
-    text = dict(
-        vocab_size=_round_up(len(tokenizer)),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=4096,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
+    text["head_dim"] = head_dim
     if version == "3-vl":
         config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
         section = [half - 2 * (half // 4), half // 4, half // 4]
@@ -437,16 +431,7 @@ def build_llava_onevision(
         ),
         text_config=dict(
             model_type="qwen2",
-            vocab_size=_round_up(len(tokenizer)),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **_text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads),
         ),
         image_token_index=ids["<image>"],
         video_token_index=ids["<video>"],
