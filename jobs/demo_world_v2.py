@@ -352,21 +352,75 @@ def _event(clause: str) -> str:
 
 def clause_accuracy(got: str, want: str) -> dict:
     """Clause by clause: the background, each object at first and at the end (as a multiset), and
-    each event in its place in the order. Returns counts of right clauses and of clauses."""
+    each event in its place in the order. Returns counts (of right clauses and of clauses, by part
+    and by object attribute) that add up over clips; clause_summary turns a sum into shares."""
     g, w = facts(got), facts(want)
-    right = int(g["background"] == w["background"])
-    total = 1
+    background = int(g["background"] == w["background"])
+    objects_right = objects = 0
     for part in ("first", "last"):
         pool = list(g[part])
         for obj in w[part]:
             if obj in pool:
                 pool.remove(obj)
-                right += 1
-        total += max(len(w[part]), len(g[part]))
+                objects_right += 1
+        objects += max(len(w[part]), len(g[part]))
+    right, total = background + objects_right, 1 + objects
     events = sum(a == b for a, b in zip(g["events"], w["events"]))
     right += events
     total += max(len(w["events"]), len(g["events"]))
-    return {"right": right, "total": total, "events_right": events, "events": len(w["events"])}
+    unmatched = list(g["events"])
+    for e in w["events"]:
+        if e in unmatched:
+            unmatched.remove(e)
+    score = {
+        "clips": 1,
+        "right": right,
+        "total": total,
+        "background_right": background,
+        "objects_right": objects_right,
+        "objects": objects,
+        "events_right": events,
+        "events": len(w["events"]),
+        "events_found": len(g["events"]) - len(unmatched),  # anywhere in the order
+        "attributes": 0,
+        **{a: 0 for a in ATTRIBUTES},
+    }
+    for part in ("first", "last"):
+        _count_attributes(g[part], w[part], score)
+    return score
+
+
+ATTRIBUTES = ("size", "colour", "shape", "place")
+
+
+def clause_summary(counts: dict) -> dict:
+    """Shares right from clause_accuracy's counts summed over clips: every clause, the
+    backgrounds, the objects (at first and at the end), the events in their place and anywhere in
+    the order, and each attribute of the objects."""
+    share = lambda right, total: round(counts[right] / max(1, counts[total]), 4)  # noqa: E731
+    return {
+        "clauses": share("right", "total"),
+        "background": share("background_right", "clips"),
+        "objects": share("objects_right", "objects"),
+        "events_in_place": share("events_right", "events"),
+        "events_anywhere": share("events_found", "events"),
+        **{a: share(a, "attributes") for a in ATTRIBUTES},
+    }
+
+
+def _count_attributes(got: list[str], want: list[str], score: dict) -> None:
+    """Per wanted object, which of size, colour, shape and place the caption got right: each is
+    compared with the unused described object that shares the most with it."""
+    split = lambda o: (*o.split()[:3], " ".join(o.split()[3:]))  # noqa: E731
+    pool = [split(o) for o in got]
+    for obj in map(split, want):
+        score["attributes"] += 1
+        if not pool:
+            continue
+        best = max(pool, key=lambda o: sum(a == b for a, b in zip(o, obj)))
+        pool.remove(best)
+        for name, a, b in zip(ATTRIBUTES, best, obj):
+            score[name] += a == b
 
 
 def vocabulary() -> list[str]:

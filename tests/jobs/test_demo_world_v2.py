@@ -11,6 +11,7 @@ from jobs.demo_world_v2 import (
     SIDE,
     SIZES,
     clause_accuracy,
+    clause_summary,
     clip_for_seed,
     facts,
     render,
@@ -45,6 +46,32 @@ def test_the_scorer_counts_a_wrong_fact_or_order_as_wrong():
     reordered = " . ".join([sentences[0], sentences[2], sentences[1], *sentences[3:]])
     assert clause_accuracy(reordered.replace("later", "then", 1), caption)["events_right"] < score["events_right"]
     assert clause_accuracy("the video .", caption)["right"] == 0
+
+
+def test_the_scorer_says_which_attribute_or_order_is_wrong():
+    caption = clip_for_seed(7).caption()
+    score = clause_accuracy(caption, caption)
+    objects = score["attributes"]
+    assert objects == len(facts(caption)["first"]) + len(facts(caption)["last"]) > 0
+    assert all(score[a] == objects for a in ("size", "colour", "shape", "place"))
+    assert score["events_found"] == score["events_right"] == score["events"]
+    head, rest = caption.split(" : ", 1)
+    first_colour = rest.split()[2]
+    other = next(c for c in COLOURS if c not in caption.split())
+    recoloured = clause_accuracy(f"{head} : {rest.replace(first_colour, other, 1)}", caption)
+    assert recoloured["colour"] == objects - 1
+    assert all(recoloured[a] == objects for a in ("size", "shape", "place"))
+    sentences = caption.split(" . ")
+    reordered = clause_accuracy(" . ".join([sentences[0], sentences[2], sentences[1], *sentences[3:]]), caption)
+    assert reordered["events_found"] == score["events"] and reordered["events_right"] < score["events"]
+    dropped = clause_accuracy(" . ".join([sentences[0], *sentences[2:]]), caption)
+    assert dropped["events_found"] == score["events"] - 1
+    total = {k: score[k] + recoloured[k] for k in score}
+    summary = clause_summary(total)
+    assert (
+        abs(summary["colour"] - (2 * objects - 1) / (2 * objects)) < 1e-3
+        and summary["shape"] == summary["background"] == 1
+    )
 
 
 def test_the_last_frame_shows_the_objects_the_caption_ends_with():

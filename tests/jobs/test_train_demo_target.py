@@ -93,5 +93,12 @@ def test_world_v2_trains_and_scores_clauses(tmp_path):
     log = json.loads((out / "training_log.json").read_text())
     assert log["world"] == "v2" and log["sizes"]["num_frames"] == demo_world_v2.SAMPLED_FRAMES
     assert 0.0 <= log["log"][0]["clause_accuracy"] <= 1.0 and "best_clause_accuracy" in log
+    assert set(log["log"][0]["clauses"]) >= {"clauses", "events_in_place", "events_anywhere", "colour", "place"}
+    # Evaluation only, on other held-out seeds: the checkpoint is scored, not trained.
+    weights = (out / "model.safetensors").read_bytes()
+    train_demo_target.main(["--world", "v2", "--out", str(out), "--evaluate", "3-4", "--eval-rendered"])
+    report = json.loads((out / "heldout_eval.json").read_text())
+    assert report["seeds"] == [3, 4] and [r["seed"] for r in report["rows"]] == [3, 4]
+    assert 0.0 <= report["clauses"]["clauses"] <= 1.0 and (out / "model.safetensors").read_bytes() == weights
     target = flash.load_target(out)
     assert set(demo_world_v2.vocabulary()) <= set(target.processor.tokenizer.get_vocab())
