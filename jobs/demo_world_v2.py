@@ -350,47 +350,43 @@ def _event(clause: str) -> str:
     return "?"
 
 
+ATTRIBUTES = ("size", "colour", "shape", "place")
+
+
+def _hits(got: list[str], want: list[str]) -> int:
+    """How many of `want` are in `got`, as multisets."""
+    pool = list(got)
+    for item in want:
+        if item in pool:
+            pool.remove(item)
+    return len(got) - len(pool)
+
+
 def clause_accuracy(got: str, want: str) -> dict:
     """Clause by clause: the background, each object at first and at the end (as a multiset), and
     each event in its place in the order. Returns counts (of right clauses and of clauses, by part
     and by object attribute) that add up over clips; clause_summary turns a sum into shares."""
     g, w = facts(got), facts(want)
     background = int(g["background"] == w["background"])
-    objects_right = objects = 0
-    for part in ("first", "last"):
-        pool = list(g[part])
-        for obj in w[part]:
-            if obj in pool:
-                pool.remove(obj)
-                objects_right += 1
-        objects += max(len(w[part]), len(g[part]))
-    right, total = background + objects_right, 1 + objects
+    objects_right = sum(_hits(g[part], w[part]) for part in ("first", "last"))
+    objects = sum(max(len(w[part]), len(g[part])) for part in ("first", "last"))
     events = sum(a == b for a, b in zip(g["events"], w["events"]))
-    right += events
-    total += max(len(w["events"]), len(g["events"]))
-    unmatched = list(g["events"])
-    for e in w["events"]:
-        if e in unmatched:
-            unmatched.remove(e)
     score = {
         "clips": 1,
-        "right": right,
-        "total": total,
+        "right": background + objects_right + events,
+        "total": 1 + objects + max(len(w["events"]), len(g["events"])),
         "background_right": background,
         "objects_right": objects_right,
         "objects": objects,
         "events_right": events,
         "events": len(w["events"]),
-        "events_found": len(g["events"]) - len(unmatched),  # anywhere in the order
+        "events_found": _hits(g["events"], w["events"]),  # anywhere in the order
         "attributes": 0,
         **{a: 0 for a in ATTRIBUTES},
     }
     for part in ("first", "last"):
         _count_attributes(g[part], w[part], score)
     return score
-
-
-ATTRIBUTES = ("size", "colour", "shape", "place")
 
 
 def clause_summary(counts: dict) -> dict:
