@@ -161,6 +161,16 @@ class CaptionConfig(BaseModel):
             raise ValueError(f"{value!r}: an s3:// URI needs a bucket")
         return value
 
+    @field_validator("model", "drafter")
+    @classmethod
+    def _checkpoint(cls, value: str | None, info) -> str | None:
+        """A local checkpoint as an absolute path: Ray Train's workers run in another directory."""
+        from pipeline.checkpoints import reference_kind  # here: config stays importable without boto3/pyarrow
+
+        if value is not None and reference_kind(value, what=info.field_name) == "local":
+            return str(Path(value).expanduser().absolute())
+        return value
+
     @field_validator("s3_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
@@ -178,12 +188,6 @@ class CaptionConfig(BaseModel):
             raise ValueError("give the videos to caption: an input (s3:// prefix or directory) or a manifest")
         if self.input and not self.input.startswith("s3://") and not Path(self.input).is_dir():
             raise ValueError(f"input {self.input!r} is not a directory")
-        from pipeline.checkpoints import reference_kind  # here: config stays importable without boto3/pyarrow
-
-        for name in ("model", "drafter"):
-            ref = getattr(self, name)
-            if ref is not None:
-                reference_kind(ref, what=name)  # a local-looking path must be a directory; s3:// and Hub ids pass
         if self.output.rstrip("/") == self.input.rstrip("/"):
             raise ValueError("output must differ from input")
         return self

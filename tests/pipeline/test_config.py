@@ -62,3 +62,14 @@ def test_bad_values_are_clear_errors(dirs, change, message):
 def test_missing_config_file():
     with pytest.raises(ValueError, match="does not exist"):
         load_config("/no/such.yaml")
+
+
+def test_local_checkpoints_become_absolute_paths(tmp_path, dirs, monkeypatch):
+    """A relative --model or --drafter names a folder from where the job was started; Ray Train
+    runs its workers in another directory, where the same words would name a Hub id."""
+    (tmp_path / "drafter").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = load_config(**{**dirs, "model": "model", "drafter": "./drafter"})
+    assert (config.model, config.drafter) == (str(tmp_path / "model"), str(tmp_path / "drafter"))
+    hub = load_config(**{**dirs, "model": "Qwen/Qwen2.5-VL-7B-Instruct", "drafter": "s3://bucket/drafter/"})
+    assert (hub.model, hub.drafter) == ("Qwen/Qwen2.5-VL-7B-Instruct", "s3://bucket/drafter/")
