@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--num-layers", type=int, default=1)
     parser.add_argument("--text-only", action="store_true", help="ablation: no visual latents")
+    parser.add_argument("--compression", type=int, default=9, help="visual tokens pooled into one latent")
+    parser.add_argument("--max-latents", type=int, default=64, help="cap on the visual latents per clip")
     parser.add_argument(
         "--no-refine", action="store_true", help="no sequential refinement: a block's slots are read in one pass"
     )
@@ -426,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         use_visual_latents=not args.text_only,
         refine=not args.no_refine,
         draft_vocab_size=args.draft_vocab,
+        compression=args.compression,
+        max_latents=args.max_latents,
     )
     if args.steps == 0:
         head = flash.load_target_head(target_head_dir(model, settings))

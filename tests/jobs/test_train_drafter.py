@@ -35,6 +35,27 @@ def test_steps_zero_writes_an_untrained_drafter(tiny_checkpoints, tmp_path):
     assert not (tmp_path / "d_train").exists()  # no set, no cluster
 
 
+def test_latent_settings_reach_the_drafter(tiny_checkpoints, tmp_path):
+    out = str(tmp_path / "d")
+    main(
+        [
+            "--model",
+            tiny_checkpoints["qwen2_5_vl"],
+            "--out",
+            out,
+            "--steps",
+            "0",
+            "--compression",
+            "2",
+            "--max-latents",
+            "96",
+        ]
+    )
+    drafter = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
+    assert (drafter.config.compression, drafter.config.max_latents) == (2, 96)
+    assert drafter.latent_queries.shape[0] == 96
+
+
 def test_draft_vocab_needs_the_distillation_set(tiny_checkpoints, tmp_path):
     with pytest.raises(SystemExit):
         main(["--model", tiny_checkpoints["qwen2_5_vl"], "--out", str(tmp_path), "--steps", "0", "--draft-vocab", "8"])
