@@ -76,6 +76,16 @@ class DrafterConfig:
         if self.compression < 1 or self.max_latents < 1:
             raise ValueError("compression and max_latents must be >= 1")
 
+    def sized_for(self, target: Target) -> DrafterConfig:
+        """A copy with the target's sizes filled in: hidden size, vocabulary, model type, heads."""
+        config = DrafterConfig(**asdict(self))
+        config.hidden_size = target.hidden_size
+        config.vocab_size = target.vocab_size
+        config.target_model_type = target.model_type
+        if config.num_heads == 0:
+            config.num_heads = target.config.get_text_config().num_attention_heads
+        return config
+
     def num_latents(self, n_visual: int) -> int:
         if not self.use_visual_latents or n_visual == 0:
             return 0
@@ -312,12 +322,7 @@ class FlashDrafter(nn.Module):
         draft_ids [Vd]: the target ids it may propose (e.g. `flash.train.draft_vocabulary`); given,
         they set `draft_vocab_size`. A config with draft_vocab_size > 0 needs them.
         """
-        config = DrafterConfig(**asdict(config)) if config is not None else DrafterConfig()
-        config.hidden_size = target.hidden_size
-        config.vocab_size = target.vocab_size
-        config.target_model_type = target.model_type
-        if config.num_heads == 0:
-            config.num_heads = target.config.get_text_config().num_attention_heads
+        config = (config or DrafterConfig()).sized_for(target)
         if draft_ids is not None:
             if config.draft_vocab_size not in (0, draft_ids.numel()):
                 raise ValueError(

@@ -221,11 +221,8 @@ def evaluate(
             metadata = clip_metadata_v1(len(frames))
         else:
             clip = v2.clip_for_seed(s)
-            want, prompt, metadata = clip.caption(), v2.PROMPT, v2.clip_metadata(clip)
-            if rendered:
-                frames = v2.render(clip, only=metadata["frames_indices"])
-            else:
-                frames = decode_frames(encode_mp4(v2.render(clip), fps=v2.FPS), v2.SAMPLED_FRAMES)
+            want, prompt = clip.caption(), v2.PROMPT
+            frames, metadata = v2.clip_frames(clip, rendered)
         inputs = target.processor(
             text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
         )

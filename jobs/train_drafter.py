@@ -24,7 +24,8 @@ defaults for this checkpoint), so the drafter learns on what it will serve.
    first epoch (reshuffled each epoch); a larger share streams again every epoch. Checkpoints
    go to `RunConfig(storage_path=<storage>)` every --checkpoint-every steps and at the last step.
    --steps is the total: `--steps 250 --resume` after a 150-step run trains 100 more, from the
-   newest checkpoint under <storage>.
+   furthest checkpoint under <storage> of a drafter with the same settings (drafters may share a
+   storage, and with it the set).
 3. The drafter and `training_summary.json` (steps, resumed_from_step, per-slot top-1, ...) are
    written to --out.
 
@@ -195,7 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
     drafter = flash.FlashDrafter.for_target(head, drafter_config, draft_ids).float().train()
     opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     start_step = 0
-    # A restarted worker group resumes from this run's newest checkpoint; --resume from an earlier run's.
+    # A restarted worker group resumes from this run's newest checkpoint; --resume from an earlier run's
+    # (one with the same drafter config: `latest_checkpoint`).
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config["resume_from"]:
         fs, _ = arrow_filesystem(config["storage"], settings)
@@ -288,12 +290,14 @@ def train_loop_per_worker(config: dict) -> None:
         progress.close()
 
 
-def latest_checkpoint(storage: str, settings: S3Settings) -> tuple[str, int] | None:
-    """(path in the storage filesystem, step) of the newest checkpoint of any earlier run, if any."""
+def latest_checkpoint(storage: str, settings: S3Settings, drafter: dict) -> tuple[str, int] | None:
+    """(path in the storage filesystem, step) of the furthest checkpoint of an earlier run of this
+    drafter (`drafter`: its config, sized for the target), if any. Checkpoints of other drafters in
+    the same storage are passed over; a storage that holds only those is an error."""
     import pyarrow.fs as pafs
 
     fs, root = arrow_filesystem(storage, settings)
-    found = []
+    found, others = [], []
     for run in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if run.type != pafs.FileType.Directory or run.base_name == "distill":
             continue
@@ -303,9 +307,22 @@ def latest_checkpoint(storage: str, settings: S3Settings) -> tuple[str, int] | N
             try:
                 with fs.open_input_stream(f"{ckpt.path}/state.json") as f:
                     step = int(json.loads(f.read())["step"])
+                with fs.open_input_stream(f"{ckpt.path}/drafter/{flash.drafter.CONFIG_NAME}") as f:
+                    saved = json.loads(f.read())
             except (OSError, ValueError, KeyError):  # incomplete: no state.json yet
                 continue
-            found.append((step, ckpt.mtime.timestamp() if ckpt.mtime else 0.0, ckpt.path))
+            entry = (step, ckpt.mtime.timestamp() if ckpt.mtime else 0.0, ckpt.path)
+            differs = sorted(k for k, v in drafter.items() if saved.get(k) != v)
+            if differs:
+                others.append((*entry, differs))
+            else:
+                found.append(entry)
+    if not found and others:
+        step, _, path, differs = max(others)
+        raise ValueError(
+            f"--resume: no checkpoint under {storage} is of this drafter; the furthest ({path}, step {step}) "
+            f"differs in {', '.join(differs)}. Pass that run's drafter flags, or another --storage."
+        )
     if not found:
         return None
     step, _, path = max(found)
@@ -371,7 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-new-tokens", type=int, help="answer budget (default: the config's)")
     parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint under --storage")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the furthest checkpoint under --storage of a drafter with these settings",
+    )
     parser.add_argument(
         "--cpus-per-worker", type=float, help="CPUs per training worker (default: the cluster's, less one, shared)"
     )
@@ -458,14 +479,17 @@ def main(argv: list[str] | None = None) -> None:
     path, keys, distilled = build_distill_set(config, storage, checkpoint_digest(config.model, settings))
     fs, _ = arrow_filesystem(storage, settings)
 
-    resume = latest_checkpoint(storage, settings) if args.resume else None
-    if args.resume and resume is None:
-        print("no checkpoint to resume from; starting fresh", flush=True)
-    resumed_from = resume[1] if resume else None
     head = flash.load_target_head(target_head_dir(config.model, settings))
     draft_ids = _draft_ids(fs, path, keys, args.draft_vocab, head) if args.draft_vocab else None
     if draft_ids is not None:
         drafter_config.draft_vocab_size = len(draft_ids)
+    try:
+        resume = latest_checkpoint(storage, settings, asdict(drafter_config.sized_for(head))) if args.resume else None
+    except ValueError as err:
+        parser.error(str(err))
+    if args.resume and resume is None:
+        print("no checkpoint to resume from; starting fresh", flush=True)
+    resumed_from = resume[1] if resume else None
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     # One CPU is left to Ray Data, which streams the set to the workers while they train: workers
@@ -474,7 +498,10 @@ def main(argv: list[str] | None = None) -> None:
     threads = max(1, int(worker_cpus))
     result_metrics: dict = {}
     if resumed_from is not None and resumed_from >= args.steps:
-        print(f"the newest checkpoint is at step {resumed_from} >= --steps {args.steps}: nothing to train", flush=True)
+        print(
+            f"the checkpoint to resume from is at step {resumed_from} >= --steps {args.steps}: nothing to train",
+            flush=True,
+        )
         checkpoint = ray.train.Checkpoint(resume[0], filesystem=fs)
     else:
         storage_fs, storage_path = arrow_filesystem(storage, settings)

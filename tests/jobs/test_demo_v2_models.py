@@ -9,7 +9,6 @@ import torch
 
 import flash
 from jobs import demo_world_v2 as v2
-from jobs.demo_world import decode_frames, encode_mp4
 from jobs.train_demo_target import evaluate
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -32,9 +31,7 @@ def test_shipped_v2_target_narrates_held_out_clips():
 
 
 def _inputs(target, seed: int):
-    clip = v2.clip_for_seed(seed)
-    metadata = v2.clip_metadata(clip)
-    frames = decode_frames(encode_mp4(v2.render(clip), fps=v2.FPS), v2.SAMPLED_FRAMES)
+    frames, metadata = v2.clip_frames(v2.clip_for_seed(seed))
     return target.processor(
         text=[v2.PROMPT], videos=[frames], video_metadata=[metadata], do_sample_frames=False, return_tensors="pt"
     )

@@ -5,6 +5,7 @@ serving in the pipeline with captions equal to --no-drafter."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ import flash
 from actors.distill import row_to_example
 from flash.train import distill_example
 from jobs.demo_world import write_videos
-from jobs.train_drafter import build_config, build_distill_set, build_parser, main
+from jobs.train_drafter import build_config, build_distill_set, build_parser, latest_checkpoint, main
 from pipeline.checkpoints import checkpoint_digest
 from pipeline.config import load_config
 from pipeline.decode import decode_video, video_metadata
@@ -54,6 +55,31 @@ def test_latent_settings_reach_the_drafter(tiny_checkpoints, tmp_path):
     drafter = flash.FlashDrafter.from_pretrained(out, flash.load_target(tiny_checkpoints["qwen2_5_vl"]))
     assert (drafter.config.compression, drafter.config.max_latents) == (2, 96)
     assert drafter.latent_queries.shape[0] == 96
+
+
+def test_resume_takes_only_a_checkpoint_of_the_same_drafter(tmp_path):
+    """Several drafters may share one --storage (one distillation set). --resume continues the drafter
+    that was asked for: a text-only checkpoint at a higher step loads into a FLASH drafter without an
+    error (the same parameters), so choosing it would train the wrong model silently."""
+    wanted = asdict(flash.DrafterConfig(block_size=5, compression=2, hidden_size=8, vocab_size=16, num_heads=2))
+
+    def checkpoint(run: str, name: str, step: int, **changes) -> str:
+        folder = tmp_path / "storage" / run / f"checkpoint_{name}"
+        (folder / "drafter").mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"step": step}))
+        (folder / "drafter" / "drafter_config.json").write_text(json.dumps({**wanted, **changes}))
+        return str(folder)
+
+    storage, settings = str(tmp_path / "storage"), S3Settings()
+    (tmp_path / "storage" / "distill").mkdir(parents=True)
+    assert latest_checkpoint(storage, settings, wanted) is None
+    checkpoint("run-a", "1", 1500, use_visual_latents=False)  # the text-only ablation
+    checkpoint("run-b", "1", 1500, compression=9)  # other pooling, same parameters
+    with pytest.raises(ValueError, match="compression"):
+        latest_checkpoint(storage, settings, wanted)  # asked to resume, nothing to resume: an error
+    checkpoint("run-c", "1", 500)
+    mine = checkpoint("run-c", "2", 1000)
+    assert latest_checkpoint(storage, settings, wanted) == (mine, 1000)
 
 
 def test_draft_vocab_needs_the_distillation_set(tiny_checkpoints, tmp_path):
