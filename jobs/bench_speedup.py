@@ -2,7 +2,8 @@
 alternating, with warm-up and medians, and a check that outputs are identical.
 
     python jobs/bench_speedup.py --out report.json [--videos DIR] [--model DIR] [--drafter DIR]
-                                 [--text-drafter DIR] [--clips N] [--repeats R] [--batch-sizes 1,4,8,16]
+                                 [--text-drafter DIR] [--clips N] [--batch1-clips N] [--repeats R]
+                                 [--batch-sizes 1,16,32,64]
 
 Rows per batch size (greedy): `target` (flashcap's loop, no drafter: the
 baseline), `hf_generate` (Hugging Face generate, to show the baseline is not
@@ -15,6 +16,10 @@ time / method time on the same clips at the same batch size; identical =
 share of clips whose tokens equal that clip decoded alone by the baseline. A
 mismatch (possible outside float64) is explained by the target's logit margin
 at the first differing token.
+
+Every batch size decodes all --clips clips, so none may exceed it (a larger batch would decode the
+same clips as a smaller one). Batch 1 is timed on the first --batch1-clips; the other clips are
+decoded alone once, untimed, as the reference for `identical`.
 
 `--fixed-blocks 0,2,4` adds `flash_k0`, `flash_k2`, `flash_k4`: the FLASH drafter with that fixed
 block length (0 is plain decoding in the same loop), the yardstick of `flash_adaptive`.
@@ -368,9 +373,10 @@ def run(args: argparse.Namespace) -> dict:
             if not m.startswith("flash")
             or ("flash" if m == "flash_adaptive" or m.startswith("flash_k") else m) in drafters
         ]
-        batch_rows, plain = measure(runner, target, inputs_for, clips, batch, methods, args.repeats, args.warmup, alone)
-        if batch == 1:
-            alone = plain
+        timed = clips[: args.batch1_clips] if batch == 1 else clips
+        batch_rows, plain = measure(runner, target, inputs_for, timed, batch, methods, args.repeats, args.warmup, alone)
+        if batch == 1:  # the clips not timed at batch 1 are decoded alone once, as the reference
+            alone = plain + [runner("target", inputs_for([c]))[1][0] for c in range(len(timed), len(clips))]
         elif not args.no_continuous:
             engines = [m for m in CONTINUOUS if CONTINUOUS[m] is None or CONTINUOUS[m] in drafters]
             batch_rows += measure_continuous(runner, inputs_for, clips, batch, engines, args.repeats, alone, batch_rows)
@@ -451,7 +457,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=str(ROOT / "models" / "demo-target"))
     p.add_argument("--drafter", default=str(ROOT / "models" / "demo-drafter"))
     p.add_argument("--text-drafter", default=str(ROOT / "models" / "demo-drafter-text-only"))
-    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--clips", type=int, default=64, help="clips decoded at each batch size (>= the largest)")
+    p.add_argument(
+        "--batch1-clips", type=int, default=32, help="the first N clips are timed at batch 1 (the rest decoded once)"
+    )
     p.add_argument("--batch-sizes", default="1,16,32,64", help="comma-separated (batch 1 always first)")
     p.add_argument("--seed", type=int, default=500, help="first held-out scene seed for generated clips")
     p.add_argument("--repeats", type=int, default=3)
@@ -495,6 +504,13 @@ def main(argv: list[str] | None = None) -> None:
                 setattr(args, name, str(value) if isinstance(value, Path) else value)
     if not args.batch_sizes.startswith("1"):
         args.batch_sizes = "1," + args.batch_sizes  # rows are compared with each clip decoded alone
+    largest = max(int(b) for b in args.batch_sizes.split(","))
+    if largest > args.clips:
+        p.error(
+            f"--batch-sizes {args.batch_sizes} needs --clips >= {largest} (got {args.clips}): a batch larger than "
+            "the clips would decode the same clips as a smaller one"
+        )
+    args.batch1_clips = min(args.batch1_clips, args.clips)
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jobs import bench_speedup
 
 
 def test_report_has_every_method_and_identical_outputs(tmp_path):
     out = tmp_path / "report.json"
-    bench_speedup.main(["--out", str(out), "--clips", "2", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1,2"])
+    common = ["--out", str(out), "--repeats", "1", "--warmup", "0", "--batch-sizes", "1,2"]
+    bench_speedup.main([*common, "--clips", "2", "--batch1-clips", "1"])
     report = json.loads(out.read_text())
     assert {"machine", "date", "rows", "best", "best_plain", "best_vs_best"} <= report.keys()
     rows = {(r["method"], r["batch_size"]): r for r in report["rows"]}
@@ -21,13 +24,20 @@ def test_report_has_every_method_and_identical_outputs(tmp_path):
         if method == "prompt_lookup" and not row["clips"]:
             assert row["error"]  # Hugging Face's own prompt lookup may fail on video prompts: recorded
             continue
-        assert row["clips"] == 2 and row["identical"] == 1.0, (method, batch)
+        # batch 1 is timed on the first --batch1-clips; every clip is checked against itself decoded alone
+        assert row["clips"] == batch and row["identical"] == 1.0, (method, batch)
         assert row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["clips_per_s"] > 0
         if "verify_ms_per_pass" in row:
             assert abs(sum(row["split"].values()) - 1) < 1e-9
         if method in ("flash", "flash_adaptive", "flash_text_only", "prompt_lookup_loop"):
             assert row["acceptance_length"] >= 1.0 and "draft_ms_per_pass" in row and "verify_ms_per_pass" in row
     assert rows[("flash", 1)]["acceptance_length"] > rows[("prompt_lookup_loop", 1)]["acceptance_length"]
+
+
+def test_a_batch_larger_than_the_clips_is_refused(tmp_path):
+    """Batch 64 over 32 clips would decode the batch-32 batch again, under another name."""
+    with pytest.raises(SystemExit):
+        bench_speedup.main(["--out", str(tmp_path / "r.json"), "--clips", "32", "--batch-sizes", "1,16,32,64"])
 
 
 def test_best_vs_best_takes_each_method_at_its_best_batch_size():
