@@ -84,6 +84,9 @@ class DrafterCache:
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
         self.lengths = self.lengths[rows]
+        # The bound follows the rows that remain (a host sync, as rows leave): passes attend over
+        # `span`, which would otherwise keep the length of the longest row that ever decoded.
+        self._max_length = int(self.lengths.max()) if rows.numel() else 0
 
     def join(self, other: DrafterCache) -> None:
         """Append another cache's rows after this one's (each row keeps its own length)."""

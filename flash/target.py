@@ -299,6 +299,19 @@ class TargetSession:
         self.attention_mask = self.attention_mask[rows]
         self.next_index = self.next_index[rows]
         self.rope_deltas = self.rope_deltas[rows]
+        self._drop_unused_columns()
+
+    def _drop_unused_columns(self) -> None:
+        """Crop the leading cache columns that no remaining row uses. Rows that joined later sit to
+        the right of the ones that were decoding (`join`); once those leave, their columns would
+        otherwise stay, and every later pass would attend over them."""
+        first = int(self.attention_mask.any(dim=0).to(torch.int8).argmax())  # a host sync, as rows leave
+        if first == 0:
+            return
+        for i, layer in enumerate(self.cache.layers):
+            if not self.linear or i not in self.linear.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.attention_mask = self.attention_mask[:, first:]
 
     def join(self, other: TargetSession) -> None:
         """Append the rows of another session (a new prefill) after this one's, between cycles.

@@ -168,3 +168,43 @@ def test_run_keeps_at_most_max_rows_live_and_is_exact(targets64, max_rows):
     engine = flash.Engine(target, flash.FlashDrafter.for_target(target), max_new_tokens=MAX_NEW)
     keys = engine.run(len(prompts), inputs_for, max_rows)
     assert [engine.sequences[k] for k in keys] == alone
+
+
+def _cache_sizes(engine: flash.Engine, drafter, count: int, inputs_for, max_rows: int) -> tuple[list[int], list[int]]:
+    """Run the engine; after every cycle, the target cache's width and the drafter's attention span."""
+    widths, spans, step = [], [], engine.step
+
+    def measured_step():
+        done = step()
+        if engine.live:
+            widths.append(engine._live.session.length)
+            if drafter is not None:
+                spans.append(drafter.cache.span(0))
+        return done
+
+    engine.step = measured_step
+    keys = engine.run(count, inputs_for, max_rows)
+    assert len({len(engine.sequences[k]) for k in keys}) >= 2  # rows leave in different cycles
+    return widths, spans
+
+
+def test_caches_follow_the_rows_decoding(targets64):
+    """Nine rows through two slots: the target's cache drops the columns only finished rows used,
+    and the drafter attends over the live rows' entries, so a long continuous run does not get
+    slower with every row it has decoded. Plain decoding adds one column a cycle and a row lives at
+    most MAX_NEW cycles; without the cropping the cache grows with the whole run."""
+    target = targets64["qwen2_5_vl"]
+    prompts, videos = _batch("qwen2_5_vl", 9, seed=12)
+    longest = max(target.processor(text=[p], videos=[v], return_tensors="pt")["input_ids"].shape[1]
+                  for p, v in zip(prompts, videos))  # fmt: skip
+
+    def inputs_for(indices):
+        texts, clips = [prompts[i] for i in indices], [videos[i] for i in indices]
+        return target.processor(text=texts, videos=clips, return_tensors="pt", padding=True)
+
+    widths, _ = _cache_sizes(flash.Engine(target, None, max_new_tokens=MAX_NEW), None, 9, inputs_for, 2)
+    assert max(widths) <= longest + MAX_NEW, max(widths)
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
+    _, spans = _cache_sizes(flash.Engine(target, drafter, max_new_tokens=MAX_NEW), drafter, 9, inputs_for, 2)
+    # a drafter row holds its prompt rows (its latents are fewer than the visual tokens) and its tokens
+    assert max(spans) <= longest + 2 * MAX_NEW, max(spans)
