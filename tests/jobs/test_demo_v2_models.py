@@ -15,9 +15,9 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 TARGET = MODELS / "demo-v2-target"
 DRAFTER, TEXT_DRAFTER = MODELS / "demo-v2-drafter", MODELS / "demo-v2-drafter-text-only"
 HELD_OUT = range(0, 3)  # training used seeds >= 1,000,000
-# Float64, seeds 0-2 (2026-11-29): the shipped FLASH drafter accepts 4.16 / 3.88 / 3.97 tokens per
-# cycle (k = 5), an untrained one 1.0.
-ACCEPTANCE_FLOOR = 3.3
+# Float64, seeds 0-2 (2026-11-30): the shipped FLASH drafter (3,000 steps) accepts 4.95 / 4.78 / 4.21
+# tokens per cycle (k = 5; mean 4.65), its 1,500-step checkpoint 4.16 / 3.88 / 3.97, an untrained one 1.0.
+ACCEPTANCE_FLOOR = 4.2
 
 
 def test_shipped_v2_target_narrates_held_out_clips():
