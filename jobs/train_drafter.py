@@ -309,7 +309,7 @@ def latest_checkpoint(storage: str, settings: S3Settings, drafter: dict) -> tupl
                     step = int(json.loads(f.read())["step"])
                 with fs.open_input_stream(f"{ckpt.path}/drafter/{flash.drafter.CONFIG_NAME}") as f:
                     saved = json.loads(f.read())
-            except (OSError, ValueError, KeyError):  # incomplete: no state.json yet
+            except (OSError, ValueError, KeyError):  # incomplete: no state.json or drafter config yet
                 continue
             entry = (step, ckpt.mtime.timestamp() if ckpt.mtime else 0.0, ckpt.path)
             differs = sorted(k for k, v in drafter.items() if saved.get(k) != v)
