@@ -312,10 +312,8 @@ def _v2_clips(args: argparse.Namespace, videos: Path | None):
 
     seeds = range(args.seed, args.seed + args.clips)
     if args.rendered:
-        clips = [v2.clip_for_seed(s) for s in seeds]
-        metadata = [v2.clip_metadata(c, args.frames) for c in clips]
-        frames = [v2.render(c, only=m["frames_indices"]) for c, m in zip(clips, metadata)]
-        return [Path(f"scene_{s}") for s in seeds], frames, metadata
+        frames, metadata = zip(*(v2.clip_frames(v2.clip_for_seed(s), rendered=True, count=args.frames) for s in seeds))
+        return [Path(f"scene_{s}") for s in seeds], list(frames), list(metadata)
     if videos is None:
         videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-v2-"))
         v2.write_videos(videos, args.clips, seed=args.seed)

@@ -285,13 +285,13 @@ def clip_metadata(clip: Clip, count: int = SAMPLED_FRAMES) -> dict:
     return {"total_num_frames": clip.frames, "fps": float(FPS), "frames_indices": sample_indices(clip.frames, count)}
 
 
-def clip_frames(clip: Clip, rendered: bool = False) -> tuple[np.ndarray, dict]:
-    """The frames a model sees of `clip` and their metadata: decoded from the clip's H.264 file, as a
-    captioning job reads it, or (rendered) the renderer's own frames, without the codec."""
-    metadata = clip_metadata(clip)
+def clip_frames(clip: Clip, rendered: bool = False, count: int = SAMPLED_FRAMES) -> tuple[np.ndarray, dict]:
+    """The `count` frames a model sees of `clip` and their metadata: decoded from the clip's H.264
+    file, as a captioning job reads it, or (rendered) the renderer's own frames, without the codec."""
+    metadata = clip_metadata(clip, count)
     if rendered:
         return render(clip, only=metadata["frames_indices"]), metadata
-    return decode_frames(encode_mp4(render(clip), fps=FPS), SAMPLED_FRAMES), metadata
+    return decode_frames(encode_mp4(render(clip), fps=FPS), count), metadata
 
 
 def write_videos(out_dir: str | Path, count: int, seed: int = 0) -> list[dict]:
