@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check flash pipeline actors jobs tests
+	$(BIN)/ruff check flash pipeline actors jobs bench demo tests
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -108,12 +108,12 @@ def build_config(args: argparse.Namespace) -> tuple[CaptionConfig, bool]:
     overrides = {name: getattr(args, name) for name in CaptionConfig.model_fields}  # None: not given
     embedded = args.config is None and args.input is None
     if embedded and args.demo_world == "v2":
-        from jobs import demo_world_v2
+        from demo import world_v2 as demo_world_v2
 
         if not (DEMO_V2["target"] / "config.json").is_file():
             raise ValueError(
                 f"demo world v2's target is not trained yet ({DEMO_V2['target']} is missing): "
-                "train it with jobs/train_demo_target.py --world v2 (docs/demo.md)"
+                "train it with demo/train_target.py --world v2 (docs/demo.md)"
             )
         videos = DEMO_V2["videos"]
         if not (videos / "captions.jsonl").exists():
@@ -127,7 +127,7 @@ def build_config(args: argparse.Namespace) -> tuple[CaptionConfig, bool]:
         overrides["prompt"] = overrides["prompt"] or demo_world_v2.PROMPT
         overrides["max_new_tokens"] = overrides["max_new_tokens"] or DEMO_V2["max_new_tokens"]
     elif embedded:
-        from jobs.demo_world import write_videos
+        from demo.world import write_videos
 
         if not (SAMPLE_VIDEOS / "captions.jsonl").exists():
             print(f"[flashcap] writing {SAMPLE_COUNT} sample demo videos to {SAMPLE_VIDEOS}/")
@@ -178,7 +178,7 @@ def sample_captions_exact(config: CaptionConfig, videos: Path = SAMPLE_VIDEOS) -
 
 def sample_clause_accuracy(config: CaptionConfig, videos: Path) -> float:
     """Demo world v2: the share of the samples' clauses the captions get right (an error row: none)."""
-    from jobs.demo_world_v2 import clause_accuracy
+    from demo.world_v2 import clause_accuracy
 
     right = total = 0
     for got, want in _sample_pairs(config, videos):

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from flash.build import build_llava_onevision, build_qwen2_5_vl, build_qwen3_5, build_qwen3_vl  # noqa: E402
+from demo.tiny_models import build_llava_onevision, build_qwen2_5_vl, build_qwen3_5, build_qwen3_vl  # noqa: E402
 from pipeline.faults import ENV as FAULTS_ENV  # noqa: E402
 
 BUILDERS = {

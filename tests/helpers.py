@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from flash.drafter import Block
-from flash.sampling import SamplingParams
 
 PROMPT_TEXTS = [
     "describe the video",
@@ -89,54 +88,6 @@ def hf_greedy(target, inputs, max_new_tokens: int) -> list[int]:
         if tok in eos:
             return new[: i + 1]
     return new
-
-
-class OracleDrafter:
-    """Proposes the reference continuation; with `right_for=m` only the first m
-    tokens of each block are right and the rest are deliberately wrong.
-    References are given in admission order (rows joining later take the next ones)."""
-
-    def __init__(self, references: list[list[int]], vocab_size: int, block_size: int = 4, right_for: int | None = None):
-        self.all = [list(r) for r in references]
-        self.vocab_size = vocab_size
-        self.block_size = block_size
-        self.right_for = block_size if right_for is None else right_for
-        self.cursor = 0
-        self.references: list[list[int]] = []
-        self.positions: list[int] = []
-
-    def _block(self, params: SamplingParams, device, block_size=None, first: int = 0) -> Block:
-        k = block_size or self.block_size
-        rows = []
-        for ref, pos in zip(self.references[first:], self.positions[first:]):
-            row = []
-            for i in range(k):
-                tok = ref[pos + i] if pos + i < len(ref) else 0
-                row.append(tok if i < self.right_for else (tok + 1) % self.vocab_size)
-            rows.append(row)
-        tokens = torch.tensor(rows, dtype=torch.long, device=device)
-        probs = None
-        if not params.greedy:
-            probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(torch.float64)
-        return Block(tokens=tokens, probs=probs, features=torch.zeros(tokens.shape[0], k, 1))
-
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False) -> Block:
-        n = first_tokens.shape[0]
-        if not join:
-            self.cursor, self.references, self.positions = 0, [], []
-        self.references += self.all[self.cursor : self.cursor + n]
-        self.cursor += n
-        self.positions += [1] * n  # the prompt pass emitted reference[0]
-        return self._block(params, first_tokens.device, block_size, first=len(self.references) - n)
-
-    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None):
-        self.positions = [p + n for p, n in zip(self.positions, n_new.tolist())]
-        return self._block(params, next_tokens.device, block_size)
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        keep = rows.tolist()
-        self.references = [self.references[i] for i in keep]
-        self.positions = [self.positions[i] for i in keep]
 
 
 class FixedDistributionDrafter:

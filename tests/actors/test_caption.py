@@ -9,8 +9,8 @@ import torch
 
 import flash
 from actors.caption import CaptionActor
-from flash.build import QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
-from jobs.demo_world import FPS, FRAMES, encode_mp4, render, scene_for_seed
+from demo.tiny_models import QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
+from demo.world import FPS, FRAMES, encode_mp4, render, scene_for_seed
 from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, load_config
 from pipeline.decode import decode_row
 from pipeline.storage import S3Settings

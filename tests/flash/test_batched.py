@@ -9,7 +9,8 @@ import torch
 
 import flash
 from flash.lookup import PromptLookupDrafter
-from tests.helpers import PROMPT_TEXTS, OracleDrafter, chat, hf_greedy
+from bench.oracle import OracleDrafter
+from tests.helpers import PROMPT_TEXTS, chat, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
 K = 4

@@ -12,7 +12,8 @@ import torch
 import flash
 from flash.lookup import PromptLookupDrafter
 from tests.flash.test_batched import _batch
-from tests.helpers import OracleDrafter, hf_greedy
+from bench.oracle import OracleDrafter
+from tests.helpers import hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 MAX_NEW = 20

@@ -15,7 +15,8 @@ import flash
 from flash.lookup import PromptLookupDrafter
 from flash.sampling import SamplingParams, choose, mark_seen, penalize, seen_ids
 from tests.flash.test_batched import _batch
-from tests.helpers import OracleDrafter, cases
+from bench.oracle import OracleDrafter
+from tests.helpers import cases
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
 MAX_NEW = 24

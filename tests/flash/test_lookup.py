@@ -11,7 +11,7 @@ import torch
 
 import flash
 from flash.lookup import _NO_TOKEN, PromptLookupDrafter
-from jobs.demo_world import PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
+from demo.world import PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
 
 TARGET = Path(__file__).resolve().parents[2] / "models" / "demo-target"
 

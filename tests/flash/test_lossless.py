@@ -8,7 +8,8 @@ import torch
 
 import flash
 from flash.lookup import PromptLookupDrafter
-from tests.helpers import OracleDrafter, cases, hf_greedy
+from bench.oracle import OracleDrafter
+from tests.helpers import cases, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
 MAX_NEW = 24
@@ -146,7 +147,7 @@ def test_mrope_positions_matter(targets64, references, monkeypatch):
 
 def test_qwen2_vl_shares_the_adapter(tmp_path):
     """Qwen2-VL (the 2.5 adapter, its own HF class): plain, untrained and oracle drafts are exact."""
-    from flash.build import build_qwen2_vl
+    from demo.tiny_models import build_qwen2_vl
 
     target = flash.load_target(build_qwen2_vl(tmp_path / "q2", seed=0), dtype=torch.float64)
     assert target.family == "qwen" and target.model_type == "qwen2_vl"

@@ -7,7 +7,8 @@ import pytest
 
 import flash
 from flash.policy import BlockPolicy, expected_tokens
-from tests.helpers import OracleDrafter, cases, hf_greedy
+from bench.oracle import OracleDrafter
+from tests.helpers import cases, hf_greedy
 
 
 def test_expected_tokens_table():

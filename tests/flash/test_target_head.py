@@ -93,7 +93,7 @@ def test_real_vocabulary_shape_holds_only_embedding_and_head(tmp_path):
     head (1.09 GB each in bfloat16) and a 1.09 GB decoder weight beside them. A fresh process
     reading the head holds the two tensors and, touching every byte of them, grows by less than the
     three would take. (File-backed pages may be evicted, so the growth is only an upper bound.)"""
-    from flash.build import QWEN2_5_VL_7B_TEXT
+    from demo.tiny_models import QWEN2_5_VL_7B_TEXT
 
     vocab, hidden = QWEN2_5_VL_7B_TEXT["vocab_size"], QWEN2_5_VL_7B_TEXT["hidden_size"]
     assert (vocab, hidden) == (152064, 3584)

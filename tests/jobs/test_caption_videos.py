@@ -77,12 +77,12 @@ def test_embedded_default_captions_the_samples_exactly(tmp_path):
 
 def test_demo_world_v2_has_its_own_samples_models_and_budget(tmp_path, monkeypatch):
     import jobs.caption_videos as job
-    from jobs import demo_world_v2
+    from demo import world_v2 as demo_world_v2
 
     monkeypatch.chdir(tmp_path)
     target = tmp_path / "demo-v2-target"
     monkeypatch.setitem(job.DEMO_V2, "target", target)
-    with pytest.raises(ValueError, match="train it with jobs/train_demo_target.py --world v2"):
+    with pytest.raises(ValueError, match="train it with demo/train_target.py --world v2"):
         build_config(parse_args(["--demo-world", "v2"]))
     target.mkdir()
     (target / "config.json").write_text("{}")

@@ -15,7 +15,7 @@ import torch
 import flash
 from actors.distill import row_to_example
 from flash.train import distill_example
-from jobs.demo_world import write_videos
+from demo.world import write_videos
 from jobs.train_drafter import build_config, build_distill_set, build_parser, latest_checkpoint, main
 from pipeline.checkpoints import checkpoint_digest
 from pipeline.config import load_config
@@ -101,7 +101,7 @@ def _rows(path: str) -> dict:
 def test_distill_set_is_keyed_resumable_and_exact(ray_local, tiny_checkpoints, tmp_path):
     """Rows are the target's own greedy answers and its features over prompt + answer (bfloat16);
     a rerun distils only clips no shard holds; other settings or another target make another set."""
-    from flash.build import build_qwen2_5_vl
+    from demo.tiny_models import build_qwen2_5_vl
 
     model = tiny_checkpoints["qwen2_5_vl"]
     videos, storage = tmp_path / "videos", tmp_path / "storage"

@@ -9,7 +9,7 @@ import boto3
 import pyarrow.parquet as pq
 
 import flash
-from jobs.demo_world import PROMPT, encode_mp4, render, scene_for_seed
+from demo.world import PROMPT, encode_mp4, render, scene_for_seed
 from pipeline.config import load_config
 from pipeline.decode import decode_video, video_metadata
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.demo_world import encode_mp4, render, scene_for_seed
+from demo.world import encode_mp4, render, scene_for_seed
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def main(videos: str, output: str, model: str, drafter: str, faults_file: str) -
     import pyarrow.parquet as pq
     from ray.cluster_utils import Cluster
 
-    from jobs.demo_world import PROMPT
+    from demo.world import PROMPT
     from pipeline.config import load_config
     from pipeline.run import run_job
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from transformers.video_utils import VideoMetadata
 
-from jobs.demo_world import FPS, FRAMES, SIDE, write_videos
+from demo.world import FPS, FRAMES, SIDE, write_videos
 from pipeline import decode
 from pipeline.decode import (
     VideoInfo,

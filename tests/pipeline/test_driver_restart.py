@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from jobs.demo_world import PROMPT, write_videos
+from demo.world import PROMPT, write_videos
 from pipeline.faults import ENV
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flash
-from jobs.demo_world import write_videos
+from demo.world import write_videos
 from pipeline.config import load_config
 from pipeline.run import run_job
 

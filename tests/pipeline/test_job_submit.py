@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_world import PROMPT, write_videos
+from demo.world import PROMPT, write_videos
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

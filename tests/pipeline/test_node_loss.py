@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_world import write_videos
+from demo.world import write_videos
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("node_loss_job.py")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jobs.demo_world import encode_mp4, render, scene_for_seed
+from demo.world import encode_mp4, render, scene_for_seed
 from pipeline.run import run_job
 from pipeline.storage import StorageError
 from tests.pipeline.common import config_for, direct_caption, new_bucket, read_output, s3_client, upload_clips

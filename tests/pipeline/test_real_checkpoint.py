@@ -18,9 +18,9 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
 import flash
-from flash.build import QWEN2_5_VL_RELEASE_GENERATION, QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
+from demo.tiny_models import QWEN2_5_VL_RELEASE_GENERATION, QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
 from jobs.caption_videos import build_config, build_parser
-from jobs.demo_world import encode_mp4, render, scene_for_seed
+from demo.world import encode_mp4, render, scene_for_seed
 from pipeline.decode import decode_video
 from pipeline.run import run_job
 from tests.pipeline.common import new_bucket, read_output, s3_client

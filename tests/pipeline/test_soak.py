@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.demo_world import PROMPT, write_videos
+from demo.world import PROMPT, write_videos
 from pipeline.config import load_config
 from pipeline.run import run_job
 

@@ -1,7 +1,7 @@
 """The price of rolling back linear attention (Qwen3.5), measured in one run on checkpoints built
 here (random weights; costs do not depend on the values):
 
-    python jobs/bench_hybrid.py [--hidden 256] [--layers 8] [--batch-sizes 1,8] [--block 5] [--out F]
+    python -m bench.hybrid [--hidden 256] [--layers 8] [--batch-sizes 1,8] [--block 5] [--out F]
 
 For a hybrid Qwen3.5 (3 of 4 layers gated-DeltaNet linear attention, as the releases) and a
 same-size target whose layers are all full attention:
@@ -26,14 +26,13 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import flash  # noqa: E402
-from flash.build import build_qwen3_5, build_qwen3_vl  # noqa: E402
-from tests.helpers import OracleDrafter  # noqa: E402
+import flash
+from demo.tiny_models import build_qwen3_5, build_qwen3_vl
+from bench.oracle import OracleDrafter
 
 PROMPT = (
     "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video<|im_end|><|im_start|>assistant"

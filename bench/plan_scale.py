@@ -1,7 +1,7 @@
 """Planning at scale: a manifest of N objects against an output of about N/2 rows, as `--dry-run`
 plans it, with the driver's peak memory and the time.
 
-    python jobs/bench_plan.py [--objects 2000000] [--out F]
+    python -m bench.plan_scale [--objects 2000000] [--out F]
 
 The data is generated first, in a child process (so it does not count in the driver's peak): a
 Parquet manifest (video_uri, etag, size) and output parts in flashcap's schema holding rows for half
@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PART_ROWS = 50_000
 

@@ -1,6 +1,6 @@
 """Write synthetic captioned demo videos: H.264 mp4 files and captions.jsonl.
 
-python jobs/make_demo_videos.py --out DIR --count N --seed S [--world v2]
+python -m demo.make_videos --out DIR --count N --seed S [--world v2]
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import demo_world, demo_world_v2  # noqa: E402
+from demo import world as demo_world, world_v2 as demo_world_v2
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""bench_speedup.py end to end on a few held-out clips: the report's schema, every
+"""speedup.py end to end on a few held-out clips: the report's schema, every
 method present, outputs identical to plain decoding, and no speed asserted."""
 
 from __future__ import annotations
@@ -7,17 +7,17 @@ import json
 
 import pytest
 
-from jobs import bench_speedup
+from bench import speedup
 
 
 def test_report_has_every_method_and_identical_outputs(tmp_path):
     out = tmp_path / "report.json"
     common = ["--out", str(out), "--repeats", "1", "--warmup", "0", "--batch-sizes", "1,2"]
-    bench_speedup.main([*common, "--clips", "2", "--batch1-clips", "1"])
+    speedup.main([*common, "--clips", "2", "--batch1-clips", "1"])
     report = json.loads(out.read_text())
     assert {"machine", "date", "rows", "best", "best_plain", "best_vs_best"} <= report.keys()
     rows = {(r["method"], r["batch_size"]): r for r in report["rows"]}
-    assert set(rows) == {(m, 1) for m in bench_speedup.METHODS} | {
+    assert set(rows) == {(m, 1) for m in speedup.METHODS} | {
         (m, 2) for m in ("target", "hf_generate", "flash", "flash_adaptive", "target_continuous", "flash_continuous")
     }
     for (method, batch), row in rows.items():
@@ -37,7 +37,7 @@ def test_report_has_every_method_and_identical_outputs(tmp_path):
 def test_a_batch_larger_than_the_clips_is_refused(tmp_path):
     """Batch 64 over 32 clips would decode the batch-32 batch again, under another name."""
     with pytest.raises(SystemExit):
-        bench_speedup.main(["--out", str(tmp_path / "r.json"), "--clips", "32", "--batch-sizes", "1,16,32,64"])
+        speedup.main(["--out", str(tmp_path / "r.json"), "--clips", "32", "--batch-sizes", "1,16,32,64"])
 
 
 def test_best_vs_best_takes_each_method_at_its_best_batch_size():
@@ -53,14 +53,14 @@ def test_best_vs_best_takes_each_method_at_its_best_batch_size():
         row("flash", 16, 520),
         row("flash", 32, 900, identical=0.75),
     ]
-    summary = bench_speedup.best_vs_best(rows)
+    summary = speedup.best_vs_best(rows)
     assert summary["best_plain"] == "target"
     assert summary["best"]["flash"]["batch_size"] == 16  # the batch-32 row changed outputs: never a best
     assert summary["best_vs_best"]["flash"] == 520 / 400
 
 
 def test_world_v2_takes_its_own_models_prompt_frames_and_budget(tmp_path, monkeypatch):
-    from jobs import demo_world_v2
+    from demo import world_v2 as demo_world_v2
 
     seen = {}
 
@@ -70,9 +70,9 @@ def test_world_v2_takes_its_own_models_prompt_frames_and_budget(tmp_path, monkey
 
     monkeypatch.setattr(bench_speedup, "run", run)
     monkeypatch.setattr(bench_speedup, "markdown", lambda report: "")
-    bench_speedup.main(["--world", "v2", "--out", str(tmp_path / "r.json")])
+    speedup.main(["--world", "v2", "--out", str(tmp_path / "r.json")])
     assert seen["model"].endswith("models/demo-v2-target") and seen["drafter"].endswith("models/demo-v2-drafter")
     assert seen["text_drafter"].endswith("models/demo-v2-drafter-text-only")
     assert (seen["prompt"], seen["frames"], seen["max_new_tokens"]) == (demo_world_v2.PROMPT, 16, 200)
-    bench_speedup.main(["--world", "v2", "--max-new-tokens", "40", "--out", str(tmp_path / "r.json")])
+    speedup.main(["--world", "v2", "--max-new-tokens", "40", "--out", str(tmp_path / "r.json")])
     assert seen["max_new_tokens"] == 40  # a flag given wins

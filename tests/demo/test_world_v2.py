@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jobs.demo_world import COLOURS
-from jobs.demo_world_v2 import (
+from demo.world import COLOURS
+from demo.world_v2 import (
     FPS,
     SIDE,
     SIZES,
@@ -99,7 +99,7 @@ def test_clips_are_real_h264_files_of_four_to_eight_seconds(tmp_path):
 def test_the_v2_job_settings_match_the_world(tmp_path):
     from pathlib import Path
 
-    from jobs.demo_world_v2 import PROMPT
+    from demo.world_v2 import PROMPT
     from pipeline.config import load_config
 
     path = Path(__file__).resolve().parents[2] / "jobs" / "demo_v2.yaml"
@@ -110,7 +110,7 @@ def test_the_v2_job_settings_match_the_world(tmp_path):
 def test_make_demo_videos_writes_the_v2_world(tmp_path):
     import json
 
-    from jobs.make_demo_videos import main
+    from demo.make_videos import main
 
     main(["--world", "v2", "--out", str(tmp_path), "--count", "2", "--seed", "5"])
     records = [json.loads(line) for line in (tmp_path / "captions.jsonl").open()]

@@ -3,7 +3,7 @@
 is small), a FLASH drafter of the matching size, and an oracle that makes the drafter's blocks
 right for a chosen number of slots per cycle, so acceptance is what you set.
 
-    python jobs/bench_real_shape.py [--layers 28 --device cuda --dtype bfloat16] [--acceptance 3.2]
+    python -m bench.real_shape [--layers 28 --device cuda --dtype bfloat16] [--acceptance 3.2]
                                     [--batch-sizes 1,8,32,64] [--prompt-tokens 1200] [--max-new-tokens 64]
 
 Both sides run flashcap's loop on the same prompts in one run, alternating, after a warm-up:
@@ -26,12 +26,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import flash  # noqa: E402
-from flash.build import QWEN2_5_VL_7B_TEXT  # noqa: E402
+import flash
+from demo.tiny_models import QWEN2_5_VL_7B_TEXT
 
 
 def build_target(layers: int, device: str, dtype: torch.dtype) -> flash.Target:

@@ -4,7 +4,7 @@ keys, spread over sub-prefixes so the listing fans out), then a rerun plans noth
 report's figures and the driver's peak RSS (the driver process alone: the S3 server holds the
 objects in its own memory).
 
-    python jobs/bench_scale_run.py [--objects 10000] [--out F]
+    python -m bench.scale_run [--objects 10000] [--out F]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _rss_mb() -> float:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     import boto3
     import ray
 
-    from jobs.demo_world import encode_mp4, render, scene_for_seed
+    from demo.world import encode_mp4, render, scene_for_seed
     from pipeline.config import load_config
     from pipeline.run import run_job
 

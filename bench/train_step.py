@@ -2,7 +2,7 @@
 loss through the LM head (draft vocabulary), backward and the optimizer step, on synthetic
 features (random embedding and head of the target's size: the cost does not depend on the values).
 
-    python jobs/bench_train_step.py [--hidden 3584] [--vocab 152064] [--draft-vocab 32768]
+    python -m bench.train_step [--hidden 3584] [--vocab 152064] [--draft-vocab 32768]
         [--visual 1024] [--prompt-text 40] [--answer 200] [--block-size 5] [--device cuda] [--out F]
 
 Defaults: Qwen2.5-VL-7B (hidden 3,584, vocab 152,064) with 8 frames at 448x448 (1,024 visual
@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import flash  # noqa: E402
-from flash.build import QWEN2_5_VL_7B_TEXT  # noqa: E402
-from flash.train import DistillExample, drafter_loss  # noqa: E402
+import flash
+from demo.tiny_models import QWEN2_5_VL_7B_TEXT
+from flash.train import DistillExample, drafter_loss
 
 
 class _Config:

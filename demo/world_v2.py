@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.demo_world import BACKGROUNDS, COLOURS, SHAPES, _draw, decode_frames, encode_mp4, write_clips
+from demo.world import BACKGROUNDS, COLOURS, SHAPES, _draw, decode_frames, encode_mp4, write_clips
 from pipeline.decode import sample_indices
 
 SIDE = 112

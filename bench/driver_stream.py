@@ -3,7 +3,7 @@
 the driver's RSS sampled along the way. Separates what grows per row on the driver from the rest
 of a real run.
 
-    python jobs/bench_driver_stream.py [--rows 400000] [--block 8] [--out F]
+    python -m bench.driver_stream [--rows 400000] [--block 8] [--out F]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _rss_mb() -> float:

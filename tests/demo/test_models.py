@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import flash
-from jobs.demo_world import COLOURS, PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
+from demo.world import COLOURS, PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET, DRAFTER = ROOT / "models" / "demo-target", ROOT / "models" / "demo-drafter"

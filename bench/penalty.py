@@ -13,7 +13,7 @@ at the seen ids), as `generate()` does one token at a time. This times, for Qwen
 and reports the penalty's extra time as a share of the LM head alone (a lower bound on its share
 of a whole verify pass, which also runs every decoder layer). Random weights: costs only.
 
-    python jobs/bench_penalty.py [--device cuda] [--dtype bfloat16] [--batch-sizes 1,16,64]
+    python -m bench.penalty [--device cuda] [--dtype bfloat16] [--batch-sizes 1,16,64]
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from flash.sampling import SamplingParams, process, seen_ids, seen_through  # noqa: E402
+from flash.sampling import SamplingParams, process, seen_ids, seen_through
 
 HIDDEN, VOCAB = 3584, 152_064  # Qwen2.5-VL-7B-Instruct
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import decord
 import numpy as np
 
-from jobs.demo_world import SAMPLED_FRAMES, decode_frames, render, sample_indices, scene_for_seed, vocabulary
+from demo.world import SAMPLED_FRAMES, decode_frames, render, sample_indices, scene_for_seed, vocabulary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,8 @@ def test_make_demo_videos_writes_decodable_clips(tmp_path):
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "jobs/make_demo_videos.py"),
+            "-m",
+            "demo.make_videos",
             "--out",
             str(tmp_path),
             "--count",
@@ -45,6 +46,7 @@ def test_make_demo_videos_writes_decodable_clips(tmp_path):
             "20",
         ],
         check=True,
+        cwd=ROOT,
     )
     records = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in records] == [20, 21, 22, 23]

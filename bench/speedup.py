@@ -1,7 +1,7 @@
 """FLASH speedup benchmark: every method on the same clips, in one run,
 alternating, with warm-up and medians, and a check that outputs are identical.
 
-    python jobs/bench_speedup.py --out report.json [--videos DIR] [--model DIR] [--drafter DIR]
+    python -m bench.speedup --out report.json [--videos DIR] [--model DIR] [--drafter DIR]
                                  [--text-drafter DIR] [--clips N] [--batch1-clips N] [--repeats R]
                                  [--batch-sizes 1,16,32,64]
 
@@ -47,13 +47,12 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import flash  # noqa: E402
-from flash.lookup import PromptLookupDrafter  # noqa: E402
-from jobs.demo_world import (  # noqa: E402
+import flash
+from flash.lookup import PromptLookupDrafter
+from demo.world import (
     FRAMES,
     PROMPT,
     SAMPLED_FRAMES,
@@ -307,7 +306,7 @@ def measure(
 
 def _v2_clips(args: argparse.Namespace, videos: Path | None):
     """World v2's held-out clips: (names, frames, metadata), each clip with its own length."""
-    from jobs import demo_world_v2 as v2
+    from demo import world_v2 as v2
     from pipeline.decode import decode_video, video_metadata
 
     seeds = range(args.seed, args.seed + args.clips)
@@ -487,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     if args.world == "v2":  # the v2 defaults, where the v1 ones were left
-        from jobs import demo_world_v2 as v2
+        from demo import world_v2 as v2
 
         v1_defaults = {a.dest: a.default for a in p._actions}
         for name, value in (

@@ -3,7 +3,7 @@ the same clips with the FLASH drafter and without it (`--no-drafter`), at each b
 run, the two sides alternating; each side's best batch size is compared with the other's, and the
 captions of the two sides must be identical.
 
-    python jobs/bench_pipeline.py [--clips N] [--batch-sizes 4,16,32] [--batches-per-actor 1,2]
+    python -m bench.job_throughput [--clips N] [--batch-sizes 4,16,32] [--batches-per-actor 1,2]
                                   [--model DIR] [--drafter DIR] [--out report.json]
 
 `--batches-per-actor` lists the settings to measure (batches in flight per caption actor: 1 runs the
@@ -24,7 +24,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _captions(folder: Path) -> dict[str, str]:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from jobs.demo_world import write_videos
+    from demo.world import write_videos
     from pipeline.config import load_config
     from pipeline.run import run_job
 

@@ -16,7 +16,7 @@ Variants alternate within each repeat; medians are reported. Random weights and 
 costs only, no acceptance (a trained drafter's acceptance with a reduced vocabulary is measured on
 real clips, not here).
 
-    python jobs/bench_draft_vocab.py [--device cuda] [--dtype bfloat16] [--batch-sizes 1,16,64]
+    python -m bench.draft_vocab [--device cuda] [--dtype bfloat16] [--batch-sizes 1,16,64]
                                      [--draft-vocabs 16384,32768,65536] [--block 5] [--threads N] [--out FILE]
 """
 
@@ -29,12 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from flash.drafter import DraftHead  # noqa: E402
-from flash.sampling import SamplingParams, seen_ids  # noqa: E402
+from flash.drafter import DraftHead
+from flash.sampling import SamplingParams, seen_ids
 
 HIDDEN, VOCAB = 3584, 152_064  # Qwen2.5-VL-7B-Instruct
 EOS_IDS = (151_645, 151_643)  # <|im_end|>, <|endoftext|>

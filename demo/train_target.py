@@ -1,13 +1,13 @@
 """Train a demo target from scratch on the CPU: a small Qwen2.5-VL (Hugging
 Face's class, 8 decoder layers) that learns to caption demo-world videos.
 
-    python jobs/train_demo_target.py [--world v1|v2] [--out DIR] [--steps N] [--batch B]
+    python -m demo.train_target [--world v1|v2] [--out DIR] [--steps N] [--batch B]
 
-World v1 (jobs/demo_world.py, short templated captions) trains models/demo-target; world v2
-(jobs/demo_world_v2.py, long time-ordered captions) trains models/demo-v2-target. Training clips
+World v1 (demo/world.py, short templated captions) trains models/demo-target; world v2
+(demo/world_v2.py, long time-ordered captions) trains models/demo-v2-target. Training clips
 use seeds >= 1,000,000; the held-out range is below that (the sample videos, tests and benchmarks
 use it). Evaluation decodes real H.264 files and reports exact-match captions and, for v2, the
-share of clauses right (jobs/demo_world_v2.clause_accuracy).
+share of clauses right (demo.world_v2.clause_accuracy).
 """
 
 from __future__ import annotations
@@ -19,16 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import BatchFeature  # noqa: E402
+import numpy as np
+import torch
+from transformers import BatchFeature
 
-import flash  # noqa: E402
-import jobs.demo_world_v2 as v2  # noqa: E402
-from flash.build import build_qwen2_5_vl  # noqa: E402
-from jobs.demo_world import (  # noqa: E402
+import flash
+import demo.world_v2 as v2
+from demo.tiny_models import build_qwen2_5_vl
+from demo.world import (
     FRAMES,
     PROMPT,
     SAMPLED_FRAMES,
@@ -39,7 +38,7 @@ from jobs.demo_world import (  # noqa: E402
     scene_for_seed,
     vocabulary,
 )
-from jobs.demo_world import clip_metadata as clip_metadata_v1  # noqa: E402
+from demo.world import clip_metadata as clip_metadata_v1
 
 TRAIN_SEED_START = 1_000_000
 TARGET_SIZES = dict(

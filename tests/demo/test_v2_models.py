@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 import flash
-from jobs import demo_world_v2 as v2
-from jobs.train_demo_target import evaluate
+from demo import world_v2 as v2
+from demo.train_target import evaluate
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 TARGET = MODELS / "demo-v2-target"
