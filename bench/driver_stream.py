@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime

@@ -20,19 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-
 import numpy as np
 import torch
 
 import flash
-from demo.tiny_models import build_qwen3_5, build_qwen3_vl
 from bench.oracle import OracleDrafter
+from demo.tiny_models import build_qwen3_5, build_qwen3_vl
 
 PROMPT = (
     "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video<|im_end|><|im_start|>assistant"

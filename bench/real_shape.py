@@ -21,11 +21,9 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import time
 from datetime import date
 from pathlib import Path
-
 
 import torch
 

@@ -40,18 +40,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import torch
 
 import flash
-from flash.lookup import PromptLookupDrafter
 from demo.world import (
     FRAMES,
     PROMPT,
@@ -63,6 +59,9 @@ from demo.world import (
     scene_for_seed,
     write_videos,
 )
+from flash.lookup import PromptLookupDrafter
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ["target", "hf_generate", "flash", "flash_adaptive", "flash_text_only", "prompt_lookup", "prompt_lookup_loop"]
 LOOP_METHODS = ("target", "flash", "flash_text_only", "flash_adaptive", "prompt_lookup_loop")  # flash.generate

@@ -6,11 +6,9 @@ python -m demo.make_videos --out DIR --count N --seed S [--world v2]
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-
-from demo import world as demo_world, world_v2 as demo_world_v2
+from demo import world as demo_world
+from demo import world_v2 as demo_world_v2
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
-
 
 import numpy as np
 import torch
 from transformers import BatchFeature
 
-import flash
 import demo.world_v2 as v2
+import flash
 from demo.tiny_models import build_qwen2_5_vl
 from demo.world import (
     FRAMES,

@@ -68,8 +68,8 @@ def test_world_v2_takes_its_own_models_prompt_frames_and_budget(tmp_path, monkey
         seen.update(vars(args))
         return {"rows": []}
 
-    monkeypatch.setattr(bench_speedup, "run", run)
-    monkeypatch.setattr(bench_speedup, "markdown", lambda report: "")
+    monkeypatch.setattr(speedup, "run", run)
+    monkeypatch.setattr(speedup, "markdown", lambda report: "")
     speedup.main(["--world", "v2", "--out", str(tmp_path / "r.json")])
     assert seen["model"].endswith("models/demo-v2-target") and seen["drafter"].endswith("models/demo-v2-drafter")
     assert seen["text_drafter"].endswith("models/demo-v2-drafter-text-only")

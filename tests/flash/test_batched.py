@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import flash
-from flash.lookup import PromptLookupDrafter
 from bench.oracle import OracleDrafter
+from flash.lookup import PromptLookupDrafter
 from tests.helpers import PROMPT_TEXTS, chat, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]

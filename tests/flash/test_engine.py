@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import flash
+from bench.oracle import OracleDrafter
 from flash.lookup import PromptLookupDrafter
 from tests.flash.test_batched import _batch
-from bench.oracle import OracleDrafter
 from tests.helpers import hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]

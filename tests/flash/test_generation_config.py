@@ -12,10 +12,10 @@ import torch
 from transformers import GenerationConfig
 
 import flash
+from bench.oracle import OracleDrafter
 from flash.lookup import PromptLookupDrafter
 from flash.sampling import SamplingParams, choose, mark_seen, penalize, seen_ids
 from tests.flash.test_batched import _batch
-from bench.oracle import OracleDrafter
 from tests.helpers import cases
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import flash
-from flash.lookup import _NO_TOKEN, PromptLookupDrafter
 from demo.world import PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
+from flash.lookup import _NO_TOKEN, PromptLookupDrafter
 
 TARGET = Path(__file__).resolve().parents[2] / "models" / "demo-target"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import flash
-from flash.policy import BlockPolicy, expected_tokens
 from bench.oracle import OracleDrafter
+from flash.policy import BlockPolicy, expected_tokens
 from tests.helpers import cases, hf_greedy
 
 

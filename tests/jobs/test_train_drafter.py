@@ -14,8 +14,8 @@ import torch
 
 import flash
 from actors.distill import row_to_example
-from flash.train import distill_example
 from demo.world import write_videos
+from flash.train import distill_example
 from jobs.train_drafter import build_config, build_distill_set, build_parser, latest_checkpoint, main
 from pipeline.checkpoints import checkpoint_digest
 from pipeline.config import load_config

@@ -19,8 +19,8 @@ from transformers.video_utils import VideoMetadata
 
 import flash
 from demo.tiny_models import QWEN2_5_VL_RELEASE_GENERATION, QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
-from jobs.caption_videos import build_config, build_parser
 from demo.world import encode_mp4, render, scene_for_seed
+from jobs.caption_videos import build_config, build_parser
 from pipeline.decode import decode_video
 from pipeline.run import run_job
 from tests.pipeline.common import new_bucket, read_output, s3_client
