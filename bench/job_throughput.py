@@ -23,16 +23,35 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+Captions = dict[str, str]  # video URI -> caption
+Run = tuple[str, int, int]  # (method, batch size, batches per actor)
+OTHER_SIDE = {"flash": "target", "target": "flash"}
 
 
-def _captions(folder: Path) -> dict[str, str]:
+def _captions(folder: Path) -> Captions:
     import pyarrow.parquet as pq
 
     table = pq.read_table(folder)
     return dict(zip(table.column("video_uri").to_pylist(), table.column("caption").to_pylist()))
 
 
-def main(argv: list[str] | None = None) -> None:
+def agreement(captions: Captions, reference: Captions) -> float:
+    """The fraction of clips, over those in either table, captioned the same in both (0.0 for two
+    empty tables: nothing was checked)."""
+    uris = captions.keys() | reference.keys()
+    return sum(captions.get(uri) == reference.get(uri) for uri in uris) / max(len(uris), 1)
+
+
+def identical_fractions(captions: dict[Run, Captions], reference_setting: tuple[int, int]) -> dict[Run, float]:
+    """Each run's agreement with the other side's run at `reference_setting`: a FLASH run is checked
+    against plain decoding and a plain run against FLASH, so no run is ever its own reference."""
+    return {
+        run: agreement(table, captions[(OTHER_SIDE[run[0]], *reference_setting)])
+        for run, table in captions.items()
+    }
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=96)
     p.add_argument("--model", default=str(ROOT / "models" / "demo-target"))
@@ -42,65 +61,83 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--cpus-per-decode", type=float, default=0.5)
     p.add_argument("--out", default="pipeline_report.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import ray
 
-    from demo.world import write_videos
+def _run_once(args: argparse.Namespace, videos: Path, out: Path, run: Run, drafter: str | None) -> dict:
+    """One whole job over `videos` into `out`; returns its row of the report."""
     from pipeline.config import load_config
     from pipeline.run import run_job
 
-    work = Path(tempfile.mkdtemp(prefix="flashcap-pipebench-"))
-    videos = work / "videos"
-    write_videos(videos, args.clips, seed=700)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    method, batch, in_flight = run
+    config = load_config(
+        input=str(videos),
+        output=str(out),
+        model=args.model,
+        drafter=drafter,
+        batch_size=batch,
+        batches_per_actor=in_flight,
+        cpus_per_actor=args.cpus_per_actor,
+        cpus_per_decode=args.cpus_per_decode,
+        report=False,
+    )
+    report = run_job(config, log=lambda line: None)
+    return {
+        "method": method,
+        "batch_size": batch,
+        "batches_per_actor": in_flight,
+        "clips_per_s": report["steady_clips_per_s"],
+        "tokens_per_s": report["steady_tokens_per_s"],
+        "wall_clips_per_s": report["clips_per_s"],
+        "errors": report["errors"],
+        "mean_acceptance_length": report["mean_acceptance_length"],
+    }
+
+
+def _measure(
+    args: argparse.Namespace, settings: list[tuple[int, int]], work: Path, videos: Path
+) -> tuple[list[dict], dict[Run, Captions]]:
+    """Every setting on both sides, alternating which side goes first; the rows and their captions."""
     rows, captions = [], {}
     sides = [("flash", args.drafter), ("target", None)]
-    settings = [(int(b), int(n)) for b in args.batch_sizes.split(",") for n in args.batches_per_actor.split(",")]
     for i, (batch, in_flight) in enumerate(settings):
         for method, drafter in sides if i % 2 == 0 else sides[::-1]:  # alternate which side goes first
             out = work / f"captions-{method}-{batch}-{in_flight}"
-            config = load_config(
-                input=str(videos),
-                output=str(out),
-                model=args.model,
-                drafter=drafter,
-                batch_size=batch,
-                batches_per_actor=in_flight,
-                cpus_per_actor=args.cpus_per_actor,
-                cpus_per_decode=args.cpus_per_decode,
-                report=False,
-            )
-            report = run_job(config, log=lambda line: None)
+            rows.append(_run_once(args, videos, out, (method, batch, in_flight), drafter))
             captions[(method, batch, in_flight)] = _captions(out)
-            rows.append(
-                {
-                    "method": method,
-                    "batch_size": batch,
-                    "batches_per_actor": in_flight,
-                    "clips_per_s": report["steady_clips_per_s"],
-                    "tokens_per_s": report["steady_tokens_per_s"],
-                    "wall_clips_per_s": report["clips_per_s"],
-                    "errors": report["errors"],
-                    "mean_acceptance_length": report["mean_acceptance_length"],
-                }
-            )
             print(json.dumps(rows[-1]), flush=True)
-    ray.shutdown()
+    return rows, captions
 
-    reference = captions[("target", *settings[0])]
-    for row in rows:
-        same = [
-            captions[(row["method"], row["batch_size"], row["batches_per_actor"])].get(uri) == text
-            for uri, text in reference.items()
-        ]
-        row["identical"] = sum(same) / len(same)
+
+def _best(rows: list[dict]) -> dict[str, dict]:
+    """Each method's fastest row among those whose captions are identical to the other side's."""
     best = {}
     for row in rows:
         if row["identical"] == 1.0 and row["clips_per_s"] > best.get(row["method"], {}).get("clips_per_s", 0):
             best[row["method"]] = {
                 k: row[k] for k in ("batch_size", "batches_per_actor", "clips_per_s", "tokens_per_s")
             }
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    import ray
+
+    from demo.world import write_videos
+
+    work = Path(tempfile.mkdtemp(prefix="flashcap-pipebench-"))
+    videos = work / "videos"
+    write_videos(videos, args.clips, seed=700)
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    settings = [(int(b), int(n)) for b in args.batch_sizes.split(",") for n in args.batches_per_actor.split(",")]
+    rows, captions = _measure(args, settings, work, videos)
+    ray.shutdown()
+
+    identical = identical_fractions(captions, settings[0])
+    for row in rows:
+        row["identical"] = identical[(row["method"], row["batch_size"], row["batches_per_actor"])]
+    best = _best(rows)
     result = {
         "date": date.today().isoformat(),
         "clips": args.clips,
