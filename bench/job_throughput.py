@@ -46,8 +46,7 @@ def identical_fractions(captions: dict[Run, Captions], reference_setting: tuple[
     """Each run's agreement with the other side's run at `reference_setting`: a FLASH run is checked
     against plain decoding and a plain run against FLASH, so no run is ever its own reference."""
     return {
-        run: agreement(table, captions[(OTHER_SIDE[run[0]], *reference_setting)])
-        for run, table in captions.items()
+        run: agreement(table, captions[(OTHER_SIDE[run[0]], *reference_setting)]) for run, table in captions.items()
     }
 
 
