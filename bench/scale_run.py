@@ -21,6 +21,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import CaptionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,18 +33,9 @@ def _rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objects", type=int, default=10_000)
-    p.add_argument("--out")
-    args = p.parse_args(argv)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+def _start_s3_server() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free local port, with the bucket `scale` made; the process and its URL."""
     import boto3
-    import ray
-
-    from demo.world import encode_mp4, render, scene_for_seed
-    from pipeline.config import load_config
-    from pipeline.run import run_job
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,6 +52,16 @@ def main(argv: list[str] | None = None) -> None:
             break
         except Exception:  # noqa: BLE001 - the server is still starting
             time.sleep(0.2)
+    return server, endpoint
+
+
+def _upload(endpoint: str, objects: int) -> float:
+    """`objects` copies of 16 demo clips under distinct keys in 100 sub-prefixes; the seconds it took."""
+    import boto3
+
+    from demo.world import encode_mp4, render, scene_for_seed
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
     clips = [encode_mp4(render(scene_for_seed(seed))) for seed in range(9000, 9016)]
     started = time.time()
     with ThreadPoolExecutor(8) as pool:
@@ -65,10 +70,47 @@ def main(argv: list[str] | None = None) -> None:
                 lambda i: s3.put_object(
                     Bucket="scale", Key=f"clips/{i % 100:02d}/{i:06d}.mp4", Body=clips[i % len(clips)]
                 ),
-                range(args.objects),
+                range(objects),
             )
         )
-    uploaded_s = time.time() - started
+    return time.time() - started
+
+
+def _run_sampling_rss(config: CaptionConfig) -> tuple[dict, float, list[tuple[float, float]]]:
+    """The job run once with the driver's RSS sampled every second: its report, its seconds, and the
+    samples as (seconds into the run, driver RSS MB)."""
+    from pipeline.run import run_job
+
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+    started = time.time()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            samples.append((time.time() - started, _rss_mb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    report = run_job(config, log=lambda line: print(line, flush=True))
+    run_s = time.time() - started
+    stop.set()
+    sampler.join()
+    return report, run_s, samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objects", type=int, default=10_000)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.run import run_job
+
+    server, endpoint = _start_s3_server()
+    uploaded_s = _upload(endpoint, args.objects)
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     config = load_config(
         input="s3://scale/clips/",
@@ -80,21 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         cpus_per_decode=0.5,
         report=False,
     )
-    samples: list[tuple[float, float]] = []  # (seconds into the run, driver RSS MB)
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(1.0):
-            samples.append((time.time() - started, _rss_mb()))
-
     rss_before_run = _rss_mb()
-    started = time.time()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    report = run_job(config, log=lambda line: print(line, flush=True))
-    run_s = time.time() - started
-    stop.set()
-    sampler.join()
+    report, run_s, samples = _run_sampling_rss(config)
     quarter = max(1, len(samples) // 4)
     again = run_job(config, log=lambda line: None)
     result = {
