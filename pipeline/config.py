@@ -4,6 +4,7 @@ any cluster work starts. Built from a YAML file and/or command-line flags
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,9 +157,9 @@ class CaptionConfig(BaseModel):
     @classmethod
     def _uri(cls, value: str) -> str:
         if "://" in value and not value.startswith("s3://"):
-            raise ValueError(f"{value!r}: only s3:// URIs and local paths are supported")
+            raise ValueError(f"{redact(value)!r}: only s3:// URIs and local paths are supported")
         if value.startswith("s3://") and len(value) <= len("s3://"):
-            raise ValueError(f"{value!r}: an s3:// URI needs a bucket")
+            raise ValueError(f"{redact(value)!r}: an s3:// URI needs a bucket")
         return value
 
     @field_validator("model", "drafter")
@@ -175,7 +176,7 @@ class CaptionConfig(BaseModel):
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"{value!r}: the S3 endpoint must be an http:// or https:// URL")
+            raise ValueError(f"{redact(value)!r}: the S3 endpoint must be an http:// or https:// URL")
         return value
 
     @model_validator(mode="after")
@@ -196,12 +197,33 @@ class CaptionConfig(BaseModel):
         return "\n".join(f"  {name}: {redact(getattr(self, name))!r}" for name in type(self).model_fields)
 
 
+# user:password@ (or a token@) right after a URL's scheme: up to the last "@" before the path.
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s\"'<>@]*(?:@[^/?#\s\"'<>@]*)*@")
+# Credentials passed as parameters: presigned S3 URLs (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token, AWSAccessKeyId, Signature), SAS tokens (sig), tokens, passwords, keys; in a
+# query string or an Authorization header ("Credential=..., Signature=...").
+# A name counts by its ending ("X-Amz-Security-Token", "access_token"), so "max_new_tokens=" does not.
+_SECRET_PARAM = re.compile(
+    r"(?P<name>(?:^|(?<=[?&;,\s]))(?:[\w.-]*(?:signature|credential|token|password|passwd|secret|accesskeyid|"
+    r"access_key|apikey|api_key)|sig|pwd|key|auth))=[^&;,\s\"'<>#]*",
+    re.IGNORECASE,
+)
+
+
 def redact(value: Any) -> Any:
-    """A URL's user:password part is replaced, so no secret from a config value reaches a log or report."""
-    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = value.split("://", 1)
-        host = rest.split("/", 1)
-        return f"{scheme}://***@{host[0].rsplit('@', 1)[1]}" + (f"/{host[1]}" if len(host) > 1 else "")
+    """`value` with every secret a URL can carry replaced by "***": user:password@ and credentials in
+    query strings (presigned URLs, tokens); strings anywhere in dicts, lists and tuples too. Used on
+    every config value, error message, report and error row before it is logged or written."""
+    if isinstance(value, str):
+        if "@" in value:
+            value = _USERINFO.sub(r"\g<scheme>***@", value)
+        if "=" in value:
+            value = _SECRET_PARAM.sub(r"\g<name>=***", value)
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
     return value
 
 
@@ -224,4 +246,4 @@ def load_config(path: str | None = None, **overrides: Any) -> CaptionConfig:
         return CaptionConfig(**data)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ValueError(f"invalid configuration: {problems}") from None
+        raise ValueError(redact(f"invalid configuration: {problems}")) from None

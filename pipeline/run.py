@@ -3,9 +3,14 @@
     list objects -> read + decode (CPU tasks) -> caption actors (pool) -> driver -> Parquet parts
 
 The driver consumes rows as they stream out, writes them in Parquet parts
-(whole parts only) and aggregates throughput. Before anything runs on the
-cluster it reads what the output already holds, so a rerun captions only new
-or changed objects and a row is never written twice.
+(whole parts only) and aggregates throughput. It is the only writer: blocks
+are read in a thread of their own and handed over, so the driver also wakes
+when no block comes and writes buffered rows `flush_seconds` after the oldest
+of them arrived. Before anything runs on the cluster it reads what the output
+already holds, so a rerun captions only new or changed objects and a row is
+never written twice. Every log line, error row and report passes through
+`redact`: no user:password@ or presigned credential from an error message
+reaches them.
 
 Every listed object ends as exactly one row (a caption or an error):
 - a dead actor or task is restarted and its work retried by Ray Data; the
@@ -22,19 +27,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 
 from pipeline.config import DEFAULT_MAX_FRAMES, DEFAULT_NUM_FRAMES, CaptionConfig, redact
-from pipeline.plan import make_plan
+from pipeline.plan import Plan, make_plan
 from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject
 from pipeline.throughput import Throughput
 
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_SCHEMA]
+T = TypeVar("T")
 
 
 class JobIncomplete(RuntimeError):
@@ -83,7 +93,8 @@ class KeySet:
 
 
 class PartWriter:
-    """Buffers rows and writes them as Parquet parts; never writes a (uri, etag) key twice."""
+    """Buffers rows and writes them as Parquet parts; never writes a (uri, etag) key twice. Rows are
+    written when `flush_rows` are buffered or `flush_seconds` after the oldest of them arrived."""
 
     def __init__(self, store: OutputStore, run_id: str, flush_rows: int, flush_seconds: float) -> None:
         self.store, self.run_id = store, run_id
@@ -93,25 +104,84 @@ class PartWriter:
         self.parts: list[str] = []
         self.rows_written = 0
         self.duplicates_dropped = 0
-        self._last_flush = time.time()
+        self._oldest: float | None = None  # time.monotonic() when the oldest buffered row arrived
 
     def add(self, rows: list[dict]) -> None:
         for r in rows:
             if not self.known.add((r["video_uri"], r["etag"])):
                 self.duplicates_dropped += 1
                 continue
-            self.buffer.append({c: r[c] for c in OUTPUT_COLUMNS})
-        if len(self.buffer) >= self.flush_rows or time.time() - self._last_flush >= self.flush_seconds:
+            row = {c: r[c] for c in OUTPUT_COLUMNS}
+            if row["error"]:  # errors quote what failed: URLs, with credentials if the input had any
+                row["error"] = redact(row["error"])
+            self.buffer.append(row)
+        if self.buffer and self._oldest is None:
+            self._oldest = time.monotonic()
+        if len(self.buffer) >= self.flush_rows:
+            self.flush()
+        else:
+            self.flush_if_due()
+
+    def wait_s(self) -> float | None:
+        """Seconds until the buffered rows are due to be written; None with nothing buffered."""
+        if self._oldest is None:
+            return None
+        return max(0.0, self._oldest + self.flush_seconds - time.monotonic())
+
+    def flush_if_due(self) -> None:
+        if self.wait_s() == 0.0:
             self.flush()
 
     def flush(self) -> None:
-        self._last_flush = time.time()
+        self._oldest = None
         if not self.buffer:
             return
         name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
         self.parts.append(self.store.write_part(self.buffer, name))
         self.rows_written += len(self.buffer)
         self.buffer = []
+
+
+def timed(items: Iterable[T], wait_s: Callable[[], float | None]) -> Iterator[T | None]:
+    """The items of `items`, read in a thread of its own, and None whenever none came within wait_s()
+    seconds (None from wait_s: wait as long as it takes). What `items` raises is raised here. The
+    reader stays at most one item ahead and stops once the consumer does."""
+    handed: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand(message: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                handed.put(message, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in items:
+                if not hand(("item", item)):
+                    return
+            hand(("end", None))
+        except BaseException as err:  # handed over, raised in the consumer
+            hand(("error", err))
+
+    threading.Thread(target=read, name="flashcap-blocks", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = handed.get(timeout=wait_s())
+            except queue.Empty:
+                yield None
+                continue
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        stop.set()
 
 
 def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3Settings, ledger=None, actor=None):
@@ -182,104 +252,157 @@ def with_checkpoint_defaults(config: CaptionConfig, settings: S3Settings) -> Cap
     return config.model_copy(update=update)
 
 
+@dataclass
+class Rounds:
+    """What the rounds of a run did."""
+
+    count: int = 0
+    missing: int = 0  # videos without a row after the last round
+    errors: list[str] = field(default_factory=list)  # why each round that stopped early stopped
+    crashes: dict = field(default_factory=lambda: {"worker_crashes": {}, "crashed_videos": [], "lost_with_node": 0})
+
+
 def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     """Caption everything under config.input not yet in config.output. Ray must be initialised.
 
     Raises StorageError for permanent storage problems (before any model loads when they are there
     from the start) and JobIncomplete if videos are still without a row after config.max_rounds.
     """
-    import ray.data
-
-    from pipeline.ledger import start_ledger
-
+    log = _redacting(log)
     settings = S3Settings(config.s3_endpoint, config.s3_region, config.s3_max_attempts, config.s3_timeout_s)
     config = with_checkpoint_defaults(config, settings)
     store = OutputStore(config.output, settings)
     # Storage problems surface here, before any model loads.
     plan = make_plan(config, settings)
     if config.dry_run:
-        log(json.dumps(plan.summary()))
-        return plan.summary()
-    todo = plan.todo
-    source = redact(config.manifest) if config.manifest else f"under {redact(config.input)}"
+        summary = redact(plan.summary())
+        log(json.dumps(summary))
+        return summary
+    source = config.manifest if config.manifest else f"under {config.input}"
     log(
         f"[flashcap] {plan.listed} videos {source}: {plan.already_done} already captioned, "
         f"{plan.to_caption} to caption" + (f" ({plan.to_retry} of them retries)" if plan.to_retry else "")
     )
-
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     writer = PartWriter(store, run_id, config.flush_rows, config.flush_seconds)
     tracker = Throughput(plan.to_caption)
-    remaining, missing, rounds, round_errors, ledger = todo, plan.to_caption, 0, [], None
-    if missing:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = False
-        ledger = start_ledger()
-    while missing and rounds < config.max_rounds:
-        rounds += 1
-        try:
-            for batch in _build_dataset(config, remaining, settings, ledger).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
-                rows = batch.to_pylist()
-                writer.add(rows)
-                tracker.add(rows)
-                line = tracker.maybe_line()
-                if line:
-                    log(line)
-        except StorageError:  # the output cannot be written: stop (a rerun resumes from what was written)
-            raise
-        except Exception as err:  # the cluster lost work it could not retry: run again on what is missing
-            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
-            round_errors.append(message)
-            log(f"[flashcap] round {rounds} stopped early: {message}")
-        writer.flush()
-        if isinstance(remaining, list):
-            remaining = [o for o in remaining if (o.uri, o.etag) not in writer.known]
-            missing = len(remaining)
-        else:  # a Ray Data plan: plan again against the output as it is now
-            again = make_plan(config.model_copy(update={"retry_errors": False}), settings)
-            remaining, missing = again.todo, again.to_caption
-        if missing and rounds < config.max_rounds:
-            log(f"[flashcap] {missing} videos without a row; round {rounds + 1} starts")
+    rounds = _run_rounds(config, settings, plan, writer, tracker, log)
     if plan.to_caption:
         log(tracker.line())
-
-    crashes = (
-        ray.get(ledger.summary.remote())
-        if ledger is not None
-        else {"worker_crashes": {}, "crashed_videos": [], "lost_with_node": 0}
-    )
-    report = tracker.report(
-        run_id=run_id,
-        input=redact(config.input),
-        output=redact(config.output),
-        listed=plan.listed,
-        already_done=plan.already_done,
-        expected_rows=plan.to_caption,
-        retried=plan.to_retry,
-        rows_written=writer.rows_written,
-        missing=missing,
-        duplicates_dropped=writer.duplicates_dropped,
-        rounds=rounds,
-        round_errors=round_errors,
-        worker_crashes=crashes["worker_crashes"],
-        videos_in_flight_at_a_crash=len(crashes["crashed_videos"]),
-        videos_lost_with_a_node=crashes["lost_with_node"],
-        parts=writer.parts,
-        model=config.model,
-        drafter=config.drafter,
-        finished_at=datetime.now(UTC).isoformat(),
-    )
+    report = _report(config, plan, run_id, writer, tracker, rounds)
     if config.report:
         store.write_bytes(f"_report-{run_id}.json", json.dumps(report, indent=2, default=str).encode())
         store.write_bytes(f"_throughput-{run_id}.png", tracker.chart_png())
-    if ledger is not None:
-        ray.kill(ledger)
-    if missing:
+    if rounds.missing:
         raise JobIncomplete(
-            f"{missing} of {plan.to_caption} videos have no row after {rounds} rounds (last: {round_errors[-1]}); "
+            f"{rounds.missing} of {plan.to_caption} videos have no row after {rounds.count} rounds "
+            f"(last: {rounds.errors[-1]}); "
             "rerun the same command to finish them: rows already written are kept and never duplicated"
         )
     return report
+
+
+def _redacting(log: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda line: log(redact(line))
+
+
+def _run_rounds(
+    config: CaptionConfig,
+    settings: S3Settings,
+    plan: Plan,
+    writer: PartWriter,
+    tracker: Throughput,
+    log: Callable[[str], None],
+) -> Rounds:
+    """Caption what the plan left to do, in rounds: each round runs again on what the one before left
+    without a row (the cluster lost work it could not retry), up to config.max_rounds."""
+    import ray
+    import ray.data
+
+    from pipeline.ledger import start_ledger
+
+    rounds = Rounds(missing=plan.to_caption)
+    if not rounds.missing:
+        return rounds
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    ledger = start_ledger()
+    try:
+        remaining = plan.todo
+        while rounds.missing and rounds.count < config.max_rounds:
+            rounds.count += 1
+            error = _run_round(_build_dataset(config, remaining, settings, ledger), writer, tracker, log)
+            if error:
+                rounds.errors.append(error)
+                log(f"[flashcap] round {rounds.count} stopped early: {error}")
+            writer.flush()
+            remaining, rounds.missing = _still_missing(config, settings, remaining, writer)
+            if rounds.missing and rounds.count < config.max_rounds:
+                log(f"[flashcap] {rounds.missing} videos without a row; round {rounds.count + 1} starts")
+        if ledger is not None:
+            rounds.crashes = ray.get(ledger.summary.remote())
+    finally:
+        if ledger is not None:
+            ray.kill(ledger)
+    return rounds
+
+
+def _run_round(dataset, writer: PartWriter, tracker: Throughput, log: Callable[[str], None]) -> str | None:
+    """Stream the dataset's rows into the writer and the tracker; None, or why the round stopped early
+    (the cluster lost work it could not retry). The driver also wakes when buffered rows are due."""
+    try:
+        for batch in timed(dataset.iter_batches(batch_size=None, batch_format="pyarrow"), writer.wait_s):
+            if batch is None:  # no block came in time: write what waited flush_seconds
+                writer.flush_if_due()
+                continue
+            rows = batch.to_pylist()
+            writer.add(rows)
+            tracker.add(rows)
+            line = tracker.maybe_line()
+            if line:
+                log(line)
+    except StorageError:  # the output cannot be written: stop (a rerun resumes from what was written)
+        raise
+    except Exception as err:  # the cluster lost work it could not retry: run again on what is missing
+        return redact(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500])
+    return None
+
+
+def _still_missing(config: CaptionConfig, settings: S3Settings, remaining, writer: PartWriter) -> tuple[object, int]:
+    """(what is still without a row, how many) after a round."""
+    if isinstance(remaining, list):
+        remaining = [o for o in remaining if (o.uri, o.etag) not in writer.known]
+        return remaining, len(remaining)
+    # a Ray Data plan: plan again against the output as it is now
+    again = make_plan(config.model_copy(update={"retry_errors": False}), settings)
+    return again.todo, again.to_caption
+
+
+def _report(
+    config: CaptionConfig, plan: Plan, run_id: str, writer: PartWriter, tracker: Throughput, rounds: Rounds
+) -> dict:
+    """The run's report (redacted: it is written beside the output and printed)."""
+    return redact(
+        tracker.report(
+            run_id=run_id,
+            input=config.input,
+            output=config.output,
+            listed=plan.listed,
+            already_done=plan.already_done,
+            expected_rows=plan.to_caption,
+            retried=plan.to_retry,
+            rows_written=writer.rows_written,
+            missing=rounds.missing,
+            duplicates_dropped=writer.duplicates_dropped,
+            rounds=rounds.count,
+            round_errors=rounds.errors,
+            worker_crashes=rounds.crashes["worker_crashes"],
+            videos_in_flight_at_a_crash=len(rounds.crashes["crashed_videos"]),
+            videos_lost_with_a_node=rounds.crashes["lost_with_node"],
+            parts=writer.parts,
+            model=config.model,
+            drafter=config.drafter,
+            finished_at=datetime.now(UTC).isoformat(),
+        )
+    )

@@ -69,10 +69,14 @@ _TRANSIENT_CODES = {
 
 
 def _explain(err: Exception, what: str) -> StorageError:
+    """The failure as a StorageError whose message says what failed, with no secret in it: botocore
+    quotes the endpoint URL (user:password@ included) and presigned URLs in its messages."""
+    from pipeline.config import redact
+
     response = getattr(err, "response", None) or {}
     code = response.get("Error", {}).get("Code", type(err).__name__)
     message = response.get("Error", {}).get("Message", str(err))
-    failure = StorageError(f"cannot {what}: {code}: {message}")
+    failure = StorageError(redact(f"cannot {what}: {code}: {message}"))
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     # Throttling, 5xx and lost connections can pass; 403, 404 and their kind cannot.
     failure.transient = code in _TRANSIENT_CODES or status >= 500 or status == 429 or not response
