@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -192,12 +193,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, embedded = build_config(args)
     except ValueError as err:
-        print(f"[flashcap] {err}", file=sys.stderr)
+        _say(err)
         return 2
 
-    import ray
-
     from pipeline.run import run_job
+
+    _init_ray()
+    from pipeline.run import JobIncomplete
+    from pipeline.storage import StorageError
+
+    try:
+        report = run_job(config, log=(lambda line: print(line, file=sys.stderr)) if config.dry_run else print)
+    except StorageError as err:  # permanent storage problems: say what, before any model loads
+        _say(err)
+        return 3
+    except JobIncomplete as err:  # the cluster kept losing work: what was written stays; a rerun finishes
+        _say(err)
+        return 4
+    except Exception:  # anything else: its traceback, as Python would print it, with no secret in it
+        _say(traceback.format_exc().rstrip())
+        return 1
+    if config.dry_run:  # the plan, as one JSON line last; no model was loaded
+        print(json.dumps(report))
+        return 0
+    _print_summary(config, report, embedded, args.demo_world)
+    return 0
+
+
+def _say(message: object) -> None:
+    """An error for the user, on stderr, redacted: storage errors quote URLs, credentials included."""
+    from pipeline.config import redact
+
+    print(f"[flashcap] {redact(str(message))}", file=sys.stderr)
+
+
+def _init_ray() -> None:
+    import ray
 
     if ray.is_initialized():  # called from a process that already holds a Ray (a notebook, a test)
         pass
@@ -205,20 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.init()
     else:  # a local Ray bound to loopback
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    from pipeline.run import JobIncomplete
-    from pipeline.storage import StorageError
 
-    try:
-        report = run_job(config, log=(lambda line: print(line, file=sys.stderr)) if config.dry_run else print)
-    except StorageError as err:  # permanent storage problems: say what, before any model loads
-        print(f"[flashcap] {err}", file=sys.stderr)
-        return 3
-    except JobIncomplete as err:  # the cluster kept losing work: what was written stays; a rerun finishes
-        print(f"[flashcap] {err}", file=sys.stderr)
-        return 4
-    if config.dry_run:  # the plan, as one JSON line last; no model was loaded
-        print(json.dumps(report))
-        return 0
+
+def _print_summary(config: CaptionConfig, report: dict, embedded: bool, demo_world: str) -> None:
+    """The report's headline numbers as JSON, and for the embedded default how close the captions came."""
+    from pipeline.config import redact
+
     keys = (
         "clips",
         "errors",
@@ -235,16 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: report[k] for k in keys}
     summary["sample_captions_exact"] = None  # only the embedded default knows the true captions
     if embedded:
-        videos = DEMO_V2["videos"] if args.demo_world == "v2" else SAMPLE_VIDEOS
+        videos = DEMO_V2["videos"] if demo_world == "v2" else SAMPLE_VIDEOS
         exact, total = sample_captions_exact(config, videos)
         print(f"[flashcap] {exact} of {total} captions equal the sample's captions.jsonl")
         summary["sample_captions_exact"] = exact
-        if args.demo_world == "v2":
+        if demo_world == "v2":
             summary["sample_clause_accuracy"] = sample_clause_accuracy(config, videos)
             print(f"[flashcap] clauses right: {summary['sample_clause_accuracy']:.1%}")
-    print(json.dumps(summary, indent=2))
-    print(f"[flashcap] captions in {config.output}")
-    return 0
+    print(json.dumps(redact(summary), indent=2))
+    print(f"[flashcap] captions in {redact(config.output)}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from jobs.caption_videos import build_config, build_parser, parse_args
+from jobs.caption_videos import build_config, build_parser, main, parse_args
 from pipeline.config import CaptionConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,3 +94,59 @@ def test_demo_world_v2_has_its_own_samples_models_and_budget(tmp_path, monkeypat
     assert config.output == str((tmp_path / "out" / "captions_v2").resolve())
     records = [json.loads(line) for line in (tmp_path / "out" / "sample_videos_v2" / "captions.jsonl").open()]
     assert len(records) == 12 and records[0]["caption"] == demo_world_v2.clip_for_seed(0).caption()
+
+
+PASSWORD = "pa55-W0RD-not-for-logs"
+
+
+def test_unreachable_endpoint_with_a_password_says_what_failed_without_it(tmp_path):
+    """`--s3-endpoint http://admin:PASSWORD@host:port` with nothing listening: botocore quotes the URL."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "model").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        AWS_ACCESS_KEY_ID="flashcap-test", AWS_SECRET_ACCESS_KEY="flashcap-test-secret", AWS_DEFAULT_REGION="us-east-1"
+    )
+    endpoint = f"http://admin:{PASSWORD}@127.0.0.1:{port}"
+    argv = ["--input", str(tmp_path / "in"), "--output", "s3://bucket/out/", "--model", str(tmp_path / "model")]
+    argv += ["--s3-endpoint", endpoint, "--s3-max-attempts", "1", "--s3-timeout-s", "5", "--num-frames", "4"]
+    argv += ["--max-frames", "8"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "caption_videos.py"), *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-3000:]
+    assert "[flashcap] cannot list the output s3://bucket/out: EndpointConnectionError" in result.stderr, output[-3000:]
+    assert 'Could not connect to the endpoint URL: "http://***@127.0.0.1:' in result.stderr
+    assert PASSWORD not in output
+
+
+def test_a_bad_endpoint_with_a_password_is_reported_without_it(dirs, capsys):
+    assert main([*dirs, "--s3-endpoint", f"ftp://admin:{PASSWORD}@minio.example.com"]) == 2
+    err = capsys.readouterr().err
+    assert "ftp://***@minio.example.com" in err and "must be an http:// or https:// URL" in err
+    assert PASSWORD not in err
+
+
+def test_an_unexpected_error_prints_its_traceback_without_secrets(dirs, capsys, monkeypatch):
+    import ray
+
+    import pipeline.run
+
+    def fails(config, log):
+        raise RuntimeError(f"GET https://b.s3.amazonaws.com/m?X-Amz-Signature={PASSWORD} failed")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started
+    monkeypatch.setattr(pipeline.run, "run_job", fails)
+    assert main(dirs) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: GET https://b.s3.amazonaws.com/m?X-Amz-Signature=*** failed" in err
+    assert PASSWORD not in err

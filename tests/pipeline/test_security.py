@@ -52,7 +52,72 @@ def test_output_names_cannot_leave_the_prefix(tmp_path, name):
     assert not (tmp_path / "escape.parquet").exists()
 
 
-def test_user_and_password_in_urls_are_redacted():
-    assert redact("https://alice:s3cr3t@minio.example.com:9000/bucket") == "https://***@minio.example.com:9000/bucket"
-    assert redact("https://minio.example.com") == "https://minio.example.com"
-    assert redact("s3://bucket/prefix/") == "s3://bucket/prefix/"
+PRESIGNED = (
+    "https://b.s3.amazonaws.com/clips/a.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20250101"
+    "%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20250101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+    "&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLE&X-Amz-Signature=0123abcd"
+)
+PRESIGNED_REDACTED = (
+    "https://b.s3.amazonaws.com/clips/a.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***"
+    "&X-Amz-Date=20250101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+    "&X-Amz-Security-Token=***&X-Amz-Signature=***"
+)
+
+
+@pytest.mark.parametrize(
+    "text, redacted",
+    [
+        ("https://alice:s3cr3t@minio.example.com:9000/bucket", "https://***@minio.example.com:9000/bucket"),
+        ("http://admin:p@ss@10.0.0.1:9000", "http://***@10.0.0.1:9000"),  # an "@" in the password
+        ("http://token@host/x?a=1", "http://***@host/x?a=1"),
+        (
+            'Could not connect to the endpoint URL: "http://admin:PASSWORD@127.0.0.1:9/b?list-type=2&prefix=out%2F"',
+            'Could not connect to the endpoint URL: "http://***@127.0.0.1:9/b?list-type=2&prefix=out%2F"',
+        ),
+        (PRESIGNED, PRESIGNED_REDACTED),
+        (
+            "https://b.s3.amazonaws.com/k.mp4?AWSAccessKeyId=AKIAEXAMPLE&Expires=1700000000&Signature=abc%2Bdef",
+            "https://b.s3.amazonaws.com/k.mp4?AWSAccessKeyId=***&Expires=1700000000&Signature=***",
+        ),
+        ("https://h/v.mp4?sv=2022-11-02&sig=AbC%3D&se=2025", "https://h/v.mp4?sv=2022-11-02&sig=***&se=2025"),
+        ("https://h/x?token=t0k&password=pw&page=2", "https://h/x?token=***&password=***&page=2"),
+        (
+            "Authorization: AWS4-HMAC-SHA256 Credential=AKIA/20250101/us-east-1/s3/aws4_request, "
+            "SignedHeaders=host, Signature=0123",
+            "Authorization: AWS4-HMAC-SHA256 Credential=***, SignedHeaders=host, Signature=***",
+        ),
+        ("https://minio.example.com", "https://minio.example.com"),
+        ("s3://bucket/prefix/", "s3://bucket/prefix/"),
+        ("s3://bucket/clips/a@b.mp4", "s3://bucket/clips/a@b.mp4"),  # an "@" in a key is no user
+        ("/data/clips/user@host/a=1.mp4", "/data/clips/user@host/a=1.mp4"),
+        ("max_new_tokens=512 num_tokens=3", "max_new_tokens=512 num_tokens=3"),
+        ("decode failed: 0 bytes", "decode failed: 0 bytes"),
+    ],
+)
+def test_redact(text, redacted):
+    assert redact(text) == redacted
+
+
+def test_redact_reaches_into_reports_and_leaves_other_values():
+    report = {"round_errors": ["x http://u:pw@h/ y"], "parts": ("s3://b/p.parquet",), "rows": 3, "drafter": None}
+    assert redact(report) == {
+        "round_errors": ["x http://***@h/ y"],
+        "parts": ("s3://b/p.parquet",),
+        "rows": 3,
+        "drafter": None,
+    }
+
+
+def test_storage_errors_say_what_failed_without_the_password():
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.storage import _explain
+
+    err = _explain(
+        EndpointConnectionError(endpoint_url="http://admin:PASSWORD@127.0.0.1:9/b?list-type=2"), "list s3://b/"
+    )
+    assert str(err) == (
+        "cannot list s3://b/: EndpointConnectionError: "
+        'Could not connect to the endpoint URL: "http://***@127.0.0.1:9/b?list-type=2"'
+    )
+    assert err.transient
