@@ -5,6 +5,7 @@ transient errors are planned again only with --retry-errors; old outputs count a
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -12,9 +13,9 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.plan import make_plan, plan_on_driver, plan_with_ray, read_manifest
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject
+from pipeline.config import VIDEO_PATTERNS, load_config
+from pipeline.plan import make_plan, plan_on_driver, plan_with_ray
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject, list_videos, read_manifest
 
 
 def _row(uri: str, etag: str, error: str = "", kind: str | None = None) -> dict:
@@ -95,7 +96,7 @@ def test_manifests_in_every_layout(ray_local, world, tmp_path):
     pq.write_table(inventory, tmp_path / "inventory.parquet")
     want = plan_on_driver(objects, store, retry_errors=False).summary()
     for manifest in ("m.parquet", "m.csv", "inventory.parquet"):
-        rows = read_manifest(str(tmp_path / manifest), S3Settings()).take_all()
+        rows = read_manifest(str(tmp_path / manifest), VIDEO_PATTERNS, S3Settings()).take_all()
         assert sorted({(r["video_uri"], r["etag"]) for r in rows}) == sorted((o.uri, o.etag) for o in objects)
     config = load_config(
         manifest=str(tmp_path / "inventory.parquet"), output=store.uri, model="models/demo-target", dry_run=True
@@ -150,15 +151,15 @@ def test_the_writers_key_set_is_a_set(monkeypatch):
     assert keys.add(zero) and not keys.add(zero)
     for i in range(10):
         keys.add((f"s3://b/after{i}.mp4", "e"))
-    assert zero not in keys._recent and zero in keys and not keys.add(zero)
+    # Merged: its digest left the recent set, so the lookup below goes through the sorted array.
+    assert KeySet.digest(zero) not in keys._recent and zero in keys and not keys.add(zero)
 
 
 def test_listing_fans_out_over_prefixes_and_finds_what_a_sequential_listing_finds(
     ray_local, s3_server, tmp_path, monkeypatch
 ):
     import pipeline.plan
-    from pipeline.plan import list_input
-    from pipeline.storage import list_videos, listing_shards
+    from pipeline.storage import list_input, listing_shards
     from tests.pipeline.common import new_bucket, s3_client
 
     bucket, s3 = new_bucket(s3_server), s3_client(s3_server)
@@ -167,20 +168,133 @@ def test_listing_fans_out_over_prefixes_and_finds_what_a_sequential_listing_find
     for k in keys:
         s3.put_object(Bucket=bucket, Key=k, Body=k.encode())
     settings, patterns = S3Settings(endpoint=s3_server), ("*.mp4",)
-    found, shards = listing_shards(f"s3://{bucket}/v/", patterns, settings, width=2)
+    found, shards = listing_shards(f"s3://{bucket}/v/", patterns, settings, limit=1000, width=2)
     assert [o.uri.rsplit("/", 1)[1] for o in found] == ["top.mp4"]
     assert shards == [f"s3://{bucket}/v/{p}/" for p in ("a", "b", "c")]
-    monkeypatch.setattr(pipeline.plan, "DRIVER_PLAN_LIMIT", 4)  # beyond it the listing stays a Dataset
     for uri in (f"s3://{bucket}/v/", f"s3://{bucket}/v", f"s3://{bucket}"):
         want = [(o.uri, o.etag, o.size) for o in list_videos(uri, patterns, settings)]
-        listed = list_input(uri, patterns, settings)
+        listed = list_input(uri, patterns, settings, limit=4)  # beyond the limit the listing stays a Dataset
         got = sorted((r["video_uri"], r["etag"], r["size"]) for r in listed.take_all())
         assert got == want and len(want) > 4, uri
     config = load_config(
         input=f"s3://{bucket}", output=str(tmp_path / "out"), model="models/demo-target", s3_endpoint=s3_server
     )
+    monkeypatch.setattr(pipeline.plan, "DRIVER_PLAN_LIMIT", 4)
     plan = make_plan(config.model_copy(update={"dry_run": True}), settings)
     assert plan.summary() == {"listed": 18, "already_done": 0, "to_caption": 18, "to_retry": 0}
-    monkeypatch.setattr(pipeline.plan, "DRIVER_PLAN_LIMIT", 1000)
-    listed = list_input(f"s3://{bucket}/v/", patterns, settings)
+    listed = list_input(f"s3://{bucket}/v/", patterns, settings, limit=1000)
     assert listed == list_videos(f"s3://{bucket}/v/", patterns, settings)  # small: a list, as before
+
+
+def _dry_plan(monkeypatch, limit: int, **config):
+    """make_plan of a dry run, with DRIVER_PLAN_LIMIT set to `limit`."""
+    import pipeline.plan
+
+    monkeypatch.setattr(pipeline.plan, "DRIVER_PLAN_LIMIT", limit)
+    config = load_config(model="models/demo-target", dry_run=True, **config)
+    return make_plan(config, S3Settings(endpoint=config.s3_endpoint))
+
+
+def _keys(dataset) -> list[tuple[str, str]]:
+    return sorted((r["video_uri"], r["etag"]) for r in dataset.take_all())
+
+
+def test_a_flat_prefix_beyond_the_limit_is_listed_past_the_driver(ray_local, s3_server, tmp_path, monkeypatch):
+    """Beyond DRIVER_PLAN_LIMIT a flat prefix (no sub-prefix to fan out over) is listed by a Ray task,
+    a page at a time: the driver itself receives at most the limit and one page of keys."""
+    import pipeline.storage
+    from tests.pipeline.common import new_bucket, s3_client
+
+    bucket, s3 = new_bucket(s3_server), s3_client(s3_server)
+    for key in [f"flat/{i:02d}.mp4" for i in range(30)] + ["flat/notes.txt"]:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    settings = S3Settings(endpoint=s3_server)
+    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2, raising=False)  # this process only, not Ray's workers
+    received: list[int] = []  # keys in each listing response to this process (the driver)
+
+    def count(parsed, **_):
+        received.append(len(parsed.get("Contents", [])))
+
+    client = pipeline.storage.s3_client(settings)  # cached: the client listings use in this process
+    client.meta.events.register("after-call.s3.ListObjectsV2", count)
+    try:
+        plan = _dry_plan(
+            monkeypatch, 4, input=f"s3://{bucket}/flat/", output=str(tmp_path / "out"), s3_endpoint=s3_server
+        )
+    finally:
+        client.meta.events.unregister("after-call.s3.ListObjectsV2", count)
+    assert plan.summary() == {"listed": 30, "already_done": 0, "to_caption": 30, "to_retry": 0}
+    assert _keys(plan.todo) == [(o.uri, o.etag) for o in list_videos(f"s3://{bucket}/flat/", VIDEO_PATTERNS, settings)]
+    assert received and max(received) <= 2 and sum(received) <= 4 + 2, received
+
+
+class _CountingScandir:
+    """os.scandir that records the names of the entries read under `root`."""
+
+    def __init__(self, entries, seen: list[str], root: str) -> None:
+        self.entries, self.seen, self.root = entries, seen, root
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.entries.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        entry = next(self.entries)
+        if entry.path.startswith(self.root):
+            self.seen.append(entry.name)
+        return entry
+
+    def close(self) -> None:
+        self.entries.close()
+
+
+def test_a_large_local_folder_is_listed_past_the_driver(ray_local, tmp_path, monkeypatch):
+    """Beyond DRIVER_PLAN_LIMIT a local folder is listed by a Ray task on the driver's node, a page at
+    a time: the driver itself reads at most the limit and one page of videos' entries."""
+    import pipeline.storage
+
+    folder = tmp_path / "clips"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(30):
+        (folder / ("sub" if i % 3 else "") / f"{i:02d}.mp4").write_bytes(b"x")
+    (folder / "notes.txt").write_bytes(b"x")
+    want = [(o.uri, o.etag) for o in list_videos(str(folder), VIDEO_PATTERNS, S3Settings())]
+    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2, raising=False)  # this process only, not Ray's workers
+    seen: list[str] = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": _CountingScandir(scandir(path), seen, str(folder)))
+    plan = _dry_plan(monkeypatch, 4, input=str(folder), output=str(tmp_path / "out"))
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert plan.summary() == {"listed": 30, "already_done": 0, "to_caption": 30, "to_retry": 0}
+    assert _keys(plan.todo) == want and len(want) == 30
+    videos = [name for name in seen if name.endswith(".mp4")]
+    assert 0 < len(videos) <= 4 + 2, seen
+
+
+def test_include_applies_to_manifest_rows(ray_local, world, tmp_path):
+    """An S3 Inventory lists every object: as in a listing, only names that `include` matches (their
+    basename, in any case) are planned, not the rest as error rows."""
+    objects, store = world
+    keys = [o.uri.removeprefix("s3://b/") for o in objects] + ["notes.txt", "clips/", "clips/v99.MP4.json"]
+    etags = [o.etag for o in objects] + ["x"] * 3
+    inventory = pa.table({"bucket": ["b"] * len(keys), "key": keys, "size": [1] * len(keys), "e_tag": etags})
+    pq.write_table(inventory, tmp_path / "inventory.parquet")
+
+    def plan(include: tuple[str, ...] = VIDEO_PATTERNS):
+        config = load_config(
+            manifest=str(tmp_path / "inventory.parquet"),
+            output=store.uri,
+            model="models/demo-target",
+            dry_run=True,
+            include=include,
+        )
+        return make_plan(config, S3Settings())
+
+    assert plan().summary() == plan_on_driver(objects, store, retry_errors=False).summary()  # listed: 20
+    want = [("s3://b/clips/v99.MP4.json", "x"), ("s3://b/notes.txt", "x")]
+    assert _keys(plan(("*.JSON", "*.txt")).todo) == want
