@@ -11,27 +11,37 @@ import pytest
 from pipeline.config import redact
 from pipeline.run import run_job
 from pipeline.storage import OutputStore, S3Settings
-from tests.pipeline.common import config_for, new_bucket, s3_client, upload_clips
+from tests.pipeline.common import config_for, new_bucket, read_output, s3_client, upload_clips
 from tests.pipeline.faultproxy import FaultProxy
 
 
 def test_credentials_never_reach_logs_reports_or_parquet(s3_server, ray_local, pipeline_models):
-    secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]]
+    """The AWS keys, and a password in the endpoint URL (user:password@), which botocore quotes in its
+    connection errors: the error rows still say what failed, with the URL redacted."""
+    password = "pa55-W0RD-in-the-endpoint"
+    secrets = [os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], password]
     bucket = new_bucket(s3_server)
     upload_clips(s3_server, bucket, range(900, 903))
     s3 = s3_client(s3_server)
     s3.put_object(Bucket=bucket, Key="clips/broken.mp4", Body=b"not a video")
     s3.put_object(Bucket=bucket, Key="clips/denied.mp4", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="clips/dropped.mp4", Body=b"x")
     proxy = FaultProxy(s3_server)
     proxy.add("403", op="get", match="denied.mp4", times=-1)  # a storage error row, with boto's message
+    proxy.add("reset", op="get", match="dropped.mp4", times=-1)  # botocore quotes the endpoint URL
+    endpoint = proxy.url.replace("http://", f"http://admin:{password}@")
     lines: list[str] = []
     try:
-        run_job(config_for(proxy.url, bucket, pipeline_models), log=lines.append)
+        run_job(config_for(endpoint, bucket, pipeline_models, s3_max_attempts=2), log=lines.append)
     finally:
         proxy.close()
 
     objects = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="captions/")["Contents"]]
     assert any(k.endswith(".parquet") for k in objects) and any("_report-" in k for k in objects)
+    rows, _ = read_output(s3_server, bucket)
+    (dropped,) = [r for r in rows if r["video_uri"].endswith("dropped.mp4")]
+    assert dropped["error"].startswith("decode failed: StorageError: cannot read s3://"), dropped["error"]
+    assert 'endpoint URL: "http://***@127.0.0.1:' in dropped["error"], dropped["error"]
     blobs = {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in objects}
     blobs["driver log"] = "\n".join(lines).encode()
     logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
