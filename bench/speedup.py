@@ -202,37 +202,37 @@ def measure_continuous(runner, inputs_for, clips, batch, methods, repeats, refer
     return out
 
 
-def measure(
-    runner: Runner,
-    target,
-    inputs_for,
-    clips: list[Path],
-    batch: int,
-    methods: list[str],
-    repeats: int,
-    warmup: int,
-    alone: list[list[int]] | None,
-) -> tuple[list[dict], list[list[int]]]:
-    """Rows for one batch size. Units are consecutive groups of `batch` clips, decoded as one batch."""
-    units = [list(range(i, min(i + batch, len(clips)))) for i in range(0, len(clips), batch)]
-    unit_inputs = [inputs_for(u) for u in units]
-    failures: dict[str, dict[int, str]] = {m: {} for m in methods}
+Timings = dict[str, list[list[float]]]  # method -> unit -> seconds of each repeat
 
-    def attempt(m: str, u: int):
-        """One method on one unit; an outside method may fail on some inputs (recorded, not fatal)."""
-        if u in failures[m]:
+
+class _Attempts:
+    """Runs one method on one unit; an outside method may fail on some inputs (recorded, not fatal,
+    and not tried again on that unit)."""
+
+    def __init__(self, runner: Runner, unit_inputs: list, methods: list[str]) -> None:
+        self.runner, self.unit_inputs = runner, unit_inputs
+        self.failures: dict[str, dict[int, str]] = {m: {} for m in methods}
+
+    def __call__(self, m: str, u: int):
+        if u in self.failures[m]:
             return None
         try:
-            return runner(m, unit_inputs[u])
+            return self.runner(m, self.unit_inputs[u])
         except (ValueError, RuntimeError, IndexError) as err:
-            failures[m][u] = f"{type(err).__name__}: {err}"[:300]
+            self.failures[m][u] = f"{type(err).__name__}: {err}"[:300]
             return None
 
+
+def _time_units(
+    attempt: _Attempts, units: list[list[int]], n_clips: int, methods: list[str], repeats: int, warmup: int
+) -> tuple[Timings, dict[str, list[list[int]]], dict[str, list]]:
+    """Every method on every unit, `repeats` times in a rotating order after `warmup` warm-up units:
+    (seconds, tokens per clip, stats per unit), each by method."""
     for u in range(min(warmup, len(units))):  # warm-up: every method once
         for m in methods:
             attempt(m, u)
-    times = {m: [[] for _ in units] for m in methods}
-    outputs: dict[str, list[list[int]]] = {m: [[] for _ in clips] for m in methods}
+    times: Timings = {m: [[] for _ in units] for m in methods}
+    outputs: dict[str, list[list[int]]] = {m: [[] for _ in range(n_clips)] for m in methods}
     stats: dict[str, list] = {m: [None for _ in units] for m in methods}
     for rep in range(repeats):
         for u in range(len(units)):
@@ -246,55 +246,85 @@ def measure(
                 for c, t in zip(units[u], tokens):
                     outputs[m][c] = t
                 stats[m][u] = st
+    return times, outputs, stats
+
+
+def _add_decode_stats(row: dict, m: str, sts: list[flash.DecodeStats]) -> None:
+    """Acceptance, ms per draft/verify pass and the prefill/draft/verify split of `sts` into `row`."""
+    if sts and m != "target":
+        row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
+        row["draft_ms_per_pass"] = 1000 * sum(s.draft_s for s in sts) / sum(s.cycles + 1 for s in sts)
+    if sts:
+        row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
+        # Where a generate call's time goes (the prefill runs the vision tower and the prompt: paid by both).
+        spent = sum(s.prefill_s + s.draft_s + s.verify_s for s in sts)
+        row["split"] = {
+            part: sum(getattr(s, f"{part}_s") for s in sts) / spent for part in ("prefill", "draft", "verify")
+        }
+
+
+def _method_row(
+    m: str,
+    batch: int,
+    units: list[list[int]],
+    ok: list[int],
+    times: Timings,
+    outputs: dict[str, list[list[int]]],
+    reference: list[list[int]],
+) -> dict:
+    """One method's speed and identity over the units it decoded (`ok`), against the baseline on the same units."""
+    ok_clips = [c for u in ok for c in units[u]]
+    base_time = sum(statistics.median(times["target"][u]) for u in ok)
+    total_time = sum(statistics.median(times[m][u]) for u in ok)
+    tokens = sum(len(outputs[m][c]) for c in ok_clips)
+    same = [outputs[m][c] == reference[c] for c in ok_clips]
+    return {
+        "method": m,
+        "batch_size": batch,
+        "clips": len(ok_clips),
+        "tokens": tokens,
+        "tokens_per_s": tokens / total_time,
+        "clips_per_s": len(ok_clips) / total_time,
+        "speedup": base_time / total_time,
+        "acceptance_length": 1.0,
+        "identical": sum(same) / len(same),
+    }
+
+
+def measure(
+    runner: Runner,
+    target,
+    inputs_for,
+    clips: list[Path],
+    batch: int,
+    methods: list[str],
+    repeats: int,
+    warmup: int,
+    alone: list[list[int]] | None,
+) -> tuple[list[dict], list[list[int]]]:
+    """Rows for one batch size. Units are consecutive groups of `batch` clips, decoded as one batch."""
+    units = [list(range(i, min(i + batch, len(clips)))) for i in range(0, len(clips), batch)]
+    attempt = _Attempts(runner, [inputs_for(u) for u in units], methods)
+    times, outputs, stats = _time_units(attempt, units, len(clips), methods, repeats, warmup)
+    failures = attempt.failures
 
     reference = alone if alone is not None else outputs["target"]  # each row decoded alone (batch 1)
     rows = []
     for m in methods:
         ok = [u for u in range(len(units)) if u not in failures[m]]  # speed compared on the same units
         if not ok:
-            rows.append(
-                {
-                    "method": m,
-                    "batch_size": batch,
-                    "clips": 0,
-                    "failed_clips": len(clips),
-                    "error": next(iter(failures[m].values())),
-                }
-            )
+            error = next(iter(failures[m].values()))
+            rows.append({"method": m, "batch_size": batch, "clips": 0, "failed_clips": len(clips), "error": error})
             continue
-        ok_clips = [c for u in ok for c in units[u]]
-        base_time = sum(statistics.median(times["target"][u]) for u in ok)
-        total_time = sum(statistics.median(times[m][u]) for u in ok)
-        tokens = sum(len(outputs[m][c]) for c in ok_clips)
-        same = [outputs[m][c] == reference[c] for c in ok_clips]
-        row = {
-            "method": m,
-            "batch_size": batch,
-            "clips": len(ok_clips),
-            "tokens": tokens,
-            "tokens_per_s": tokens / total_time,
-            "clips_per_s": len(ok_clips) / total_time,
-            "speedup": base_time / total_time,
-            "acceptance_length": 1.0,
-            "identical": sum(same) / len(same),
-        }
+        row = _method_row(m, batch, units, ok, times, outputs, reference)
         if failures[m]:
             row["failed_clips"] = sum(len(units[u]) for u in failures[m])
             row["error"] = next(iter(failures[m].values()))
-        sts = [stats[m][u] for u in ok if stats[m][u] is not None and stats[m][u].cycles]
-        if sts and m != "target":
-            row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
-            row["draft_ms_per_pass"] = 1000 * sum(s.draft_s for s in sts) / sum(s.cycles + 1 for s in sts)
-        if sts:
-            row["verify_ms_per_pass"] = 1000 * sum(s.verify_s for s in sts) / sum(s.cycles for s in sts)
-            # Where a generate call's time goes (the prefill runs the vision tower and the prompt: paid by both).
-            spent = sum(s.prefill_s + s.draft_s + s.verify_s for s in sts)
-            row["split"] = {
-                part: sum(getattr(s, f"{part}_s") for s in sts) / spent for part in ("prefill", "draft", "verify")
-            }
+        _add_decode_stats(row, m, [stats[m][u] for u in ok if stats[m][u] is not None and stats[m][u].cycles])
         mismatches = [
             {"clip": clips[c].name, **first_difference_margin(target, inputs_for([c]), reference[c], outputs[m][c])}
-            for c in ok_clips
+            for u in ok
+            for c in units[u]
             if outputs[m][c] != reference[c]
         ]
         if mismatches:
@@ -320,35 +350,42 @@ def _v2_clips(args: argparse.Namespace, videos: Path | None):
     return names, [f for f, _ in decoded], [video_metadata(info) for _, info in decoded]
 
 
-def run(args: argparse.Namespace) -> dict:
-    torch.manual_seed(0)
+def _load_models(args: argparse.Namespace) -> tuple[flash.Target, dict]:
+    """The target and the drafters found on disk (a missing drafter drops its rows)."""
     target = flash.load_target(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     drafters = {}
     if Path(args.drafter).is_dir():
         drafters["flash"] = flash.FlashDrafter.from_pretrained(args.drafter, target)
     if args.text_drafter and Path(args.text_drafter).is_dir():
         drafters["flash_text_only"] = flash.FlashDrafter.from_pretrained(args.text_drafter, target)
+    return target, drafters
 
+
+def _clips(args: argparse.Namespace) -> tuple[list[Path], list, list | None]:
+    """The held-out clips: (names, frames, metadata); metadata None in world v1, where every clip's
+    metadata is the same (model_inputs)."""
     videos = Path(args.videos) if args.videos else None
-    metadata = None  # world v1: every clip's metadata is the same (model_inputs)
     if args.world == "v2":
-        clips, frames, metadata = _v2_clips(args, videos)
-    elif args.rendered:  # frames straight from the renderer: no codec needed (machines without PyAV/decord)
-        clips = [Path(f"scene_{s}") for s in range(args.seed, args.seed + args.clips)]
+        return _v2_clips(args, videos)
+    seeds = range(args.seed, args.seed + args.clips)
+    if args.rendered:  # frames straight from the renderer: no codec needed (machines without PyAV/decord)
         only = sample_indices(FRAMES, args.frames)
-        frames = [render(scene_for_seed(s), only=only) for s in range(args.seed, args.seed + args.clips)]
-    else:
-        if videos is None:
-            videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-"))
-            write_videos(videos, args.clips, seed=args.seed)  # held-out seeds (training uses >= 1,000,000)
-        clips = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
-        frames = [decode_frames(c.read_bytes(), args.frames) for c in clips]
+        return [Path(f"scene_{s}") for s in seeds], [render(scene_for_seed(s), only=only) for s in seeds], None
+    if videos is None:
+        videos = Path(tempfile.mkdtemp(prefix="flashcap-bench-"))
+        write_videos(videos, args.clips, seed=args.seed)  # held-out seeds (training uses >= 1,000,000)
+    clips = sorted(p for p in videos.iterdir() if p.suffix == ".mp4")[: args.clips]
+    return clips, [decode_frames(c.read_bytes(), args.frames) for c in clips], None
+
+
+def _inputs_maker(target, prompt: str, frames: list, metadata: list | None):
+    """inputs_for(clip indices) -> one processor batch of those clips."""
 
     def inputs_for(indices: list[int]):
         if metadata is None:
-            return model_inputs(target.processor, [args.prompt] * len(indices), [frames[i] for i in indices])
+            return model_inputs(target.processor, [prompt] * len(indices), [frames[i] for i in indices])
         return target.processor(
-            text=[args.prompt] * len(indices),
+            text=[prompt] * len(indices),
             videos=[frames[i] for i in indices],
             video_metadata=[metadata[i] for i in indices],
             do_sample_frames=False,
@@ -356,19 +393,31 @@ def run(args: argparse.Namespace) -> dict:
             padding=True,
         )
 
+    return inputs_for
+
+
+def _methods(batch: int, fixed_blocks: list[int], drafters: dict) -> list[str]:
+    """The rows measured at this batch size, less those whose drafter is missing."""
+    wanted = METHODS if batch == 1 else ["target", "hf_generate", "flash", "flash_adaptive"]
+    wanted = wanted + [f"flash_k{k}" for k in fixed_blocks]
+    return [
+        m
+        for m in wanted
+        if not m.startswith("flash") or ("flash" if m == "flash_adaptive" or m.startswith("flash_k") else m) in drafters
+    ]
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    target, drafters = _load_models(args)
+    clips, frames, metadata = _clips(args)
+    inputs_for = _inputs_maker(target, args.prompt, frames, metadata)
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens, args.repetition_penalty)
     rows: list[dict] = []
     alone = None
     fixed_blocks = [int(k) for k in args.fixed_blocks.split(",")] if args.fixed_blocks else []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        wanted = METHODS if batch == 1 else ["target", "hf_generate", "flash", "flash_adaptive"]
-        wanted = wanted + [f"flash_k{k}" for k in fixed_blocks]
-        methods = [
-            m
-            for m in wanted
-            if not m.startswith("flash")
-            or ("flash" if m == "flash_adaptive" or m.startswith("flash_k") else m) in drafters
-        ]
+        methods = _methods(batch, fixed_blocks, drafters)
         timed = clips[: args.batch1_clips] if batch == 1 else clips
         batch_rows, plain = measure(runner, target, inputs_for, timed, batch, methods, args.repeats, args.warmup, alone)
         if batch == 1:  # the clips not timed at batch 1 are decoded alone once, as the reference
@@ -446,7 +495,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="report.json")
     p.add_argument("--videos", help="folder of clips (default: held-out demo clips, generated)")
@@ -483,21 +532,31 @@ def main(argv: list[str] | None = None) -> None:
         default="v1",
         help="v2: demo world v2's clips, models (models/demo-v2-*), prompt, 16 frames and a 200-token budget",
     )
+    return p
+
+
+def _use_v2_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """World v2's models, prompt, frames and token budget, wherever the v1 default was left."""
+    from demo import world_v2 as v2
+
+    v1_defaults = {a.dest: a.default for a in p._actions}
+    for name, value in (
+        ("model", ROOT / "models" / "demo-v2-target"),
+        ("drafter", ROOT / "models" / "demo-v2-drafter"),
+        ("text_drafter", ROOT / "models" / "demo-v2-drafter-text-only"),
+        ("prompt", v2.PROMPT),
+        ("max_new_tokens", 200),
+        ("frames", v2.SAMPLED_FRAMES),
+    ):
+        if getattr(args, name) == v1_defaults[name]:
+            setattr(args, name, str(value) if isinstance(value, Path) else value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = _parser()
     args = p.parse_args(argv)
     if args.world == "v2":  # the v2 defaults, where the v1 ones were left
-        from demo import world_v2 as v2
-
-        v1_defaults = {a.dest: a.default for a in p._actions}
-        for name, value in (
-            ("model", ROOT / "models" / "demo-v2-target"),
-            ("drafter", ROOT / "models" / "demo-v2-drafter"),
-            ("text_drafter", ROOT / "models" / "demo-v2-drafter-text-only"),
-            ("prompt", v2.PROMPT),
-            ("max_new_tokens", 200),
-            ("frames", v2.SAMPLED_FRAMES),
-        ):
-            if getattr(args, name) == v1_defaults[name]:
-                setattr(args, name, str(value) if isinstance(value, Path) else value)
+        _use_v2_defaults(p, args)
     if not args.batch_sizes.startswith("1"):
         args.batch_sizes = "1," + args.batch_sizes  # rows are compared with each clip decoded alone
     largest = max(int(b) for b in args.batch_sizes.split(","))
