@@ -30,67 +30,77 @@ ROOT = Path(__file__).resolve().parents[1]
 PART_ROWS = 50_000
 
 
-def generate(root: Path, objects: int) -> dict:
-    """Write the manifest and the output; return the plan they must give."""
+def write_manifest(root: Path, objects: int, rng) -> tuple:
+    """The manifest: `objects` keys, 1% of them listed twice (planned once). Returns (uris, etags)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.storage import OUTPUT_SCHEMA
-
-    rng = np.random.default_rng(0)
     uris = np.array([f"s3://bucket/videos/{i:09d}.mp4" for i in range(objects)], dtype=object)
     etags = np.array([f"{i * 2654435761 % 2**32:08x}" for i in range(objects)], dtype=object)
-    twice = rng.choice(objects, size=objects // 100, replace=False)  # listed twice: planned once
+    twice = rng.choice(objects, size=objects // 100, replace=False)
     listed_uris, listed_etags = np.concatenate([uris, uris[twice]]), np.concatenate([etags, etags[twice]])
     pq.write_table(
         pa.table({"video_uri": listed_uris, "etag": listed_etags, "size": np.full(len(listed_uris), 1 << 20)}),
         root / "manifest.parquet",
     )
+    return uris, etags
+
+
+def write_parts(out: Path, uris: list, etags: list, transient: list) -> None:
+    """Output rows in flashcap's schema, PART_ROWS a part; a transient row is an error of that kind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import OUTPUT_SCHEMA
+
+    out.mkdir()
+    now = datetime.now(UTC)
+    for p, start in enumerate(range(0, len(uris), PART_ROWS)):
+        stop = min(len(uris), start + PART_ROWS)
+        k = stop - start
+        error = ["decode failed: SlowDown" if t else "" for t in transient[start:stop]]
+        columns = {
+            "video_uri": uris[start:stop],
+            "etag": etags[start:stop],
+            "size": [1] * k,
+            "caption": ["" if e else "a caption" for e in error],
+            "num_tokens": [3] * k,
+            "acceptance_length": [1.0] * k,
+            "decode_s": [0.0] * k,
+            "generate_s": [0.0] * k,
+            "model": ["m"] * k,
+            "drafter": [""] * k,
+            "error": error,
+            "error_kind": ["transient" if e else "" for e in error],
+            "worker_node": ["n"] * k,
+            "finished_at": [now] * k,
+        }
+        pq.write_table(pa.table(columns, schema=OUTPUT_SCHEMA), out / f"part-{p:05d}.parquet", compression="zstd")
+
+
+def generate(root: Path, objects: int) -> dict:
+    """Write the manifest and the output; return the plan they must give."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    uris, etags = write_manifest(root, objects, rng)
     in_output = rng.random(objects) < 0.5
     changed = in_output & (rng.random(objects) < 0.02)
     transient = in_output & ~changed & (rng.random(objects) < 0.01)
     out_uris = list(uris[in_output])
     out_etags = [("old-" + e) if c else e for e, c in zip(etags[in_output], changed[in_output])]
-    out_transient = list(transient[in_output])
     gone = int(0.1 * len(out_uris))
     out_uris += [f"s3://bucket/deleted/{i:09d}.mp4" for i in range(gone)]
     out_etags += ["x"] * gone
-    out_transient += [False] * gone
-    (root / "out").mkdir()
-    now = datetime.now(UTC)
-    n = len(out_uris)
-    for p, start in enumerate(range(0, n, PART_ROWS)):
-        stop = min(n, start + PART_ROWS)
-        k = stop - start
-        error = ["decode failed: SlowDown" if t else "" for t in out_transient[start:stop]]
-        table = pa.table(
-            {
-                "video_uri": out_uris[start:stop],
-                "etag": out_etags[start:stop],
-                "size": [1] * k,
-                "caption": ["" if e else "a caption" for e in error],
-                "num_tokens": [3] * k,
-                "acceptance_length": [1.0] * k,
-                "decode_s": [0.0] * k,
-                "generate_s": [0.0] * k,
-                "model": ["m"] * k,
-                "drafter": [""] * k,
-                "error": error,
-                "error_kind": ["transient" if e else "" for e in error],
-                "worker_node": ["n"] * k,
-                "finished_at": [now] * k,
-            },
-            schema=OUTPUT_SCHEMA,
-        )
-        pq.write_table(table, root / "out" / f"part-{p:05d}.parquet", compression="zstd")
+    write_parts(root / "out", out_uris, out_etags, list(transient[in_output]) + [False] * gone)
     done = int((in_output & ~changed).sum())
     return {
         "listed": objects,
         "already_done": done,
         "to_caption": objects - done,
         "to_retry": 0,
-        "output_rows": n,
+        "output_rows": len(out_uris),
         "retry_errors": {"already_done": done - int(transient.sum()), "to_retry": int(transient.sum())},
     }
 
@@ -112,26 +122,22 @@ def writer_keys(n: int) -> dict:
     return {"keys": len(keys), "seconds": time.time() - started, "rss_growth_mb": _rss_mb() - before}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objects", type=int, default=2_000_000)
-    p.add_argument("--root", help="(internal) generate the data here and print what the plan must be")
-    p.add_argument("--out")
-    args = p.parse_args(argv)
-    if args.root:
-        print(json.dumps(generate(Path(args.root), args.objects)))
-        return
+def generate_in_child(objects: int) -> tuple[Path, dict, float]:
+    """(root, the plan it must give, seconds): generated by a child process, so that its memory does
+    not count in this process's peak."""
     root = Path(tempfile.mkdtemp(prefix="flashcap-plan-"))
     started = time.time()
     gen = subprocess.run(
-        [sys.executable, __file__, "--objects", str(args.objects), "--root", str(root)],
+        [sys.executable, __file__, "--objects", str(objects), "--root", str(root)],
         capture_output=True,
         text=True,
         check=True,
     )
-    want = json.loads(gen.stdout.strip().splitlines()[-1])
-    generated_s = time.time() - started
+    return root, json.loads(gen.stdout.strip().splitlines()[-1]), time.time() - started
 
+
+def plan_both_ways(root: Path) -> dict:
+    """The dry-run plan of the generated data, without and with --retry-errors, timed."""
     import ray
 
     from pipeline.config import load_config
@@ -152,15 +158,32 @@ def main(argv: list[str] | None = None) -> None:
         started = time.time()
         plan = make_plan(config, S3Settings())
         results["retry_errors" if retry else "plain"] = {**plan.summary(), "seconds": time.time() - started}
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return results
+
+
+def is_exact(results: dict, want: dict) -> bool:
+    """Whether both plans came out exactly as the generator counts."""
     plain, retried = results["plain"], results["retry_errors"]
-    exact = {k: plain[k] for k in ("listed", "already_done", "to_caption", "to_retry")} == {
-        k: want[k] for k in ("listed", "already_done", "to_caption", "to_retry")
-    } and (retried["already_done"], retried["to_retry"]) == (
+    counts = ("listed", "already_done", "to_caption", "to_retry")
+    retry_counts = (retried["already_done"], retried["to_retry"])
+    return {k: plain[k] for k in counts} == {k: want[k] for k in counts} and retry_counts == (
         want["retry_errors"]["already_done"],
         want["retry_errors"]["to_retry"],
     )
-    writer = writer_keys(plain["to_caption"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objects", type=int, default=2_000_000)
+    p.add_argument("--root", help="(internal) generate the data here and print what the plan must be")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if args.root:
+        print(json.dumps(generate(Path(args.root), args.objects)))
+        return
+    root, want, generated_s = generate_in_child(args.objects)
+    results = plan_both_ways(root)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "date": datetime.now(UTC).date().isoformat(),
         "objects": args.objects,
@@ -168,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         "generated_s": generated_s,
         "plans": results,
         "expected": want,
-        "exact": exact,
+        "exact": is_exact(results, want),
         "driver_peak_rss_mb": peak_mb,
-        "writer": writer,
+        "writer": writer_keys(results["plain"]["to_caption"]),
     }
     print(json.dumps(report, indent=2))
     if args.out:
