@@ -140,7 +140,11 @@ class CaptionConfig(BaseModel):
         ge=1,
         description="Rows buffered before a Parquet part is written (with flush_seconds, whichever comes first).",
     )
-    flush_seconds: float = Field(default=60.0, gt=0, description="Longest wait before buffered rows are written.")
+    flush_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a buffered row waits before it is written, whether or not more rows arrive.",
+    )
     max_worker_crashes: int = Field(
         default=3,
         ge=1,
