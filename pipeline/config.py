@@ -44,7 +44,9 @@ class CaptionConfig(BaseModel):
         default=False, description="Print the plan (listed, already done, to caption, to retry) and exit."
     )
     include: tuple[str, ...] = Field(
-        default=VIDEO_PATTERNS, description="Glob patterns on object names (basename) that count as videos."
+        default=VIDEO_PATTERNS,
+        description="Glob patterns on object names (basename, any case) that count as videos, in a listing of "
+        "input and in a manifest's rows alike (the rest are skipped, not made error rows); '*' keeps every object.",
     )
     s3_endpoint: str | None = Field(
         default=None, description="Endpoint URL of an S3-compatible store (MinIO, R2, ...); None: AWS."
