@@ -165,78 +165,103 @@ def _list(things: list[Thing]) -> str:
     return " , ".join(t.describe() for t in sorted(things, key=lambda t: (t.row, t.col)))
 
 
-def clip_for_seed(seed: int) -> Clip:
-    rng = np.random.default_rng([seed, 2])
-    seconds = int(rng.integers(4, 9))
-    n_events = int(rng.integers(4, 7))
-    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
-    things: list[Thing] = []
-    cells = [(r, c) for r in range(3) for c in range(3)]
-    n_first = int(rng.integers(1, 4))
-    used_colours: set[str] = set()
+def _new_thing(rng: np.random.Generator, used_colours: set[str], row: int, col: int) -> Thing:
+    """An object in a colour no object of the clip has had yet (the colour is then used)."""
+    colour = str(rng.choice(sorted(set(COLOURS) - used_colours)))
+    used_colours.add(colour)
+    return Thing(SHAPES[int(rng.integers(len(SHAPES)))], colour, list(SIZES)[int(rng.integers(2))], row, col)
 
-    def new_thing(row: int, col: int) -> Thing:
-        colour = str(rng.choice(sorted(set(COLOURS) - used_colours)))
-        used_colours.add(colour)
-        return Thing(SHAPES[int(rng.integers(len(SHAPES)))], colour, list(SIZES)[int(rng.integers(2))], row, col)
 
-    for k in rng.choice(len(cells), size=n_first, replace=False):
-        things.append(new_thing(*cells[int(k)]))
-    start = list(range(n_first))
-    clip = Clip(seed, background, seconds, things, start, [])
-    for _ in range(n_events):
-        present = [i for i, t in enumerate(clip.states()[-1]) if t is not None]
-        now = clip.states()[-1]
-        taken = {(now[i].row, now[i].col) for i in present}
-        colours_now = {now[i].colour for i in present}
-        options: list[Event] = []
-        if len(present) < MAX_OBJECTS and set(COLOURS) - used_colours:
-            for row in range(3):
-                free = [c for c in range(3) if (row, c) not in taken]
-                # It slides in from the side nearer its cell, over no other object of its row.
-                for col in free:
-                    side = "left" if col == 0 or (col == 1 and rng.random() < 0.5) else "right"
-                    path = range(0, col) if side == "left" else range(col + 1, 3)
-                    if all((row, c) not in taken for c in path):
-                        options.append(Event("enter", -1, side=side, col=col, row=row))
-        for i in present:
-            t = now[i]
-            row_taken = {c for (r, c) in taken if r == t.row}
-            if len(present) > 1 or len(clip.events) == n_events - 1:
-                for side, path in (("left", range(0, t.col)), ("right", range(t.col + 1, 3))):
-                    if not (row_taken & set(path)):
-                        options.append(Event("leave", i, side=side))
-            for col in range(3):
-                lo, hi = sorted((col, t.col))
-                if col != t.col and not (row_taken & set(range(lo, hi + 1)) - {t.col}):
-                    options.append(Event("move", i, col=col))
-            for colour in sorted(set(COLOURS) - colours_now):
-                options.append(Event("recolour", i, colour=colour))
-            options.append(Event("grow" if t.size == "small" else "shrink", i))
-            for j in present:
-                u = now[j]
-                if j > i and u.row == t.row and abs(u.col - t.col) >= 1:
-                    between = set(range(min(t.col, u.col) + 1, max(t.col, u.col)))
-                    if not (row_taken & between):
-                        options.append(Event("bump", i, other=j) if t.col < u.col else Event("bump", j, other=i))
-        # Draw the kind first (each kind equally likely among those possible), then one of its options.
-        kinds = sorted({o.kind for o in options}, key=EVENTS.index)
-        kind = kinds[int(rng.integers(len(kinds)))]
-        choice = [o for o in options if o.kind == kind]
-        event = choice[int(rng.integers(len(choice)))]
-        if event.kind == "enter":
-            things.append(new_thing(event.row, event.col))
-            event = Event("enter", len(things) - 1, side=event.side, col=event.col, row=event.row)
-        if event.kind == "recolour":
-            used_colours.add(event.colour)
-        clip.events.append(event)
-    clip.phrasing = {
+def _enter_options(rng: np.random.Generator, taken: set[tuple[int, int]]) -> list[Event]:
+    """An object may enter every free cell it can slide to: from the side nearer its cell (either
+    side, drawn, for the centre), over no other object of its row."""
+    options = []
+    for row in range(3):
+        free = [c for c in range(3) if (row, c) not in taken]
+        for col in free:
+            side = "left" if col == 0 or (col == 1 and rng.random() < 0.5) else "right"
+            path = range(0, col) if side == "left" else range(col + 1, 3)
+            if all((row, c) not in taken for c in path):
+                options.append(Event("enter", -1, side=side, col=col, row=row))
+    return options
+
+
+def _object_options(
+    i: int, now: list[Thing | None], present: list[int], taken: set[tuple[int, int]], may_empty: bool
+) -> list[Event]:
+    """What object `i` may do next: leave (unless it is the last one and `may_empty` is false), move
+    along its row, recolour, grow or shrink, bump into a later object of its row."""
+    t = now[i]
+    row_taken = {c for (r, c) in taken if r == t.row}
+    options = []
+    if len(present) > 1 or may_empty:
+        for side, path in (("left", range(0, t.col)), ("right", range(t.col + 1, 3))):
+            if not (row_taken & set(path)):
+                options.append(Event("leave", i, side=side))
+    for col in range(3):
+        lo, hi = sorted((col, t.col))
+        if col != t.col and not (row_taken & set(range(lo, hi + 1)) - {t.col}):
+            options.append(Event("move", i, col=col))
+    for colour in sorted(set(COLOURS) - {now[k].colour for k in present}):
+        options.append(Event("recolour", i, colour=colour))
+    options.append(Event("grow" if t.size == "small" else "shrink", i))
+    for j in present:
+        u = now[j]
+        if j > i and u.row == t.row and abs(u.col - t.col) >= 1:
+            between = set(range(min(t.col, u.col) + 1, max(t.col, u.col)))
+            if not (row_taken & between):
+                options.append(Event("bump", i, other=j) if t.col < u.col else Event("bump", j, other=i))
+    return options
+
+
+def _next_event(rng: np.random.Generator, clip: Clip, used_colours: set[str], last: bool) -> Event:
+    """One event drawn for what the clip's objects may do now: the kind first (each kind equally
+    likely among those possible), then one of its options. An object that enters joins `clip.things`."""
+    now = clip.states()[-1]
+    present = [i for i, t in enumerate(now) if t is not None]
+    taken = {(now[i].row, now[i].col) for i in present}
+    options: list[Event] = []
+    if len(present) < MAX_OBJECTS and set(COLOURS) - used_colours:
+        options += _enter_options(rng, taken)
+    for i in present:
+        options += _object_options(i, now, present, taken, may_empty=last)
+    kinds = sorted({o.kind for o in options}, key=EVENTS.index)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    choice = [o for o in options if o.kind == kind]
+    event = choice[int(rng.integers(len(choice)))]
+    if event.kind == "enter":
+        clip.things.append(_new_thing(rng, used_colours, event.row, event.col))
+        event = Event("enter", len(clip.things) - 1, side=event.side, col=event.col, row=event.row)
+    if event.kind == "recolour":
+        used_colours.add(event.colour)
+    return event
+
+
+def _phrasing(rng: np.random.Generator, n_events: int) -> dict:
+    return {
         "opening": OPENINGS[int(rng.integers(len(OPENINGS)))],
         "connectives": [CONNECTIVES[0]] + [CONNECTIVES[int(rng.integers(len(CONNECTIVES)))] for _ in range(n_events)],
         "last": LAST[int(rng.integers(len(LAST)))],
         "ending": ENDINGS[int(rng.integers(len(ENDINGS)))],
         "verbs": [int(rng.integers(6)) for _ in range(n_events)],
     }
+
+
+def clip_for_seed(seed: int) -> Clip:
+    rng = np.random.default_rng([seed, 2])
+    seconds = int(rng.integers(4, 9))
+    n_events = int(rng.integers(4, 7))
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    cells = [(r, c) for r in range(3) for c in range(3)]
+    n_first = int(rng.integers(1, 4))
+    used_colours: set[str] = set()
+    things = [
+        _new_thing(rng, used_colours, *cells[int(k)]) for k in rng.choice(len(cells), size=n_first, replace=False)
+    ]
+    clip = Clip(seed, background, seconds, things, list(range(n_first)), [])
+    for k in range(n_events):
+        clip.events.append(_next_event(rng, clip, used_colours, last=k == n_events - 1))
+    clip.phrasing = _phrasing(rng, n_events)
     return clip
 
 
