@@ -123,6 +123,12 @@ def _round_up(n: int, multiple: int = 16) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+def _tokenizer_and_ids(make_tokenizer, words: Sequence[str], special: Sequence[str]) -> tuple:
+    """The family's tokenizer (<|im_end|> ends a turn, <|endoftext|> pads) and its special tokens' ids."""
+    tokenizer = make_tokenizer(words, special, eos="<|im_end|>", pad="<|endoftext|>")
+    return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+
+
 def _text_config(tokenizer, ids: dict, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads) -> dict:
     """The decoder settings every family's text config shares: sizes, context and special ids."""
     return dict(
@@ -137,6 +143,29 @@ def _text_config(tokenizer, ids: dict, hidden_size, intermediate_size, num_layer
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
+
+
+def _mrope_section(half: int) -> list[int]:
+    """mrope splits `half` rotary frequencies over (t, h, w): a quarter each to h and w."""
+    return [half - 2 * (half // 4), half // 4, half // 4]
+
+
+def _seeded_model(model_class, config, ids: dict[str, int], seed: int, dtype: torch.dtype, generation: dict | None):
+    """The model, freshly initialised from `seed`, with the turn end and pad ids (and any extra
+    `generation` settings) in its generation config."""
+    torch.manual_seed(seed)
+    model = model_class(config).to(dtype)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def _save(out: Path, model, processor) -> Path:
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
 
 
 def build_qwen2_5_vl(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
@@ -181,12 +210,7 @@ def _qwen_checkpoint(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = model_class(config).to(dtype)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    for key, value in (generation or {}).items():
-        setattr(model.generation_config, key, value)
+    model = _seeded_model(model_class, config, ids, seed, dtype, generation)
     pixels = image_side * image_side
     size = {"shortest_edge": pixels, "longest_edge": 4 * pixels}
     patches = dict(size=size, patch_size=patch, merge_size=2, temporal_patch_size=2)
@@ -199,9 +223,34 @@ def _qwen_checkpoint(
         tokenizer=tokenizer,
         chat_template=chat_template,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    return _save(out, model, processor)
+
+
+def _qwen2_classes_and_vision(
+    version: str, hidden_size: int, vision_depth: int, vision_hidden: int, image_side: int, tokens_per_second: int
+) -> tuple:
+    """(config class, model class, processor class, vision config) of Qwen2-VL or Qwen2.5-VL."""
+    import transformers
+
+    vision = dict(depth=vision_depth, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2.5":
+        vision.update(
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            out_hidden_size=hidden_size,
+            window_size=image_side,
+            fullatt_block_indexes=[vision_depth - 1],
+            tokens_per_second=tokens_per_second,
+        )
+        classes = (
+            transformers.Qwen2_5_VLConfig,
+            transformers.Qwen2_5_VLForConditionalGeneration,
+            transformers.Qwen2_5_VLProcessor,
+        )
+        return *classes, vision
+    vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=2)
+    classes = (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor)
+    return *classes, vision
 
 
 def _build_qwen(
@@ -226,42 +275,17 @@ def _build_qwen(
 ) -> Path:
     """chat_template: saved with the processor; generation: extra generation_config.json settings;
     num_frames: the video processor's frames per video (None: unset, as in Qwen's releases)."""
-    import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    out = Path(out_dir)
-    tokenizer = word_tokenizer(words, QWEN_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    head_dim = hidden_size // num_heads
-    # mrope splits head_dim/2 rotary frequencies over (t, h, w).
-    half = head_dim // 2
-    mrope_section = [half - 2 * (half // 4), half // 4, half // 4]
-    vision = dict(depth=vision_depth, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if version == "2.5":
-        config_class, model_class, processor_class = (
-            transformers.Qwen2_5_VLConfig,
-            transformers.Qwen2_5_VLForConditionalGeneration,
-            transformers.Qwen2_5_VLProcessor,
-        )
-        vision.update(
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            out_hidden_size=hidden_size,
-            window_size=image_side,
-            fullatt_block_indexes=[vision_depth - 1],
-            tokens_per_second=tokens_per_second,
-        )
-    else:
-        config_class, model_class, processor_class = (
-            transformers.Qwen2VLConfig,
-            transformers.Qwen2VLForConditionalGeneration,
-            transformers.Qwen2VLProcessor,
-        )
-        vision.update(embed_dim=vision_hidden, hidden_size=hidden_size, mlp_ratio=2)
+    tokenizer, ids = _tokenizer_and_ids(word_tokenizer, words, QWEN_SPECIAL)
+    config_class, model_class, processor_class, vision = _qwen2_classes_and_vision(
+        version, hidden_size, vision_depth, vision_hidden, image_side, tokens_per_second
+    )
     text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
+    mrope = _mrope_section((hidden_size // num_heads) // 2)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
     return _qwen_checkpoint(
-        out,
+        Path(out_dir),
         model_class,
         config_class,
         text,
@@ -294,6 +318,56 @@ def build_qwen3_5(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **size
     return _build_qwen3(out_dir, words, version="3.5", **sizes)
 
 
+def _qwen3_vision(hidden_size: int, vision_depth: int, vision_hidden: int, image_side: int, patch: int) -> dict:
+    """The Qwen3 vision tower: DeepStack features from every layer but the last (at least one)."""
+    return dict(
+        depth=vision_depth,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_heads=2,
+        patch_size=patch,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=(image_side // patch) ** 2 * 4,
+        deepstack_visual_indexes=list(range(vision_depth - 1)) or [0],
+    )
+
+
+def _qwen3_vl_text(text: dict, head_dim: int) -> None:
+    """Qwen3-VL's rotary settings: interleaved mrope over the whole head."""
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": _mrope_section(head_dim // 2),
+        "mrope_interleaved": True,
+    }
+
+
+def _qwen3_5_text(text: dict, head_dim: int, num_layers: int, full_attention_interval: int) -> None:
+    """Qwen3.5's rotary settings (a quarter of the head rotates) and its layer mix: gated-DeltaNet
+    linear attention, one full-attention layer in every `full_attention_interval`."""
+    rotary = head_dim // 4  # partial_rotary_factor 0.25, as the releases
+    text.update(
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(rotary // 2),
+            "mrope_interleaved": True,
+            "partial_rotary_factor": 0.25,
+        },
+        layer_types=[
+            "full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
+            for i in range(num_layers)
+        ],
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    )
+
+
 def _build_qwen3(
     out_dir: str | Path,
     words: Sequence[str],
@@ -318,63 +392,22 @@ def _build_qwen3(
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    out = Path(out_dir)
-    make_tokenizer = bpe_tokenizer if version == "3.5" else word_tokenizer
-    tokenizer = make_tokenizer(words, QWEN_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    tokenizer, ids = _tokenizer_and_ids(bpe_tokenizer if version == "3.5" else word_tokenizer, words, QWEN_SPECIAL)
     patch = 16
-    vision = dict(
-        depth=vision_depth,
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_heads=2,
-        patch_size=patch,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        out_hidden_size=hidden_size,
-        num_position_embeddings=(image_side // patch) ** 2 * 4,
-        deepstack_visual_indexes=list(range(vision_depth - 1)) or [0],
-    )
-    half = head_dim // 2
     text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     text["head_dim"] = head_dim
     if version == "3-vl":
         config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
-        section = [half - 2 * (half // 4), half // 4, half // 4]
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": section,
-            "mrope_interleaved": True,
-        }
+        _qwen3_vl_text(text, head_dim)
     else:
         config_class, model_class = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
-        rotary = head_dim // 4  # partial_rotary_factor 0.25, as the releases
-        section = [rotary // 2 - 2 * (rotary // 8), rotary // 8, rotary // 8]
-        text.update(
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": section,
-                "mrope_interleaved": True,
-                "partial_rotary_factor": 0.25,
-            },
-            layer_types=[
-                "full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
-                for i in range(num_layers)
-            ],
-            linear_conv_kernel_dim=4,
-            linear_key_head_dim=16,
-            linear_value_head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-        )
+        _qwen3_5_text(text, head_dim, num_layers, full_attention_interval)
     return _qwen_checkpoint(
-        out,
+        Path(out_dir),
         model_class,
         config_class,
         text,
-        vision,
+        _qwen3_vision(hidden_size, vision_depth, vision_hidden, image_side, patch),
         ids,
         Qwen3VLProcessor,
         Qwen2VLImageProcessor,
@@ -388,6 +421,41 @@ def _build_qwen3(
         generation=generation,
         num_frames=num_frames,
         video={},
+    )
+
+
+def _llava_onevision_config(ids: dict[str, int], image_side: int, text: dict, vision: dict):
+    """LLaVA-OneVision over a SigLIP tower and a Qwen2 decoder, any-resolution tiling up to 2x1."""
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", image_size=image_side, patch_size=14, **vision),
+        text_config=dict(model_type="qwen2", **text),
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=_pinpoints(image_side),
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def _pinpoints(image_side: int) -> list[list[int]]:
+    return [[image_side, image_side], [image_side, 2 * image_side], [2 * image_side, image_side]]
+
+
+def _llava_onevision_processor(tokenizer, image_side: int):
+    """The processor: images tiled to the pinpoints, video frames resized to `image_side` square."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    size = {"height": image_side, "width": image_side}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=_pinpoints(image_side)),
+        video_processor=LlavaOnevisionVideoProcessor(size=size, do_sample_frames=False),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_side // 14) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
     )
 
 
@@ -407,52 +475,16 @@ def build_llava_onevision(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a LLaVA-OneVision checkpoint (random weights), tokenizer and processor to `out_dir`."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-    )
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    out = Path(out_dir)
-    tokenizer = word_tokenizer(words, LLAVA_OV_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_OV_SPECIAL}
-    pinpoints = [[image_side, image_side], [image_side, 2 * image_side], [2 * image_side, image_side]]
-    config = LlavaOnevisionConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_depth,
-            num_attention_heads=2,
-            image_size=image_side,
-            patch_size=14,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            **_text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads),
-        ),
-        image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"],
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=pinpoints,
-        vision_aspect_ratio="anyres_max_9",
+    tokenizer, ids = _tokenizer_and_ids(word_tokenizer, words, LLAVA_OV_SPECIAL)
+    vision = dict(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_depth,
+        num_attention_heads=2,
     )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).to(dtype)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    size = {"height": image_side, "width": image_side}
-    processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
-        video_processor=LlavaOnevisionVideoProcessor(size=size, do_sample_frames=False),
-        tokenizer=tokenizer,
-        num_image_tokens=(image_side // 14) ** 2,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
+    config = _llava_onevision_config(ids, image_side, text, vision)
+    model = _seeded_model(LlavaOnevisionForConditionalGeneration, config, ids, seed, dtype, None)
+    return _save(Path(out_dir), model, _llava_onevision_processor(tokenizer, image_side))
