@@ -1,6 +1,8 @@
 """Planning: what a run captions, from a listing or a manifest, against what the output holds, keyed
 by (uri, etag), on the driver for small plans and as a Ray Data join for large ones (the same plan);
-transient errors are planned again only with --retry-errors; old outputs count as done."""
+transient errors are planned again only with --retry-errors; old outputs count as done. A large
+listing (sub-prefixes, a flat prefix, a local folder) is listed by Ray tasks, never whole on the
+driver; `include` filters a manifest's rows as it filters a listing."""
 
 from __future__ import annotations
 
@@ -209,7 +211,7 @@ def test_a_flat_prefix_beyond_the_limit_is_listed_past_the_driver(ray_local, s3_
     for key in [f"flat/{i:02d}.mp4" for i in range(30)] + ["flat/notes.txt"]:
         s3.put_object(Bucket=bucket, Key=key, Body=b"x")
     settings = S3Settings(endpoint=s3_server)
-    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2, raising=False)  # this process only, not Ray's workers
+    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2)  # this process only, not Ray's workers
     received: list[int] = []  # keys in each listing response to this process (the driver)
 
     def count(parsed, **_):
@@ -264,7 +266,7 @@ def test_a_large_local_folder_is_listed_past_the_driver(ray_local, tmp_path, mon
         (folder / ("sub" if i % 3 else "") / f"{i:02d}.mp4").write_bytes(b"x")
     (folder / "notes.txt").write_bytes(b"x")
     want = [(o.uri, o.etag) for o in list_videos(str(folder), VIDEO_PATTERNS, S3Settings())]
-    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2, raising=False)  # this process only, not Ray's workers
+    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2)  # this process only, not Ray's workers
     seen: list[str] = []
     scandir = os.scandir
     monkeypatch.setattr(os, "scandir", lambda path=".": _CountingScandir(scandir(path), seen, str(folder)))
