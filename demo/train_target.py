@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +256,7 @@ def evaluate_only(out: Path, args: argparse.Namespace) -> None:
     (out / "heldout_eval.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", choices=WORLDS, default="v1", help="the demo world to learn (see the docstring)")
     parser.add_argument("--out", help="checkpoint folder (default: models/demo-target; v2: models/demo-v2-target)")
@@ -291,8 +292,165 @@ def main(argv: list[str] | None = None) -> None:
         help="no training: score the checkpoint in --out on these held-out seeds (e.g. 100-399) "
         "into <out>/heldout_eval.json",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+@dataclass
+class _Run:
+    """What a training run carries from step to step: the model and its optimizer, the batch stream's
+    generator, the evaluation log and the best score so far (all of it in the resume state)."""
+
+    target: flash.Target
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    rng: np.random.Generator
+    log: list[dict] = field(default_factory=list)
+    best: float = -1.0
+    first_step: int = 1
+
+
+def _load_or_build(args: argparse.Namespace, out: Path, sizes: dict, words: list[str]) -> flash.Target:
+    """The model to train: --init's weights, the checkpoint in `out` (--resume), or a fresh one built there."""
+    if args.init:
+        target = flash.load_target(args.init, dtype=torch.float32, device=args.device)
+        out.mkdir(parents=True, exist_ok=True)
+        return target
+    if not args.resume:
+        build_qwen2_5_vl(out, words, seed=args.seed, **sizes)
+    return flash.load_target(out, dtype=torch.float32, device=args.device)
+
+
+def _new_run(target: flash.Target, args: argparse.Namespace) -> _Run:
+    """AdamW with a linear warm-up into a cosine decay over --steps."""
+    opt = torch.optim.AdamW(target.model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(200, args.steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
+    )
+    rng = np.random.default_rng(args.seed)
+    return _Run(target, opt, sched, EMA(target.model, args.ema) if args.ema else None, rng)
+
+
+def _resume(run: _Run, state_dir: Path, metric: str) -> None:
+    """Continue from the latest saved step: weights, optimizer, schedule, batch stream, log and EMA."""
+    state = torch.load(state_dir / "state.pt", weights_only=False, map_location="cpu")
+    run.target.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    run.rng = state["rng"]
+    run.first_step, run.best, run.log = state["step"] + 1, state["best"], state["log"]
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    print(f"resumed at step {state['step']} (best {metric} {run.best:.3f})", flush=True)
+
+
+def _save_state(run: _Run, state_dir: Path, step: int) -> None:
+    """The latest step's resume state, <out>/train_state/state.pt."""
+    state_dir.mkdir(exist_ok=True)
+    torch.save(
+        {
+            "model": run.target.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "rng": run.rng,
+            "step": step,
+            "best": run.best,
+            "log": run.log,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
+        },
+        state_dir / "state.pt",
+    )
+
+
+def _object_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[float, ...] | None:
+    """--object-weights as numbers (None: the world's own mix), refused outside world v1 or when invalid."""
+    if args.object_weights and args.world != "v1":
+        parser.error("--object-weights is for world v1 (its scenes have one to three objects)")
+    if not args.object_weights:
+        return None
+    object_weights = tuple(float(w) for w in args.object_weights.split(","))
+    training_scenes(np.random.default_rng(0), 1, object_weights)  # refuse bad weights before training
+    return object_weights
+
+
+def _train_step(run: _Run, inputs: BatchFeature, labels: torch.Tensor, step: int, device: str) -> torch.Tensor:
+    """One optimizer step (gradients clipped to norm 1); returns the loss."""
+    model = run.target.model
+    model.train()
+    loss = model(**inputs.to(device), labels=labels.to(device)).loss
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    run.opt.step()
+    run.sched.step()
+    if run.ema is not None:
+        run.ema.update(model, step)
+    return loss
+
+
+def _evaluate_and_keep_best(
+    run: _Run, args: argparse.Namespace, out: Path, step: int, loss: float, started: float, metric: str
+) -> float:
+    """Score the held-out clips (the EMA's weights where there is one), log it, and save the checkpoint
+    to `out` when it is the best so far; returns the score."""
+    model = run.target.model
+    model.eval()
+    live = run.ema.swap_in(model) if run.ema is not None else None  # evaluate (and save) the average
+    exact, rows, clauses = evaluate(
+        run.target, range(0, args.eval_clips), MAX_NEW_TOKENS[args.world], args.eval_rendered, args.world
+    )
+    elapsed = time.time() - started
+    entry = {"step": step, "loss": loss, "exact_match": exact, "seconds": elapsed}
+    if args.world == "v2":
+        entry["clause_accuracy"] = clauses["right"] / max(1, clauses["total"])
+        entry["clauses"] = v2.clause_summary(clauses)
+    run.log.append(entry)
+    acc = entry[metric]
+    print(f"eval step {step}: {metric} {acc:.3f}, exact match {exact:.3f} ({elapsed:.0f}s)", flush=True)
+    for r in rows[:3]:
+        if r["got"] != r["want"]:
+            print("  got :", r["got"], "\n  want:", r["want"], flush=True)
+    if acc >= run.best:
+        run.best = acc
+        model.save_pretrained(out, safe_serialization=True)
+        run.target.processor.save_pretrained(out)
+    if live is not None:
+        run.ema.swap_out(model, live)
+    return acc
+
+
+def _write_training_log(
+    out: Path, args: argparse.Namespace, run: _Run, sizes: dict, object_weights, n_params: int, metric: str
+) -> None:
+    """<out>/training_log.json: the run's settings, its evaluation log and its best score so far."""
+    (out / "training_log.json").write_text(
+        json.dumps(
+            {
+                "world": args.world,
+                "sizes": sizes,
+                "batch": args.batch,
+                "lr": args.lr,
+                "ema": args.ema,
+                "object_weights": object_weights,
+                "steps": args.steps,
+                "parameters": n_params,
+                "log": run.log,
+                f"best_{metric}": run.best,
+                "torch_threads": torch.get_num_threads(),
+                "device": args.device,
+                "data_workers": args.data_workers,
+                "eval_frames": "rendered" if args.eval_rendered else "h264",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
     out = Path(args.out or DEFAULT_OUT[args.world])
     if args.evaluate:
         evaluate_only(out, args)
@@ -302,137 +460,45 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.init:
-        target = flash.load_target(args.init, dtype=torch.float32, device=args.device)
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        if not args.resume:
-            build_qwen2_5_vl(out, words, seed=args.seed, **sizes)
-        target = flash.load_target(out, dtype=torch.float32, device=args.device)
-    model, processor = target.model, target.processor
-    model.requires_grad_(True)
-    n_params = sum(p.numel() for p in model.parameters())
+    target = _load_or_build(args, out, sizes, words)
+    target.model.requires_grad_(True)
+    n_params = sum(p.numel() for p in target.model.parameters())
     print(f"target: {n_params / 1e6:.2f}M parameters", flush=True)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(200, args.steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
-    )
-    rng = np.random.default_rng(args.seed)
+    run = _new_run(target, args)
     metric = "exact_match" if args.world == "v1" else "clause_accuracy"
-    log = []
     started = time.time()
-    best = -1.0
-    first_step = 1
-    ema = EMA(model, args.ema) if args.ema else None
     state_dir = out / "train_state"  # the latest step (weights + optimizer), not shipped: see .gitignore
     if args.resume and (state_dir / "state.pt").is_file():
-        state = torch.load(state_dir / "state.pt", weights_only=False, map_location="cpu")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        first_step, best, log = state["step"] + 1, state["best"], state["log"]
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        print(f"resumed at step {state['step']} (best {metric} {best:.3f})", flush=True)
-    object_weights = None
-    if args.object_weights and args.world != "v1":
-        parser.error("--object-weights is for world v1 (its scenes have one to three objects)")
-    if args.object_weights:
-        object_weights = tuple(float(w) for w in args.object_weights.split(","))
-        training_scenes(np.random.default_rng(0), 1, object_weights)  # refuse bad weights before training
+        _resume(run, state_dir, metric)
+    object_weights = _object_weights(parser, args)
     stream = batches(
-        processor,
+        target.processor,
         target.path,
-        rng,
+        run.rng,
         args.seed,
-        first_step,
+        run.first_step,
         args.steps,
         args.batch,
         args.data_workers,
         object_weights,
         args.world,
     )
-    for step, (inputs, labels) in zip(range(first_step, args.steps + 1), stream):
-        model.train()
-        loss = model(**inputs.to(args.device), labels=labels.to(args.device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            ema.update(model, step)
+    for step, (inputs, labels) in zip(range(run.first_step, args.steps + 1), stream):
+        loss = _train_step(run, inputs, labels, step, args.device)
         if step % 50 == 0:
             print(
-                f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - started:.0f}s",
+                f"step {step} loss {loss.item():.4f} lr {run.sched.get_last_lr()[0]:.2e} {time.time() - started:.0f}s",
                 flush=True,
             )
         if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            live = ema.swap_in(model) if ema is not None else None  # evaluate (and save) the average
-            exact, rows, clauses = evaluate(
-                target, range(0, args.eval_clips), MAX_NEW_TOKENS[args.world], args.eval_rendered, args.world
-            )
-            elapsed = time.time() - started
-            entry = {"step": step, "loss": loss.item(), "exact_match": exact, "seconds": elapsed}
-            if args.world == "v2":
-                entry["clause_accuracy"] = clauses["right"] / max(1, clauses["total"])
-                entry["clauses"] = v2.clause_summary(clauses)
-            log.append(entry)
-            acc = entry[metric]
-            print(f"eval step {step}: {metric} {acc:.3f}, exact match {exact:.3f} ({elapsed:.0f}s)", flush=True)
-            for r in rows[:3]:
-                if r["got"] != r["want"]:
-                    print("  got :", r["got"], "\n  want:", r["want"], flush=True)
-            if acc >= best:
-                best = acc
-                model.save_pretrained(out, safe_serialization=True)
-                processor.save_pretrained(out)
-            if live is not None:
-                ema.swap_out(model, live)
-            state_dir.mkdir(exist_ok=True)
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": rng,
-                    "step": step,
-                    "best": best,
-                    "log": log,
-                    "ema": ema.state_dict() if ema is not None else None,
-                },
-                state_dir / "state.pt",
-            )
-            (out / "training_log.json").write_text(
-                json.dumps(
-                    {
-                        "world": args.world,
-                        "sizes": sizes,
-                        "batch": args.batch,
-                        "lr": args.lr,
-                        "ema": args.ema,
-                        "object_weights": object_weights,
-                        "steps": args.steps,
-                        "parameters": n_params,
-                        "log": log,
-                        f"best_{metric}": best,
-                        "torch_threads": torch.get_num_threads(),
-                        "device": args.device,
-                        "data_workers": args.data_workers,
-                        "eval_frames": "rendered" if args.eval_rendered else "h264",
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
+            acc = _evaluate_and_keep_best(run, args, out, step, loss.item(), started, metric)
+            _save_state(run, state_dir, step)
+            _write_training_log(out, args, run, sizes, object_weights, n_params, metric)
             if acc == 1.0 and step >= args.steps // 2:
                 print("perfect held-out exact match; stopping early", flush=True)
                 break
-    print(f"done: best {metric} {best:.3f} in {time.time() - started:.0f}s", flush=True)
+    print(f"done: best {metric} {run.best:.3f} in {time.time() - started:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
