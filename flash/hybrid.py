@@ -5,9 +5,13 @@ Design (measured against a recompute from the last committed state: see docs/des
 - During `verify`, each gated-DeltaNet layer's recurrence over the block runs one token at a time
   through Hugging Face's own `torch_recurrent_gated_delta_rule`, the function `generate()` runs for
   every decoded token, so the state after each block position is at hand (the block's outputs are
-  the same as decoding it token by token). The two rule functions are swapped in the model's
-  modeling module for the duration of the forward pass only, under a lock; no modeling file is
-  copied or edited.
+  the same as decoding it token by token). No modeling file is copied or edited.
+- The layers call the two rule functions by their names in the modeling module, so those names are
+  bound, once per process, to dispatchers: a call made while the calling thread runs a verify
+  (`recording`, a context variable: per thread, per call) goes to that session's recorder; every
+  other call (prefill, plain decoding, `model.generate()`, another thread's forward) goes to
+  Hugging Face's function unchanged. Nothing is swapped back and forth and nothing is locked, so
+  sessions in several threads of one process decode side by side.
 - The cache records the convolution's whole input window over the block (`activate_past_recording`).
 - `commit` gives every row the recurrent state and the window at its own accepted length, so rows
   that accept different numbers of tokens stay exact. Full-attention layers are cropped as before.
@@ -16,13 +20,38 @@ Design (measured against a recompute from the last committed state: see docs/des
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import threading
+from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
-_PATCH_LOCK = threading.Lock()
 _RULES = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+_INSTALL_LOCK = threading.Lock()
+# The recorder of the verify this thread is running, if any (a new thread starts with None).
+_RECORDER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("flashcap_linear_recorder", default=None)
+
+
+def _dispatcher(original: Callable) -> Callable:
+    """`original` for every call but those made inside this thread's `LinearStates.recording`."""
+
+    def dispatch(*args, **kwargs):
+        recorder = _RECORDER.get()
+        return original(*args, **kwargs) if recorder is None else recorder(*args, **kwargs)
+
+    dispatch.flashcap_original = original
+    return dispatch
+
+
+def _install(module: ModuleType) -> None:
+    """Bind the modeling module's rule names to dispatchers (once: later calls find them there)."""
+    with _INSTALL_LOCK:
+        for name in _RULES:
+            rule = getattr(module, name)
+            if not hasattr(rule, "flashcap_original"):
+                setattr(module, name, _dispatcher(rule))
 
 
 def linear_layers(config) -> list[int]:
@@ -40,6 +69,8 @@ class LinearStates:
         if missing:
             names = ", ".join(missing)
             raise ValueError(f"{self.module.__name__} has no {names}: flashcap cannot roll this model back")
+        _install(self.module)
+        self.step_rule = self.module.torch_recurrent_gated_delta_rule.flashcap_original
         self._steps: list[list[torch.Tensor]] = []
         self.restore = True  # False only in tests: the negative control that must lose exactness
         for i in layers:
@@ -50,42 +81,37 @@ class LinearStates:
 
     @contextlib.contextmanager
     def recording(self):
-        """Run a verify forward pass with the block's recurrence stepped token by token, keeping the
-        state after each position (per linear layer, in layer order)."""
-        step_rule = self.module.torch_recurrent_gated_delta_rule
-        steps = self._steps = []
+        """Run a verify forward pass (in this thread) with the block's recurrence stepped token by
+        token, keeping the state after each position (per linear layer, in layer order)."""
+        self._steps = []
+        token = _RECORDER.set(self._stepwise)
+        try:
+            yield
+        finally:
+            _RECORDER.reset(token)
 
-        def stepwise(query, key, value, g, beta, initial_state=None, output_final_state=False, **kwargs):
-            kwargs.pop("cu_seqlens", None)
-            state = initial_state.clone() if initial_state is not None else None
-            states, outputs = [state], []
-            for t in range(query.shape[1]):
-                out, state = step_rule(
-                    query[:, t : t + 1],
-                    key[:, t : t + 1],
-                    value[:, t : t + 1],
-                    g=g[:, t : t + 1],
-                    beta=beta[:, t : t + 1],
-                    initial_state=None if state is None else state.clone(),  # the rule updates it in place
-                    output_final_state=True,
-                    **kwargs,
-                )
-                outputs.append(out)
-                states.append(state)
-            if states[0] is None:
-                states[0] = torch.zeros_like(states[1])
-            steps.append(states)
-            return torch.cat(outputs, dim=1), state.clone()
-
-        with _PATCH_LOCK:
-            saved = {name: getattr(self.module, name) for name in _RULES}
-            for name in _RULES:
-                setattr(self.module, name, stepwise)
-            try:
-                yield
-            finally:
-                for name, fn in saved.items():
-                    setattr(self.module, name, fn)
+    def _stepwise(self, query, key, value, g, beta, initial_state=None, output_final_state=False, **kwargs):
+        """A rule call of one layer: the block token by token, each position's state recorded."""
+        kwargs.pop("cu_seqlens", None)
+        state = initial_state.clone() if initial_state is not None else None
+        states, outputs = [state], []
+        for t in range(query.shape[1]):
+            out, state = self.step_rule(
+                query[:, t : t + 1],
+                key[:, t : t + 1],
+                value[:, t : t + 1],
+                g=g[:, t : t + 1],
+                beta=beta[:, t : t + 1],
+                initial_state=None if state is None else state.clone(),  # the rule updates it in place
+                output_final_state=True,
+                **kwargs,
+            )
+            outputs.append(out)
+            states.append(state)
+        if states[0] is None:
+            states[0] = torch.zeros_like(states[1])
+        self._steps.append(states)
+        return torch.cat(outputs, dim=1), state.clone()
 
     def commit(self, n_kept: torch.Tensor) -> None:
         """Row b keeps the state after its first n_kept[b] verified tokens."""
