@@ -294,9 +294,9 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
         store.write_bytes(f"_report-{run_id}.json", json.dumps(report, indent=2, default=str).encode())
         store.write_bytes(f"_throughput-{run_id}.png", tracker.chart_png())
     if rounds.missing:
+        last = f"last: {rounds.errors[-1]}" if rounds.errors else "no round reported an error"
         raise JobIncomplete(
-            f"{rounds.missing} of {plan.to_caption} videos have no row after {rounds.count} rounds "
-            f"(last: {rounds.errors[-1]}); "
+            f"{rounds.missing} of {plan.to_caption} videos have no row after {rounds.count} rounds ({last}); "
             "rerun the same command to finish them: rows already written are kept and never duplicated"
         )
     return report

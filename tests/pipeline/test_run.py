@@ -177,3 +177,13 @@ def test_timed_hands_items_over_with_a_none_for_each_quiet_wait_and_raises_what_
                 gate.set()
     assert got[0] == 1 and got.count(None) >= 3 and [x for x in got if x is not None] == [1, 2]
     assert list(timed(iter("abc"), lambda: None)) == ["a", "b", "c"]
+
+
+def test_rows_lost_without_an_error_still_end_in_job_incomplete(job):
+    """A round that ends cleanly but leaves videos without a row (the cluster dropped them silently):
+    after max_rounds the job says how many are missing, instead of failing on the empty error list."""
+    config, rounds, out = job
+    rounds.append(lambda todo: StandIn([_rows(todo[:1])]))
+    with pytest.raises(JobIncomplete, match=r"2 of 3 videos have no row after 1 rounds \(no round reported an error\)"):
+        run_job(config(max_rounds=1, report=False), log=lambda line: None)
+    assert [Path(r["video_uri"]).name for r in _parts(out)] == ["a.mp4"]
