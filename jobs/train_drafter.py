@@ -40,11 +40,13 @@ drafter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,7 +59,8 @@ import flash  # noqa: E402
 from flash.train import DistillExample, draft_vocabulary, drafter_loss  # noqa: E402
 from pipeline.checkpoints import CONFIG_FILES, checkpoint_digest, resolve_checkpoint  # noqa: E402
 from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, CaptionConfig, load_config  # noqa: E402
-from pipeline.storage import OutputStore, S3Settings, arrow_filesystem, is_s3, list_videos  # noqa: E402
+from pipeline.inputs import list_videos  # noqa: E402
+from pipeline.storage import OutputStore, S3Settings, arrow_filesystem, is_s3  # noqa: E402
 
 DISTILL_FORMAT = 3
 
@@ -172,73 +175,120 @@ def target_head_dir(ref: str, settings: S3Settings) -> Path:
     return resolve_checkpoint(ref, settings, only=CONFIG_FILES + tuple(files or ("*.safetensors",)))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import contextlib
-
+def _drafter_and_optimizer(config: dict, device: torch.device) -> tuple[flash.FlashDrafter, torch.optim.Optimizer, int]:
+    """The worker's drafter (on the target's embedding and LM head) and its optimizer, at the step of
+    the checkpoint to continue from (0: a fresh start). A restarted worker group resumes from this
+    run's newest checkpoint; --resume from an earlier run's (one with the same drafter config:
+    `latest_checkpoint`)."""
     import ray.train
-    import ray.train.torch
+
+    settings = S3Settings(**config["s3"])
+    head = flash.load_target_head(
+        target_head_dir(config["model"], settings),
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        device=device,
+    )
+    drafter_config = flash.DrafterConfig(**config["drafter"])
+    draft_ids = torch.tensor(config["draft_ids"], dtype=torch.long) if config["draft_ids"] else None
+    drafter = flash.FlashDrafter.for_target(head, drafter_config, draft_ids).float().train()
+    opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config["resume_from"]:
+        fs, _ = arrow_filesystem(config["storage"], settings)
+        checkpoint = ray.train.Checkpoint(config["resume_from"], filesystem=fs)
+    if checkpoint is None:
+        return drafter, opt, 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
+    drafter.load_state_dict(state["drafter"])
+    opt.load_state_dict(state["optimizer"])
+    return drafter, opt, int(state["step"])
+
+
+def _examples(seed: int, rank: int, cache_bytes: int) -> Iterator[DistillExample]:
+    """This worker's share of the set, epoch after epoch. A shard that fits in `cache_bytes` is kept
+    after its first pass and reshuffled for every later epoch; a larger one streams again each epoch
+    (the set's block order is randomized per epoch)."""
+    import ray.train
 
     from actors.distill import row_to_example
+
+    shard = ray.train.get_dataset_shard("train")
+    order = torch.Generator().manual_seed(seed * 1000 + rank)
+    cache: list | None = []
+    size = 0
+    for row in shard.iter_rows():
+        example = row_to_example(row)
+        if cache is not None:
+            size += example.features.numel() * example.features.element_size()
+            if size <= cache_bytes:
+                cache.append(example)
+            else:
+                cache = None
+        yield example
+    while True:
+        if cache:
+            for i in torch.randperm(len(cache), generator=order).tolist():
+                yield cache[i]
+        else:
+            for row in shard.iter_rows():
+                yield row_to_example(row)
+
+
+def _accumulate(
+    model: nn.Module, stream: Iterator[DistillExample], batch: int, on_gpu: bool
+) -> tuple[float, dict[str, float]]:
+    """Gradients of `batch` examples, one at a time, synced across workers on the last; returns the
+    mean loss and the mean of each metric."""
+    totals: dict[str, float] = {}
+    loss_sum = 0.0
+    for i in range(batch):
+        sync = i == batch - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext():
+                loss, metrics = model(next(stream))
+            (loss / batch).backward()
+        loss_sum += loss.item() / batch
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value / batch
+    return loss_sum, totals
+
+
+def _report(metrics: dict, rank: int, drafter: flash.FlashDrafter, opt: torch.optim.Optimizer) -> None:
+    """Report the step's metrics to Ray Train; rank 0 attaches the checkpoint (the training state, the
+    step and the drafter as a checkpoint folder)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    step = metrics["step"]
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(
+            {"drafter": drafter.state_dict(), "optimizer": opt.state_dict(), "step": step},
+            os.path.join(d, "train_state.pt"),
+        )
+        Path(d, "state.json").write_text(json.dumps({"step": step}))
+        drafter.save_pretrained(os.path.join(d, "drafter"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
 
     torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"])  # identical initial weights on every rank
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    settings = S3Settings(**config["s3"])
-    head = flash.load_target_head(
-        target_head_dir(config["model"], settings), dtype=torch.bfloat16 if on_gpu else torch.float32, device=device
-    )
-    drafter_config = flash.DrafterConfig(**config["drafter"])
-    draft_ids = torch.tensor(config["draft_ids"], dtype=torch.long) if config["draft_ids"] else None
-    drafter = flash.FlashDrafter.for_target(head, drafter_config, draft_ids).float().train()
-    opt = torch.optim.AdamW(drafter.parameters(), lr=config["lr"], betas=(0.9, 0.95), weight_decay=0.0)
-    start_step = 0
-    # A restarted worker group resumes from this run's newest checkpoint; --resume from an earlier run's
-    # (one with the same drafter config: `latest_checkpoint`).
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config["resume_from"]:
-        fs, _ = arrow_filesystem(config["storage"], settings)
-        checkpoint = ray.train.Checkpoint(config["resume_from"], filesystem=fs)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "train_state.pt"), map_location=device, weights_only=True)
-        drafter.load_state_dict(state["drafter"])
-        opt.load_state_dict(state["optimizer"])
-        start_step = int(state["step"])
+    drafter, opt, start_step = _drafter_and_optimizer(config, device)
     model = ray.train.torch.prepare_model(
         DistillLoss(drafter, config["noise"]), parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     core = model.module if hasattr(model, "module") else model
-
-    def examples():
-        """Epoch after epoch. A shard that fits in `cache_bytes` is kept after its first pass and
-        reshuffled for every later epoch; a larger one streams again each epoch (the set's block
-        order is randomized per epoch)."""
-        shard = ray.train.get_dataset_shard("train")
-        order = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
-        cache: list | None = []
-        size = 0
-        for row in shard.iter_rows():
-            example = row_to_example(row)
-            if cache is not None:
-                size += example.features.numel() * example.features.element_size()
-                if size <= config["cache_bytes"]:
-                    cache.append(example)
-                else:
-                    cache = None
-            yield example
-        while True:
-            if cache:
-                for i in torch.randperm(len(cache), generator=order).tolist():
-                    yield cache[i]
-            else:
-                for row in shard.iter_rows():
-                    yield row_to_example(row)
-
-    stream = examples()
+    stream = _examples(config["seed"], rank, config["cache_bytes"])
     steps, batch = config["steps"], config["batch"]
     progress = None
     if rank == 0:
@@ -251,41 +301,20 @@ def train_loop_per_worker(config: dict) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        loss_sum = 0.0
-        for i in range(batch):  # gradient accumulation: one example at a time, synced on the last
-            sync = i == batch - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext():
-                    loss, metrics = model(next(stream))
-                (loss / batch).backward()
-            loss_sum += loss.item() / batch
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value / batch
+        loss_sum, totals = _accumulate(model, stream, batch, device.type == "cuda")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         seen += batch * world
-        top1 = {k: v for k, v in totals.items() if k.startswith("top1_slot")}
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
                 loss=f"{loss_sum:.3f}",
-                top1="/".join(f"{v:.2f}" for v in top1.values()),
+                top1="/".join(f"{v:.2f}" for k, v in totals.items() if k.startswith("top1_slot")),
                 ex_per_s=f"{seen / max(time.time() - started, 1e-9):.1f}",
             )
         if step % config["checkpoint_every"] == 0 or step == steps:
             metrics = {"step": step, "loss": loss_sum, "examples_per_s": seen / (time.time() - started), **totals}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    torch.save(
-                        {"drafter": core.drafter.state_dict(), "optimizer": opt.state_dict(), "step": step},
-                        os.path.join(d, "train_state.pt"),
-                    )
-                    Path(d, "state.json").write_text(json.dumps({"step": step}))
-                    core.drafter.save_pretrained(os.path.join(d, "drafter"))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+            _report(metrics, rank, core.drafter, opt)
     if progress is not None:
         progress.close()
 
@@ -421,29 +450,26 @@ def build_config(args: argparse.Namespace) -> CaptionConfig:
     return with_checkpoint_defaults(config, settings_of(config))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.steps == 0 and args.draft_vocab:
         parser.error("--draft-vocab picks its tokens from the target's answers: it needs --videos and --steps > 0")
     if args.steps > 0 and not args.videos:
         parser.error("--videos is required unless --steps 0")
-    out = args.out if is_s3(args.out) else str(Path(args.out).expanduser().resolve())
-    if args.steps == 0:  # no clips: the target and the S3 settings are all it needs
-        import yaml
 
-        raw = yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {}
-        model = args.model or raw.get("model")
-        if not model:
-            parser.error("--model is required (or a --config that names the model)")
-        settings = S3Settings(args.s3_endpoint or raw.get("s3_endpoint"), raw.get("s3_region"))
-    else:
-        try:
-            config = build_config(args)
-        except ValueError as err:
-            parser.error(str(err))
-        settings, model = settings_of(config), config.model
-    drafter_config = flash.DrafterConfig(
+
+def _target_without_clips(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, S3Settings]:
+    """--steps 0: the target and the S3 settings, from the flags or the config's YAML (no clips to check)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {}
+    model = args.model or raw.get("model")
+    if not model:
+        parser.error("--model is required (or a --config that names the model)")
+    return model, S3Settings(args.s3_endpoint or raw.get("s3_endpoint"), raw.get("s3_region"))
+
+
+def _drafter_config(args: argparse.Namespace) -> flash.DrafterConfig:
+    return flash.DrafterConfig(
         block_size=args.block_size,
         num_layers=args.num_layers,
         use_visual_latents=not args.text_only,
@@ -452,29 +478,150 @@ def main(argv: list[str] | None = None) -> None:
         compression=args.compression,
         max_latents=args.max_latents,
     )
-    if args.steps == 0:
-        head = flash.load_target_head(target_head_dir(model, settings))
-        with tempfile.TemporaryDirectory() as d:
-            flash.FlashDrafter.for_target(head, drafter_config).save_pretrained(d)
-            write_drafter(Path(d), out, settings)
-        print(f"wrote an untrained drafter to {out}")
-        return
 
+
+def _write_untrained(model: str, settings: S3Settings, drafter_config: flash.DrafterConfig, out: str) -> None:
+    head = flash.load_target_head(target_head_dir(model, settings))
+    with tempfile.TemporaryDirectory() as d:
+        flash.FlashDrafter.for_target(head, drafter_config).save_pretrained(d)
+        write_drafter(Path(d), out, settings)
+    print(f"wrote an untrained drafter to {out}")
+
+
+def _start_ray() -> None:
+    """Join the cluster at RAY_ADDRESS, or start a local one, unless Ray is already up."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    import ray.data
 
-    storage = args.storage or default_storage(out)
-    if not is_s3(storage):
-        storage = str(Path(storage).expanduser().resolve())
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"),
             include_dashboard=False,
             **({} if os.environ.get("RAY_ADDRESS") else {"_node_ip_address": "127.0.0.1"}),
         )
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _worker_cpus(args: argparse.Namespace) -> tuple[float, int]:
+    """CPUs per training worker and its torch threads. One CPU is left to Ray Data, which streams the
+    set to the workers while they train: workers holding every CPU would wait forever for rows that no
+    task can be scheduled to read."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    worker_cpus = max(0.25, min(float(args.cpus_per_worker or 1e9), (cpus - 1) / args.workers))
+    return worker_cpus, max(1, int(worker_cpus))
+
+
+def _fit(args: argparse.Namespace, storage: str, settings: S3Settings, loop_config: dict, dataset):
+    """Ray Train over `dataset` with `loop_config` for every worker; the final checkpoint and metrics."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    worker_cpus, threads = _worker_cpus(args)
+    storage_fs, storage_path = arrow_filesystem(storage, settings)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**loop_config, "threads": threads},
+        datasets={"train": dataset},
+        scaling_config=ScalingConfig(
+            num_workers=args.workers,
+            use_gpu=args.gpu,
+            resources_per_worker={"CPU": worker_cpus},
+        ),
+        run_config=RunConfig(
+            name="drafter-" + time.strftime("%Y%m%d-%H%M%S"),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs if is_s3(storage) else None,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def _loop_config(
+    args: argparse.Namespace, model: str, settings: S3Settings, storage: str, drafter_config, draft_ids, resume
+) -> dict:
+    """What every training worker is given (its torch threads are added by `_fit`)."""
+    return {
+        "model": model,
+        "s3": asdict(settings),
+        "storage": storage,
+        "drafter": asdict(drafter_config),
+        "draft_ids": draft_ids,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "noise": args.noise,
+        "checkpoint_every": args.checkpoint_every,
+        "seed": args.seed,
+        "resume_from": resume[0] if resume else None,
+        "cache_bytes": int(args.cache_gb * 2**30),
+    }
+
+
+def _write_trained(
+    checkpoint, head: flash.TargetHead, out: str, settings: S3Settings, started: float, **summary
+) -> None:
+    """The checkpoint's drafter and training_summary.json (its step, then `summary`, the seconds since
+    `started` after the workers) into --out."""
+    with checkpoint.as_directory() as d:
+        drafter = flash.FlashDrafter.from_pretrained(Path(d) / "drafter", head)
+        final_step = json.loads(Path(d, "state.json").read_text())["step"]
+        with tempfile.TemporaryDirectory() as local:
+            drafter.save_pretrained(local)
+            summary = {
+                "steps": final_step,
+                "resumed_from_step": summary["resumed_from_step"],
+                "workers": summary["workers"],
+                "seconds": time.time() - started,
+                "distillation_set": summary["distillation_set"],
+                "metrics": summary["metrics"],
+                "config": asdict(drafter.config),
+            }
+            Path(local, "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            write_drafter(Path(local), out, settings)
+    print(f"wrote drafter to {out} ({summary['seconds']:.0f}s); last metrics {summary['metrics']}")
+
+
+def _resume_point(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, storage: str, settings: S3Settings, drafter: dict
+) -> tuple[str, int] | None:
+    """With --resume, the furthest checkpoint of this drafter under `storage` (`latest_checkpoint`)."""
+    if not args.resume:
+        return None
+    try:
+        resume = latest_checkpoint(storage, settings, drafter)
+    except ValueError as err:
+        parser.error(str(err))
+    if resume is None:
+        print("no checkpoint to resume from; starting fresh", flush=True)
+    return resume
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    out = args.out if is_s3(args.out) else str(Path(args.out).expanduser().resolve())
+    if args.steps == 0:  # no clips: the target and the S3 settings are all it needs
+        model, settings = _target_without_clips(parser, args)
+        _write_untrained(model, settings, _drafter_config(args), out)
+        return
+    try:
+        config = build_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    settings, drafter_config = settings_of(config), _drafter_config(args)
+
+    import ray.train
+
+    storage = args.storage or default_storage(out)
+    storage = storage if is_s3(storage) else str(Path(storage).expanduser().resolve())
+    _start_ray()
     started = time.time()
     path, keys, distilled = build_distill_set(config, storage, checkpoint_digest(config.model, settings))
     fs, _ = arrow_filesystem(storage, settings)
@@ -483,19 +630,9 @@ def main(argv: list[str] | None = None) -> None:
     draft_ids = _draft_ids(fs, path, keys, args.draft_vocab, head) if args.draft_vocab else None
     if draft_ids is not None:
         drafter_config.draft_vocab_size = len(draft_ids)
-    try:
-        resume = latest_checkpoint(storage, settings, asdict(drafter_config.sized_for(head))) if args.resume else None
-    except ValueError as err:
-        parser.error(str(err))
-    if args.resume and resume is None:
-        print("no checkpoint to resume from; starting fresh", flush=True)
+    resume = _resume_point(parser, args, storage, settings, asdict(drafter_config.sized_for(head)))
     resumed_from = resume[1] if resume else None
 
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    # One CPU is left to Ray Data, which streams the set to the workers while they train: workers
-    # holding every CPU would wait forever for rows that no task can be scheduled to read.
-    worker_cpus = max(0.25, min(float(args.cpus_per_worker or 1e9), (cpus - 1) / args.workers))
-    threads = max(1, int(worker_cpus))
     result_metrics: dict = {}
     if resumed_from is not None and resumed_from >= args.steps:
         print(
@@ -504,59 +641,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         checkpoint = ray.train.Checkpoint(resume[0], filesystem=fs)
     else:
-        storage_fs, storage_path = arrow_filesystem(storage, settings)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "model": config.model,
-                "s3": asdict(settings),
-                "storage": storage,
-                "drafter": asdict(drafter_config),
-                "draft_ids": draft_ids,
-                "steps": args.steps,
-                "batch": args.batch,
-                "lr": args.lr,
-                "warmup": args.warmup,
-                "noise": args.noise,
-                "checkpoint_every": args.checkpoint_every,
-                "seed": args.seed,
-                "threads": threads,
-                "resume_from": resume[0] if resume else None,
-                "cache_bytes": int(args.cache_gb * 2**30),
-            },
-            datasets={"train": read_distill_set(fs, path, keys).randomize_block_order()},
-            scaling_config=ScalingConfig(
-                num_workers=args.workers,
-                use_gpu=args.gpu,
-                resources_per_worker={"CPU": worker_cpus},
-            ),
-            run_config=RunConfig(
-                name="drafter-" + time.strftime("%Y%m%d-%H%M%S"),
-                storage_path=storage_path,
-                storage_filesystem=storage_fs if is_s3(storage) else None,
-            ),
-        )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError("training reported no checkpoint")
-        checkpoint, result_metrics = result.checkpoint, dict(result.metrics or {})
-    with checkpoint.as_directory() as d:
-        drafter = flash.FlashDrafter.from_pretrained(Path(d) / "drafter", head)
-        final_step = json.loads(Path(d, "state.json").read_text())["step"]
-        with tempfile.TemporaryDirectory() as local:
-            drafter.save_pretrained(local)
-            summary = {
-                "steps": final_step,
-                "resumed_from_step": resumed_from,
-                "workers": args.workers,
-                "seconds": time.time() - started,
-                "distillation_set": {"path": path, "clips": len(keys), "distilled_now": distilled},
-                "metrics": result_metrics,
-                "config": asdict(drafter.config),
-            }
-            Path(local, "training_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            write_drafter(Path(local), out, settings)
-    print(f"wrote drafter to {out} ({summary['seconds']:.0f}s); last metrics {result_metrics}")
+        loop_config = _loop_config(args, config.model, settings, storage, drafter_config, draft_ids, resume)
+        dataset = read_distill_set(fs, path, keys).randomize_block_order()
+        checkpoint, result_metrics = _fit(args, storage, settings, loop_config, dataset)
+    _write_trained(
+        checkpoint,
+        head,
+        out,
+        settings,
+        started,
+        resumed_from_step=resumed_from,
+        workers=args.workers,
+        distillation_set={"path": path, "clips": len(keys), "distilled_now": distilled},
+        metrics=result_metrics,
+    )
 
 
 if __name__ == "__main__":
