@@ -49,9 +49,7 @@ def test_worker_batches_follow_the_per_step_seeds_in_order(tmp_path):
     got = list(train_target.batches(target.processor, target.path, None, 7, 3, 5, 2, workers=2))
     assert len(got) == 3
     for step, (inputs, labels) in zip(range(3, 6), got):
-        want_inputs, want_labels = train_target.training_batch(
-            target.processor, np.random.default_rng([7, step]), 2
-        )
+        want_inputs, want_labels = train_target.training_batch(target.processor, np.random.default_rng([7, step]), 2)
         assert torch.equal(labels, want_labels)
         assert torch.equal(inputs["pixel_values_videos"], want_inputs["pixel_values_videos"])
 
