@@ -15,7 +15,7 @@ from flash.lookup import PromptLookupDrafter
 from tests.flash.test_batched import _batch
 from tests.helpers import hf_greedy
 
-FAMILIES = ["qwen2_5_vl", "llava_onevision"]
+FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
 MAX_NEW = 20
 K = 4
 
