@@ -95,13 +95,15 @@ def test_oracle_rows_joining_accept_whole_blocks(targets64):
     assert full >= 0.7 * engine.stats.row_cycles
 
 
-def test_admitted_rows_keep_the_repetition_penalty(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_5"])
+def test_admitted_rows_keep_the_repetition_penalty(tiny_checkpoints, targets64, tmp_path, family):
     """Joined rows carry their own seen ids (ragged lengths): equal to generate() with the penalty."""
     from tests.flash.test_generation_config import _hf, _with_generation_config
 
-    target = _with_generation_config(tiny_checkpoints["qwen2_5_vl"], tmp_path / "m", {"repetition_penalty": 1.5})
-    requests = _requests(target, "qwen2_5_vl", 5, seed=8)
+    target = _with_generation_config(tiny_checkpoints[family], tmp_path / "m", {"repetition_penalty": 1.5})
+    requests = _requests(target, family, 5, seed=8)
     alone = [_hf(target, r)[0] for r in requests]
+    assert alone != [_hf(targets64[family], r)[0] for r in requests]  # the penalty changes some rows
     for drafter in (None, flash.FlashDrafter.for_target(target), OracleDrafter(alone, target.vocab_size, K, 3)):
         engine = flash.Engine(target, drafter, max_new_tokens=24)
         got = _run(engine, requests, {0: 1, 2: 2, 3: 1})
