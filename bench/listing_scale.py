@@ -1,6 +1,6 @@
 """Listing at scale: the driver's memory while `--dry-run` plans a flat input of N objects, here a
 local folder of N empty files. A flat s3:// prefix takes the same path through
-`storage.list_input`; a moto server holds and lists a million keys too slowly to measure here.
+`inputs.list_input`; a moto server holds and lists a million keys too slowly to measure here.
 
     python -m bench.listing_scale [--objects 1000000] [--folder F] [--label L] [--out F]
 

@@ -19,17 +19,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.storage import (
-    LISTING_SCHEMA,
-    PART_KEYS_SCHEMA,
-    OutputStore,
-    S3Settings,
-    VideoObject,
-    list_input,
-    listing_table,
-    manifest_bytes,
-    read_manifest,
-)
+from pipeline.inputs import LISTING_SCHEMA, list_input, listing_table, manifest_bytes, read_manifest
+from pipeline.storage import PART_KEYS_SCHEMA, OutputStore, S3Settings, VideoObject
 
 DRIVER_PLAN_LIMIT = 200_000  # listed objects
 DRIVER_PLAN_OUTPUT_BYTES = 64 << 20  # Parquet bytes of output (a few hundred thousand rows)

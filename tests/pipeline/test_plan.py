@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import VIDEO_PATTERNS, load_config
+from pipeline.inputs import list_videos, read_manifest
 from pipeline.plan import make_plan, plan_on_driver, plan_with_ray
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject, list_videos, read_manifest
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject
 
 
 def _row(uri: str, etag: str, error: str = "", kind: str | None = None) -> dict:
@@ -161,7 +162,7 @@ def test_listing_fans_out_over_prefixes_and_finds_what_a_sequential_listing_find
     ray_local, s3_server, tmp_path, monkeypatch
 ):
     import pipeline.plan
-    from pipeline.storage import list_input, listing_shards
+    from pipeline.inputs import list_input, listing_shards
     from tests.pipeline.common import new_bucket, s3_client
 
     bucket, s3 = new_bucket(s3_server), s3_client(s3_server)
@@ -204,6 +205,7 @@ def _keys(dataset) -> list[tuple[str, str]]:
 def test_a_flat_prefix_beyond_the_limit_is_listed_past_the_driver(ray_local, s3_server, tmp_path, monkeypatch):
     """Beyond DRIVER_PLAN_LIMIT a flat prefix (no sub-prefix to fan out over) is listed by a Ray task,
     a page at a time: the driver itself receives at most the limit and one page of keys."""
+    import pipeline.inputs
     import pipeline.storage
     from tests.pipeline.common import new_bucket, s3_client
 
@@ -211,7 +213,7 @@ def test_a_flat_prefix_beyond_the_limit_is_listed_past_the_driver(ray_local, s3_
     for key in [f"flat/{i:02d}.mp4" for i in range(30)] + ["flat/notes.txt"]:
         s3.put_object(Bucket=bucket, Key=key, Body=b"x")
     settings = S3Settings(endpoint=s3_server)
-    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2)  # this process only, not Ray's workers
+    monkeypatch.setattr(pipeline.inputs, "LIST_PAGE", 2)  # this process only, not Ray's workers
     received: list[int] = []  # keys in each listing response to this process (the driver)
 
     def count(parsed, **_):
@@ -258,7 +260,7 @@ class _CountingScandir:
 def test_a_large_local_folder_is_listed_past_the_driver(ray_local, tmp_path, monkeypatch):
     """Beyond DRIVER_PLAN_LIMIT a local folder is listed by a Ray task on the driver's node, a page at
     a time: the driver itself reads at most the limit and one page of videos' entries."""
-    import pipeline.storage
+    import pipeline.inputs
 
     folder = tmp_path / "clips"
     (folder / "sub").mkdir(parents=True)
@@ -266,7 +268,7 @@ def test_a_large_local_folder_is_listed_past_the_driver(ray_local, tmp_path, mon
         (folder / ("sub" if i % 3 else "") / f"{i:02d}.mp4").write_bytes(b"x")
     (folder / "notes.txt").write_bytes(b"x")
     want = [(o.uri, o.etag) for o in list_videos(str(folder), VIDEO_PATTERNS, S3Settings())]
-    monkeypatch.setattr(pipeline.storage, "LIST_PAGE", 2)  # this process only, not Ray's workers
+    monkeypatch.setattr(pipeline.inputs, "LIST_PAGE", 2)  # this process only, not Ray's workers
     seen: list[str] = []
     scandir = os.scandir
     monkeypatch.setattr(os, "scandir", lambda path=".": _CountingScandir(scandir(path), seen, str(folder)))

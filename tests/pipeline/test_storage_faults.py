@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 
 import pipeline.run
+from pipeline.inputs import list_videos
 from pipeline.run import run_job
-from pipeline.storage import OutputStore, S3Settings, StorageError, list_videos, read_object
+from pipeline.storage import OutputStore, S3Settings, StorageError, read_object
 from tests.pipeline.common import config_for, new_bucket, read_output, s3_client, upload_clips
 from tests.pipeline.faultproxy import FaultProxy
 
