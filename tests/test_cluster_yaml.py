@@ -271,6 +271,7 @@ def _pip(python: Path, args: list[str], *extra: str) -> None:
     assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_setup_commands_resolve_in_fresh_python311(tmp_path):
     """Each setup command resolves (pip --dry-run: metadata only, nothing installed) in a fresh 3.11."""
     python = _fresh_python311(tmp_path)

@@ -161,6 +161,7 @@ def _yaml(tmp_path: Path, **fields) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_trains_from_object_storage_resumes_and_serves(ray_local, s3_server, tiny_checkpoints, tmp_path):
     """Target, clips, storage and output all in S3: 2 workers train, --resume continues from the last
     checkpoint to the new total, and the drafter serves in the pipeline from --drafter s3://...,

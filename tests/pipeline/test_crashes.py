@@ -28,6 +28,7 @@ def faults(ray_local):
     path.unlink(missing_ok=True)
 
 
+@pytest.mark.slow
 def test_crashed_workers_lose_nothing_and_poison_pills_become_error_rows(s3_server, ray_local, pipeline_models, faults):
     bucket = new_bucket(s3_server)
     upload_clips(s3_server, bucket, range(700, 710))
@@ -114,6 +115,7 @@ def test_job_incomplete_after_max_rounds_and_a_rerun_finishes(s3_server, ray_loc
     assert len(rows) == len({r["video_uri"] for r in rows}) == 16
 
 
+@pytest.mark.slow
 def test_a_device_failure_restarts_the_actor_and_charges_no_video(s3_server, ray_local, pipeline_models, faults):
     """A CUDA error in generation poisons the process's device context: the actor exits, Ray replaces
     it, and the batch is captioned again; no video gets an error row or a crash charge for it."""

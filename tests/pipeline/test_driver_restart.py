@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from demo.world import PROMPT, write_videos
@@ -24,6 +25,7 @@ def _parts(output: Path) -> list[Path]:
     return sorted(output.glob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_rerun_after_driver_kill_completes_exactly_once(ray_local, pipeline_models, tmp_path):
     videos, output = tmp_path / "videos", tmp_path / "captions"
     records = write_videos(videos, 24, seed=800)  # 3 read blocks of 8: the first part holds 8 rows

@@ -79,6 +79,7 @@ def _submit(command: list[str], env: dict, deadline_s: float = 240) -> subproces
         time.sleep(3)
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_job(ray_head, tmp_path, pipeline_models):
     address, env = ray_head
     videos, output = tmp_path / "videos", tmp_path / "captions"

@@ -59,6 +59,7 @@ def test_bad_objects_become_error_rows(s3_server, ray_local, pipeline_models):
         assert r["error"] == "" and r["caption"]
 
 
+@pytest.mark.slow
 def test_rerun_adds_only_new_objects(s3_server, ray_local, pipeline_models):
     bucket = new_bucket(s3_server)
     upload_clips(s3_server, bucket, range(200, 206))

@@ -80,6 +80,7 @@ def test_permanent_errors_are_not_retried(s3_server, proxy):
         list_videos("s3://flashcap-no-such-bucket/in/", ("*.mp4",), S3Settings(endpoint=s3_server))
 
 
+@pytest.mark.slow
 def test_job_under_faults_writes_every_row_once(s3_server, ray_local, pipeline_models, proxy):
     bucket = new_bucket(s3_server)
     upload_clips(s3_server, bucket, range(600, 608))
