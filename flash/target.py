@@ -4,9 +4,10 @@ speculative decoding, without forking any modeling file.
 `load_target` reads a checkpoint directory (safetensors only). `Target.prefill`
 runs the prompt, vision tower included, and returns the features (final hidden
 states, the input of the LM head) with the positions of the visual tokens. The
-returned `TargetSession` owns the batch's KV cache: `verify` scores a block of
-tokens in one forward pass, `commit` keeps the accepted part and rolls the rest
-back, `join` appends another prefill's rows between cycles (continuous batching).
+returned `TargetSession` owns the batch's KV cache (`flash.kv.TargetCache`, one
+length per row): `verify` scores a block of tokens in one forward pass, `commit`
+keeps the accepted part (the rest is overwritten later), `join` appends another
+prefill's rows between cycles (continuous batching).
 
 Positions are always passed explicitly. Qwen2-VL and Qwen2.5-VL use 3-D
 multimodal rotary positions (mrope): at prefill they come from the model's own
@@ -30,6 +31,7 @@ from transformers import AutoConfig, AutoProcessor, BatchFeature
 from transformers.cache_utils import DynamicCache
 
 from flash.hybrid import LinearStates, linear_layers
+from flash.kv import TargetCache
 
 # model_type -> (family, model class name in transformers)
 SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
@@ -204,40 +206,34 @@ class Target:
             visual_mask=torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device)) & mask.bool(),
             last_logits=self.lm_head(features[:, -1]),
         )
-        session = TargetSession(self, cache, mask, mask.long().sum(dim=1), deltas)
         layers = linear_layers(self.config.get_text_config())
+        rows = TargetCache(cache, mask, layers)
+        session = TargetSession(self, rows, mask.long().sum(dim=1), deltas)
         if layers:  # a hybrid target (Qwen3.5): linear-attention states are rolled back per row
-            session.linear = LinearStates(self.model, cache, layers)
+            session.linear = LinearStates(self.model, rows, layers)
         return session, prefill
 
 
 class TargetSession:
     """One batch's decoding state on the target. It alone touches the KV cache.
 
-    Invariant: the cache holds one entry per column of `attention_mask`; rows
-    that kept fewer tokens than others in a cycle have masked holes (0s) there.
-    `next_index[b]` counts row b's real tokens, which is its next text position.
+    The cache (`flash.kv.TargetCache`) keeps one committed length per row: `verify` writes the
+    block at each row's own length, `commit` moves the lengths. `next_index[b]` counts row b's
+    tokens, which is its next text position.
     """
 
-    def __init__(
-        self,
-        target: Target,
-        cache: DynamicCache,
-        attention_mask: torch.Tensor,
-        next_index: torch.Tensor,
-        rope_deltas: torch.Tensor,
-    ) -> None:
+    def __init__(self, target: Target, cache: TargetCache, next_index: torch.Tensor, rope_deltas: torch.Tensor):
         self.target = target
         self.cache = cache
-        self.attention_mask = attention_mask  # [B, S]
         self.next_index = next_index  # [B]
         self.rope_deltas = rope_deltas  # [B]
         self._pending = 0  # tokens verified but not yet committed
         self.linear: LinearStates | None = None  # the linear-attention layers of a hybrid target
 
     @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
+    def span(self) -> int:
+        """Cache columns the next pass of one token a row attends over."""
+        return self.cache.max_length + 1
 
     def _positions(self, width: int) -> torch.Tensor:
         steps = torch.arange(width, device=self.next_index.device)
@@ -245,6 +241,13 @@ class TargetSession:
         if self.target.family == "qwen":
             return (text + self.rope_deltas.unsqueeze(1)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
         return text
+
+    def _mask(self, width: int) -> torch.Tensor:
+        mask = self.cache.begin(width)  # [B, 1, T, span] bool
+        if self.target.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+            dtype = self.target.dtype
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
 
     @torch.inference_mode()
     def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,82 +258,43 @@ class TargetSession:
         """
         assert self._pending == 0, "verify called twice without commit"
         width = tokens.shape[1]
-        mask = torch.cat([self.attention_mask, torch.ones_like(tokens)], dim=1)
         with self.linear.recording() if self.linear else contextlib.nullcontext():
             out = self.target.model.model(
                 input_ids=tokens,
-                attention_mask=mask,
+                attention_mask=self._mask(width),
                 position_ids=self._positions(width),
                 past_key_values=self.cache,
                 use_cache=True,
             )
-        self.attention_mask = mask
         self._pending = width
         features = out.last_hidden_state
         return features, self.target.lm_head(features)
 
     def commit(self, n_kept: torch.Tensor, kept_max: int | None = None) -> None:
-        """Keep the first n_kept[b] verified tokens of each row; roll the rest back.
+        """Keep the first n_kept[b] verified tokens of each row; the rest is overwritten later.
 
         kept_max (= n_kept.max(), if the caller already has it on the host) saves a sync.
         """
-        width = self._pending
         keep = int(n_kept.max()) if kept_max is None else kept_max
-        if keep < width:
-            for i, layer in enumerate(self.cache.layers):
-                if not self.linear or i not in self.linear.layers:
-                    layer.crop(-(width - keep))
-            self.attention_mask = self.attention_mask[:, : self.length - (width - keep)]
+        self.cache.commit(n_kept, keep)
         if self.linear:
             self.linear.commit(n_kept)
-        if keep > 0:
-            steps = torch.arange(keep, device=n_kept.device)
-            self.attention_mask[:, -keep:] = (steps.unsqueeze(0) < n_kept.unsqueeze(1)).to(self.attention_mask.dtype)
         self.next_index = self.next_index + n_kept
         self._pending = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows: keep only `rows` [B'] of the batch."""
-        for i, layer in enumerate(self.cache.layers):
-            if not self.linear or i not in self.linear.layers:
-                layer.batch_select_indices(rows)
+        self.cache.select_rows(rows)
         if self.linear:
             self.linear.select_rows(rows)
-        self.attention_mask = self.attention_mask[rows]
         self.next_index = self.next_index[rows]
         self.rope_deltas = self.rope_deltas[rows]
-        self._drop_unused_columns()
-
-    def _drop_unused_columns(self) -> None:
-        """Crop the leading cache columns that no remaining row uses. Rows that joined later sit to
-        the right of the ones that were decoding (`join`); once those leave, their columns would
-        otherwise stay, and every later pass would attend over them."""
-        first = int(self.attention_mask.any(dim=0).to(torch.int8).argmax())  # a host sync, as rows leave
-        if first == 0:
-            return
-        for i, layer in enumerate(self.cache.layers):
-            if not self.linear or i not in self.linear.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        self.attention_mask = self.attention_mask[:, first:]
 
     def join(self, other: TargetSession) -> None:
         """Append the rows of another session (a new prefill) after this one's, between cycles.
-
-        The shorter cache is left-padded with masked entries: every row keeps its own positions
-        (`next_index`, `rope_deltas`), so where its entries sit in the cache does not matter.
-        """
+        Every row keeps its own length and positions (`next_index`, `rope_deltas`)."""
         assert self._pending == 0 and other._pending == 0, "join between cycles only"
-        length = max(self.length, other.length)
-        for i, (mine, theirs) in enumerate(zip(self.cache.layers, other.cache.layers)):
-            if self.linear and i in self.linear.layers:
-                continue  # no sequence axis: joined below
-            for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)  # [B, H, S, D]
-                a = torch.nn.functional.pad(a, (0, 0, length - a.shape[2], 0))
-                b = torch.nn.functional.pad(b, (0, 0, length - b.shape[2], 0))
-                setattr(mine, name, torch.cat([a, b], dim=0))
-        masks = (self.attention_mask, other.attention_mask)
-        self.attention_mask = torch.cat([torch.nn.functional.pad(m, (length - m.shape[1], 0)) for m in masks])
+        self.cache.join(other.cache)
         self.next_index = torch.cat([self.next_index, other.next_index])
         self.rope_deltas = torch.cat([self.rope_deltas, other.rope_deltas])
         if self.linear:
