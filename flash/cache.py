@@ -13,6 +13,18 @@ from __future__ import annotations
 import torch
 
 
+def write_at_lengths(
+    keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store k, v [B, H, T, D] in keys, values [B, H, C, D] at columns lengths[b] .. lengths[b] + T - 1
+    of each row b, in place: the one write of every per-row-length cache (the drafter's, the target's)."""
+    batch, heads, width, dim = k.shape
+    where = lengths.view(batch, 1, 1, 1) + torch.arange(width, device=k.device).view(1, 1, width, 1)
+    where = where.expand(batch, heads, width, dim)
+    keys.scatter_(2, where, k)
+    values.scatter_(2, where, v)
+
+
 class DrafterCache:
     def __init__(
         self,
@@ -51,12 +63,8 @@ class DrafterCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H, T, hd] at each row's length; return all keys/values up to `span(T)`."""
-        batch, heads, width, head_dim = k.shape
-        where = self.lengths.view(batch, 1, 1, 1) + torch.arange(width, device=k.device).view(1, 1, width, 1)
-        where = where.expand(batch, heads, width, head_dim)
-        self.keys[layer].scatter_(2, where, k)
-        self.values[layer].scatter_(2, where, v)
-        end = self.span(width)
+        write_at_lengths(self.keys[layer], self.values[layer], self.lengths, k, v)
+        end = self.span(k.shape[2])
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:

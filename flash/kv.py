@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from flash.cache import write_at_lengths
+
 
 class _RowLayer(CacheLayerMixin):
     """One attention layer's buffers; the owning cache knows the lengths and the span."""
@@ -111,11 +113,7 @@ class TargetCache(Cache):
 
     def write(self, layer: _RowLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [B, H, T, D] at each row's length; return every row's first `span` columns."""
-        batch, heads, width, dim = k.shape
-        where = self.lengths.view(batch, 1, 1, 1) + torch.arange(width, device=k.device).view(1, 1, width, 1)
-        where = where.expand(batch, heads, width, dim)
-        layer.keys.scatter_(2, where, k)
-        layer.values.scatter_(2, where, v)
+        write_at_lengths(layer.keys, layer.values, self.lengths, k, v)
         return layer.keys[:, :, : self.span], layer.values[:, :, : self.span]
 
     def commit(self, n_kept: torch.Tensor, kept_max: int) -> None:
