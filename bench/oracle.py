@@ -22,16 +22,17 @@ class OracleDrafter:
         self.block_size = block_size
         self.right_for = block_size if right_for is None else right_for
         self.cursor = 0
-        self.references: list[list[int]] = []
+        self.references: list[list[int] | None] = []  # per slot
         self.positions: list[int] = []
 
-    def _block(self, params: SamplingParams, device, block_size=None, first: int = 0) -> Block:
+    def _block(self, params: SamplingParams, device, block_size=None, slots: list[int] | None = None) -> Block:
         k = block_size or self.block_size
         rows = []
-        for ref, pos in zip(self.references[first:], self.positions[first:]):
+        for slot in slots:
+            ref, pos = self.references[slot], self.positions[slot]
             row = []
             for i in range(k):
-                tok = ref[pos + i] if pos + i < len(ref) else 0
+                tok = ref[pos + i] if ref is not None and pos + i < len(ref) else 0
                 row.append(tok if i < self.right_for else (tok + 1) % self.vocab_size)
             rows.append(row)
         tokens = torch.tensor(rows, dtype=torch.long, device=device)
@@ -40,20 +41,26 @@ class OracleDrafter:
             probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(torch.float64)
         return Block(tokens=tokens, probs=probs, features=torch.zeros(tokens.shape[0], k, 1))
 
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False) -> Block:
+    def start(
+        self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False, slots=None,
+        num_slots=None,
+    ) -> Block:  # fmt: skip
         n = first_tokens.shape[0]
+        slots = list(range(n)) if slots is None else slots
         if not join:
             self.cursor, self.references, self.positions = 0, [], []
-        self.references += self.all[self.cursor : self.cursor + n]
+        extra = max(num_slots or 0, max(slots) + 1) - len(self.references)
+        self.references, self.positions = self.references + [None] * extra, self.positions + [0] * extra
+        for slot, ref in zip(slots, self.all[self.cursor : self.cursor + n]):
+            self.references[slot], self.positions[slot] = ref, 1  # the prompt pass emitted reference[0]
         self.cursor += n
-        self.positions += [1] * n  # the prompt pass emitted reference[0]
-        return self._block(params, first_tokens.device, block_size, first=len(self.references) - n)
+        return self._block(params, first_tokens.device, block_size, slots)
 
     def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None):
-        self.positions = [p + n for p, n in zip(self.positions, n_new.tolist())]
-        return self._block(params, next_tokens.device, block_size)
+        bucket = next_tokens.shape[0]
+        self.positions[:bucket] = [p + n for p, n in zip(self.positions[:bucket], n_new.tolist())]
+        return self._block(params, next_tokens.device, block_size, list(range(bucket)))
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        keep = rows.tolist()
-        self.references = [self.references[i] for i in keep]
-        self.positions = [self.positions[i] for i in keep]
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.references[slot] = None

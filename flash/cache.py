@@ -26,6 +26,10 @@ def write_at_lengths(
 
 
 class DrafterCache:
+    """Slots [S, H, capacity, hd] per layer with one length per slot; a pass runs the first `bucket`
+    slots (the rows the engine keeps there), a prompt is written into free slots (`load`) and a
+    finished row's slot is released (`release`): the buffers never move between cycles."""
+
     def __init__(
         self,
         num_layers: int,
@@ -39,14 +43,25 @@ class DrafterCache:
         shape = (batch, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B] committed entries
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [S] committed entries
         self.capacity = capacity
-        # Host-side upper bound of lengths, so growing never needs a device sync.
-        self._max_length = 0
+        self.bucket = batch  # slots the next pass runs
+        # Host-side upper bound of each slot's length, so growing never needs a device sync.
+        self.bound = [0] * batch
+
+    @property
+    def num_slots(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def _max_length(self) -> int:
+        return max(self.bound[: self.bucket], default=0)
 
     def reserve(self, width: int) -> None:
-        """Make room for `width` more entries in every row (doubling)."""
-        need = self._max_length + width
+        """Make room for `width` more entries in every slot of the bucket (doubling)."""
+        self._grow(self._max_length + width)
+
+    def _grow(self, need: int) -> None:
         if need <= self.capacity:
             return
         new_capacity = max(need, 2 * self.capacity)
@@ -62,47 +77,62 @@ class DrafterCache:
         return self._max_length + width
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, hd] at each row's length; return all keys/values up to `span(T)`."""
-        write_at_lengths(self.keys[layer], self.values[layer], self.lengths, k, v)
+        """Store k, v [bucket, H, T, hd] at each slot's length; return all keys/values up to `span(T)`."""
+        rows = self.bucket
+        write_at_lengths(self.keys[layer][:rows], self.values[layer][:rows], self.lengths[:rows], k, v)
         end = self.span(k.shape[2])
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer][:rows, :, :end], self.values[layer][:rows, :, :end]
 
     def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
-        """Boolean mask [B, 1, T, span] for new tokens with validity valid [B, T].
+        """Boolean mask [bucket, 1, T, span] for new tokens with validity valid [bucket, T].
 
-        Query t of row b sees the row's committed entries and the valid new
+        Query t of slot b sees the slot's committed entries and the valid new
         entries at or before t.
         """
         batch, width = valid.shape
         span = self.span(width)
         key = torch.arange(span, device=valid.device).view(1, 1, span)  # [1, 1, S]
-        start = self.lengths.view(batch, 1, 1)
+        start = self.lengths[:batch].view(batch, 1, 1)
         query = torch.arange(width, device=valid.device).view(1, width, 1)  # [1, T, 1]
         rel = key - start  # [B, 1, S] index among the new entries
         new_ok = (rel >= 0) & (rel <= query) & valid.gather(1, rel.clamp(0, width - 1).squeeze(1)).unsqueeze(1)
         # The diagonal keeps padded queries from seeing nothing (their outputs are never read).
         return ((key < start) | new_ok | (rel == query)).unsqueeze(1)
 
-    def commit(self, n: torch.Tensor, n_max: int) -> None:
-        """Keep the first n[b] new entries of each row (n_max >= n.max(), known on the host)."""
-        self.lengths = self.lengths + n
-        self._max_length += n_max
+    def commit(self, n: torch.Tensor, n_max: int | list[int]) -> None:
+        """Keep the first n[b] new entries of each slot of the bucket; `n_max` is the same on the host,
+        per slot (exact) or one bound for all (>= n.max())."""
+        self.lengths[: self.bucket] += n
+        per_slot = n_max if isinstance(n_max, list) else [n_max] * self.bucket
+        for slot, count in enumerate(per_slot):
+            self.bound[slot] += count
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.lengths = self.lengths[rows]
-        # The bound follows the rows that remain (a host sync, as rows leave): passes attend over
-        # `span`, which would otherwise keep the length of the longest row that ever decoded.
-        self._max_length = int(self.lengths.max()) if rows.numel() else 0
+    def load(self, slots: list[int], other: DrafterCache) -> None:
+        """Write another cache's rows (in order) into `slots` (more slots are added if needed), each
+        with its own length."""
+        width = max(other.bound, default=0)
+        self._grow(width)
+        if max(slots) >= self.num_slots:
+            self.add_slots(max(slots) + 1)
+        where = torch.tensor(slots, device=self.lengths.device)
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[where, :, :width] = theirs[:, :, :width]
+        self.lengths[where] = other.lengths
+        for slot, n in zip(slots, other.bound):
+            self.bound[slot] = n
 
-    def join(self, other: DrafterCache) -> None:
-        """Append another cache's rows after this one's (each row keeps its own length)."""
-        capacity = max(self.capacity, other.capacity)
-        self.reserve(capacity - self._max_length)
-        other.reserve(capacity - other._max_length)
-        self.keys = [torch.cat([a[:, :, :capacity], b[:, :, :capacity]]) for a, b in zip(self.keys, other.keys)]
-        self.values = [torch.cat([a[:, :, :capacity], b[:, :, :capacity]]) for a, b in zip(self.values, other.values)]
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.capacity = capacity
-        self._max_length = max(self._max_length, other._max_length)
+    def add_slots(self, num_slots: int) -> None:
+        """Grow to `num_slots` slots (the buffers are reallocated)."""
+        extra = num_slots - self.num_slots
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                store[i] = torch.cat([buf, buf.new_zeros(extra, *buf.shape[1:])])
+        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
+        self.bound += [0] * extra
+
+    def release(self, slots: list[int]) -> None:
+        """Free slots: their lengths go to 0."""
+        if slots:
+            self.lengths[torch.tensor(slots, device=self.lengths.device)] = 0
+            for slot in slots:
+                self.bound[slot] = 0

@@ -418,11 +418,10 @@ class FlashDrafter(nn.Module):
             x = layer(x, cos, sin, cache, index, mask)
         return x
 
-    def _layers(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via the decoding cache."""
-        cache = self.cache
+    def _layers(self, x: torch.Tensor, valid: torch.Tensor, cache: DrafterCache) -> torch.Tensor:
+        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via a decoding cache."""
         cache.reserve(x.shape[1])
-        positions = cache.lengths.unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
+        positions = cache.lengths[: x.shape[0]].unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
         return self.run_layers(x, positions, cache.attention_mask(valid), cache, cache.span(x.shape[1]) - 1)
 
     def new_cache(self, batch: int, capacity: int, like: torch.Tensor) -> DrafterCache:
@@ -447,20 +446,25 @@ class FlashDrafter(nn.Module):
         generator: torch.Generator | None,
         block_size: int | None,
         seen: torch.Tensor | None = None,
+        cache: DrafterCache | None = None,
     ) -> Block:
         """Append real rows [B, R, D] (row b's first n_real[b] valid), draft a block, commit the real rows.
 
-        seen [B, N]: ids each row has seen (repetition penalty); slot i also sees the slots before it.
+        n_real_max: n_real on the host, per row or as a bound. seen [B, N]: ids each row has seen
+        (repetition penalty); slot i also sees the slots before it. A row with n_real 0 (an idle slot)
+        drafts from nothing; its block is never read.
         """
         k = block_size or self.config.block_size
         batch = rows.shape[0]
+        cache = self.cache if cache is None else cache
         slots = self.slots[: k - 1].unsqueeze(0).expand(batch, -1, -1)
         x = torch.cat([rows, slots], dim=1)
         all_valid = torch.cat([valid, torch.ones(batch, k - 1, dtype=torch.bool, device=rows.device)], dim=1)
-        hidden = self._layers(x, all_valid)  # [B, R + k - 1, D]
-        self.cache.commit(n_real, n_real_max)
+        hidden = self._layers(x, all_valid, cache)  # [B, R + k - 1, D]
+        cache.commit(n_real, n_real_max)
 
-        last = hidden.gather(1, (n_real - 1).view(batch, 1, 1).expand(batch, 1, hidden.shape[-1]))  # [B, 1, D]
+        at = (n_real - 1).clamp_min(0).view(batch, 1, 1).expand(batch, 1, hidden.shape[-1])
+        last = hidden.gather(1, at)  # [B, 1, D]
         slot_hidden = hidden[:, rows.shape[1] :]  # [B, k-1, D]
         one_pass = not self.config.refine and not (params.penalized and seen is not None)
         if one_pass:  # no slot depends on a drafted token: the whole block in one pass
@@ -497,11 +501,14 @@ class FlashDrafter(nn.Module):
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
         join: bool = False,
+        slots: list[int] | None = None,
+        num_slots: int | None = None,
     ) -> Block:
-        """Read the prompt (latents + text rows) into a fresh cache and draft the first block.
+        """Read the prompt (latents + text rows) into the cache and draft the first block.
 
-        first_tokens [B]: the token the target chose after the prompt. join: these rows are added
-        after the rows already decoding (continuous batching); otherwise they replace them.
+        first_tokens [B]: the token the target chose after the prompt. The rows take `slots`
+        (default 0..B-1) of a cache of `num_slots` (default B); join: the cache's other slots keep
+        the rows decoding (continuous batching), else a fresh cache replaces it.
         """
         ids, mask, features = prefill.input_ids, prefill.attention_mask.bool(), prefill.features
         batch, length, dim = features.shape
@@ -520,13 +527,15 @@ class FlashDrafter(nn.Module):
         for b, seq in enumerate(sequences):
             rows[b, : seq.shape[0]] = seq
             valid[b, : seq.shape[0]] = True
-        running = self.cache if join else None
-        self.cache = self.new_cache(batch, longest + 256, features)
+        prompt_cache = self.new_cache(batch, longest + 256, features)
         n_real = torch.tensor(lengths, device=features.device)
-        block = self._draft(rows, valid, n_real, longest, params, generator, block_size, seen)
-        if running is not None:
-            running.join(self.cache)
-            self.cache = running
+        block = self._draft(rows, valid, n_real, lengths, params, generator, block_size, seen, prompt_cache)
+        slots = list(range(batch)) if slots is None else slots
+        if not join or self.cache is None:
+            self.cache = self.new_cache(num_slots or batch, prompt_cache.capacity, features)
+        elif num_slots and num_slots > self.cache.num_slots:
+            self.cache.add_slots(num_slots)
+        self.cache.load(slots, prompt_cache)
         return block
 
     @torch.inference_mode()
@@ -535,20 +544,22 @@ class FlashDrafter(nn.Module):
         features: torch.Tensor,
         next_tokens: torch.Tensor,
         n_new: torch.Tensor,
-        n_new_max: int,
+        n_new_max: int | list[int],
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
     ) -> Block:
-        """Add the newly verified rows and draft the next block.
+        """Add the newly verified rows of the first `bucket` slots and draft their next block.
 
-        features [B, T, D]: target features at the kept positions; next_tokens
-        [B, T]: the token after each; row b has n_new[b] (<= T) valid rows.
+        features [bucket, T, D]: target features at the kept positions; next_tokens [bucket, T]: the
+        token after each; slot b has n_new[b] (<= T) valid rows (0 for an idle slot).
         """
+        self.cache.bucket = features.shape[0]
         valid = torch.arange(features.shape[1], device=features.device).unsqueeze(0) < n_new.unsqueeze(1)
         rows = self.fuse_rows(features, next_tokens)
         return self._draft(rows, valid, n_new, n_new_max, params, generator, block_size, seen)
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.cache.select_rows(rows)
+    def release(self, slots: list[int]) -> None:
+        """Free the slots of finished rows."""
+        self.cache.release(slots)

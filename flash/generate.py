@@ -6,9 +6,11 @@ A cycle, per row: the drafter proposes a block of k tokens; the target scores
 [last emitted token, block] in one pass; acceptance keeps the agreed prefix and
 adds the bonus token; EOS and max_new_tokens cut the row's tokens wherever they
 fall; the target cache keeps the verified prefix; the drafter reads the newly
-verified features and drafts again. Finished rows leave the batch, and new
-requests join it between cycles (continuous batching). `generate` is the
-engine run over one batch until every row is done.
+verified features and drafts again. Rows live in slots allocated once: a
+finished row frees its slot and a new request's prompt is written into a free
+one between cycles (continuous batching); a cycle runs the first `bucket`
+slots, free ones masked. `generate` is the engine run over one batch until
+every row is done.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from flash.target import Prefill, Target, TargetSession
 
 
 class Drafter(Protocol):
-    """What the loop needs of a drafter (FlashDrafter, or a test's oracle)."""
+    """What the loop needs of a drafter (FlashDrafter, prompt lookup, or a test's oracle). Rows live
+    in slots: `start` reads new rows into `slots` (of `num_slots`), `step` drafts for the first
+    `bucket` slots (a free slot reads nothing, its block is never read), `release` frees slots."""
 
     block_size: int
 
@@ -40,7 +44,9 @@ class Drafter(Protocol):
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
-        join: bool = False,  # add these rows after the ones decoding (else replace them)
+        join: bool = False,  # the other slots keep the rows decoding (else they are all reset)
+        slots: list[int] | None = None,
+        num_slots: int | None = None,
     ) -> Block: ...
 
     def step(
@@ -48,14 +54,14 @@ class Drafter(Protocol):
         features: torch.Tensor,
         next_tokens: torch.Tensor,
         n_new: torch.Tensor,
-        n_new_max: int,
+        n_new_max: int | list[int],
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
     ) -> Block: ...
 
-    def select_rows(self, rows: torch.Tensor) -> None: ...
+    def release(self, slots: list[int]) -> None: ...
 
 
 @dataclass
@@ -107,34 +113,90 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def bucket_for(rows: int, num_slots: int) -> int:
+    """The pass size for slots 0..rows-1: the next power of two, at most `num_slots`."""
+    return min(num_slots, 1 << max(0, (max(rows, 1) - 1).bit_length()))
+
+
+def _fit(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """t [B, ...] cut or zero-padded to `rows` rows."""
+    if t is None or t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        return t[:rows]
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
 @dataclass
-class _Live:
-    """The rows decoding now, in batch order; every tensor is [B, ...] in that order."""
+class _Slots:
+    """The rows decoding, by slot: slot s holds request `keys[s]` (None: free). Every tensor covers
+    the first `bucket` slots; new rows take the lowest free slots, so the bucket stays small."""
 
     session: TargetSession
-    keys: list[int]  # the request key of each row
-    last: torch.Tensor  # [B] newest emitted token, not yet in the target cache
-    budget: torch.Tensor  # [B] new tokens each row may still add
-    seen: torch.Tensor | None  # [B, N] ids each row has seen (repetition penalty), None without one
-    block: Block | None  # the drafted block the next verify checks; None: a plain cycle
-    pending: _Pending
+    keys: list[int | None]
+    last: torch.Tensor  # [bucket] newest emitted token, not yet in the target cache
+    budget: torch.Tensor  # [bucket] new tokens each row may still add (0 in a free slot)
+    active: torch.Tensor  # [bucket] the slot holds a row
+    seen: torch.Tensor | None = None  # [bucket, N] ids each row has seen (repetition penalty)
+    block: Block | None = None  # the drafted block the next verify checks; None: a plain cycle
+    pending: _Pending = field(default_factory=lambda: _Pending())
     draft_s: float = 0.0  # seconds of the draft that made `block`
 
-    def select_rows(self, rows: torch.Tensor, keep: list[int]) -> None:
-        self.session.select_rows(rows)
-        self.keys = [self.keys[i] for i in keep]
-        self.budget = self.budget[rows]
-        self.seen = self.seen[rows] if self.seen is not None else None
-        self.pending.select_rows(rows)
+    @property
+    def bucket(self) -> int:
+        return self.last.shape[0]
+
+    @property
+    def live(self) -> list[int]:
+        return [slot for slot, key in enumerate(self.keys) if key is not None]
+
+    def free(self, count: int) -> list[int]:
+        return [slot for slot, key in enumerate(self.keys) if key is None][:count]
+
+    def fit(self, rows: int) -> None:
+        """Cover the first `rows` slots (more: free ones appended; fewer: only free ones dropped)."""
+        self.session.bucket = rows
+        self.last, self.budget, self.active = _fit(self.last, rows), _fit(self.budget, rows), _fit(self.active, rows)
+        self.seen = _fit(self.seen, rows)
+        if self.block is not None:
+            block = self.block
+            self.block = Block(_fit(block.tokens, rows), _fit(block.probs, rows), _fit(block.features, rows))
+        self.pending.fit(rows)
+
+    def place(self, slots: list[int], keys: list[int], last, budget, seen) -> None:
+        """Put new rows in free `slots` (within the bucket)."""
+        where = torch.tensor(slots, device=last.device)
+        for slot, key in zip(slots, keys):
+            self.keys[slot] = key
+        self.last[where], self.budget[where], self.active[where] = last, budget, True
+        if seen is not None:
+            width = max(self.seen.shape[1] if self.seen is not None else 0, seen.shape[1])
+            self.seen = _widen_seen(self.seen if self.seen is not None else seen[:1].expand(self.bucket, -1), width)
+            self.seen[where] = _widen_seen(seen, width)
+        self.pending.clear(where)
+
+    def place_block(self, slots: list[int], block: Block) -> None:
+        """The new rows' first block joins the one the running rows verify next."""
+        if self.block is None:
+            self.block = Block(*(_fit(t[:0], self.bucket) if t is not None else None for t in (
+                block.tokens, block.probs, block.features)))  # fmt: skip
+        running, block = _same_width(self.block, block)
+        where = torch.tensor(slots, device=block.tokens.device)
+        running.tokens[where] = block.tokens
+        if running.probs is not None:
+            running.probs[where] = block.probs
+        running.features[where] = block.features.to(running.features.dtype)
+        self.block = running
 
 
 class Engine:
-    """The one draft/verify loop, with iteration-level scheduling (continuous batching).
+    """The one draft/verify loop over a fixed set of slots (continuous batching).
 
-    `admit` prefills a processor batch between cycles and joins its rows to the rows already
-    decoding (their KV caches, the drafter's, the penalty state); `step` runs one cycle over
-    every live row and returns the keys of the rows that finished in it. Each row's tokens are
-    the target's own, whenever it was admitted and whoever it shares cycles with.
+    `admit` prefills a processor batch between cycles and writes its rows into free slots (the
+    target's KV cache, the drafter's, the penalty state); `step` runs one cycle over the first
+    `bucket` slots (the live rows, free slots masked) and returns the keys of the rows that finished
+    in it, whose slots are then free. Nothing is gathered or concatenated as rows come and go. Each
+    row's tokens are the target's own, whenever it was admitted and whoever it shares cycles with.
     With no drafter every cycle is plain decoding, so both sides of a benchmark run this code.
     """
 
@@ -149,34 +211,53 @@ class Engine:
         repetition_penalty: float | None = None,
         generator: torch.Generator | None = None,
         block_size: int | BlockPolicy | None = None,
+        max_rows: int | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.params = SamplingParams.from_generation_config(
             target.model.generation_config, temperature, top_k, top_p, repetition_penalty
         )
         self.target, self.drafter, self.generator = target, drafter, generator
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.max_rows = max_new_tokens, max_rows
+        self.fixed_rows = max_rows is not None  # else the slots grow as batches are admitted
         self.policy = block_size if isinstance(block_size, BlockPolicy) else None
         self.block_size = None if self.policy else block_size
         self.device, self.eos = target.device, target.eos_token_ids
         self.stats = DecodeStats()
         self.sequences: list[list[int]] = []  # new tokens per request key
-        self._live: _Live | None = None
+        self._slots: _Slots | None = None
         self._max_accepted = 0
         self._last_accepted: list[int] = []
 
     @property
     def live(self) -> int:
         """Rows decoding now."""
-        return len(self._live.keys) if self._live is not None else 0
+        return len(self._slots.live) if self._slots is not None else 0
+
+    def _add_slots(self, state: _Slots, need: int) -> None:
+        """An engine without `max_rows` grows its slots (doubling) when a batch finds too few free."""
+        num_slots = max(need, 2 * len(state.keys))
+        state.session.add_slots(num_slots)
+        state.keys += [None] * (num_slots - len(state.keys))
+        self.max_rows = num_slots
+
+    def _open(self, batch: int) -> _Slots:
+        """The slots, allocated once: `max_rows` of them (the first batch's size if unset)."""
+        num_slots = self.max_rows or batch
+        self.max_rows = num_slots
+        zeros = torch.zeros(0, dtype=torch.long, device=self.device)
+        slots = _Slots(self.target.open(num_slots), [None] * num_slots, zeros, zeros, zeros.bool())
+        return slots
 
     @torch.inference_mode()
     def admit(self, inputs) -> list[int]:
-        """Prefill a processor batch and add its rows to the decoding ones; returns their keys.
-        Rows that end at their first token are finished at once."""
+        """Prefill a processor batch and write its rows into free slots; returns their keys.
+        Rows that end at their first token are finished at once and take no slot."""
         t0 = _clock(self.device)
-        session, prefill = self.target.prefill(inputs)
+        prompt, prefill = self.target.prompt(inputs)
         batch = prefill.input_ids.shape[0]
         keys = list(range(len(self.sequences), len(self.sequences) + batch))
         self.sequences += [[] for _ in keys]
@@ -188,33 +269,44 @@ class Engine:
         budget = torch.full((batch,), self.max_new_tokens, dtype=torch.long, device=self.device)
         n_kept, finished = clip_at_stop(first.unsqueeze(1), torch.ones_like(budget), self.eos, budget)
         still = self._record(keys, first.unsqueeze(1), n_kept, finished)  # one host sync
-        self.stats.prefill_s += _clock(self.device) - t0
         if not still:
+            self.stats.prefill_s += _clock(self.device) - t0
             return keys
-        budget, last = budget - n_kept, first
-        seen = mark_seen(seen, first.unsqueeze(1), n_kept) if seen is not None else None
-        if len(still) < batch:
-            rows = torch.tensor(still, device=self.device)
-            budget, last = budget[rows], last[rows]
-            seen = seen[rows] if seen is not None else None
-            session.select_rows(rows)
-            prefill = prefill.select_rows(rows)
-        new = _Live(session, [keys[i] for i in still], last, budget, seen, None, _Pending())
+        state = self._slots = self._slots or self._open(batch)
+        running = bool(state.live)
+        slots = state.free(len(still))
+        if len(slots) < len(still):
+            if self.fixed_rows:
+                raise ValueError(f"{len(still)} new rows, {len(slots)} free slots of max_rows={self.max_rows}")
+            self._add_slots(state, len(state.keys) + len(still) - len(slots))
+            slots = state.free(len(still))
+        state.fit(max(state.bucket, bucket_for(slots[-1] + 1, len(state.keys))))
+        state.session.load(slots, prompt, still)
+        rows = torch.tensor(still, device=self.device)
+        seen = mark_seen(seen, first.unsqueeze(1), n_kept)[rows] if seen is not None else None
+        last = first[rows]
+        state.place(slots, [keys[i] for i in still], last, (budget - n_kept)[rows], seen)
+        self.stats.prefill_s += _clock(self.device) - t0
         if self.drafter is not None:
-            t1 = _clock(self.device)
-            running = self._live
-            if running is None:
-                k = self.policy.choose(len(still)) if self.policy else self.block_size
-            else:  # the new rows join the block the running rows will verify next
-                k = running.block.tokens.shape[1] if running.block is not None else 0
-            plain = k == 0  # a plain cycle next: the drafter reads the prompt now, drafts later
-            joins = running is not None
-            block = self.drafter.start(prefill, last, params, self.generator, 1 if plain else k, seen, joins)
-            new.block = None if plain else block
-            new.draft_s = _clock(self.device) - t1
-            self.stats.draft_s += new.draft_s
-        self._join(new)
+            self._start_drafter(state, slots, prefill.select_rows(rows), last, seen, running)
         return keys
+
+    def _start_drafter(self, state: _Slots, slots: list[int], prefill: Prefill, last, seen, running: bool) -> None:
+        """The drafter reads the new rows' prompts into their slots and drafts their first block."""
+        t1 = _clock(self.device)
+        if not running:
+            k = self.policy.choose(state.bucket) if self.policy else self.block_size
+        else:  # the new rows join the block the running rows will verify next
+            k = state.block.tokens.shape[1] if state.block is not None else 0
+        plain = k == 0  # a plain cycle next: the drafter reads the prompt now, drafts later
+        block = self.drafter.start(
+            prefill, last, self.params, self.generator, 1 if plain else k, seen, running, slots, len(state.keys)
+        )
+        if not plain:
+            state.place_block(slots, block)
+        draft_s = _clock(self.device) - t1
+        state.draft_s = state.draft_s + draft_s if running else draft_s
+        self.stats.draft_s += draft_s
 
     def run(self, count: int, inputs_for: Callable[[list[int]], Any], max_rows: int) -> list[int]:
         """Decode requests 0..count-1 with at most `max_rows` rows live: waiting requests join as
@@ -222,6 +314,9 @@ class Engine:
         makes its processor batch). Returns each request's key into `sequences` and the stats."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if self._slots is None and not self.fixed_rows:
+            self.max_rows, self.fixed_rows = max_rows, True
+        max_rows = min(max_rows, self.max_rows)
         queue, keys = list(range(count)), [0] * count
         while queue or self.live:
             free = max_rows - self.live
@@ -232,127 +327,134 @@ class Engine:
             self.step()
         return keys
 
-    def _join(self, new: _Live) -> None:
-        live = self._live
-        if live is None:
-            self._live = new
-            return
-        live.session.join(new.session)
-        live.keys += new.keys
-        live.last = torch.cat([live.last, new.last])
-        live.budget = torch.cat([live.budget, new.budget])
-        if live.seen is not None:
-            live.seen = _cat_ragged(live.seen, new.seen)
-        if live.block is not None:
-            live.block = _cat_blocks(live.block, new.block)
-        live.pending.join(len(new.keys))
-
     @torch.inference_mode()
     def step(self) -> list[int]:
-        """One cycle (verify, accept, draft the next block) over every live row; returns the keys
+        """One cycle (verify, accept, draft the next block) over the bucket's slots; returns the keys
         of the rows that finished in it."""
-        live = self._live
-        if live is None:
+        state = self._slots
+        if state is None or not state.live:
             return []
-        params, drafter, policy = self.params, self.drafter, self.policy
         t_verify = _clock(self.device)
-        width = live.last.shape[0]
-        draft = live.block.tokens if live.block is not None else live.last.new_zeros(width, 0)  # [B, k]
+        bucket = state.bucket
+        draft = state.block.tokens if state.block is not None else state.last.new_zeros(bucket, 0)  # [B, k]
         k = draft.shape[1]
-        verified = torch.cat([live.last.unsqueeze(1), draft], dim=1)  # [B, k+1]
-        features, logits = live.session.verify(verified)  # [B, k+1, *]
-        context = seen_through(live.seen, verified) if live.seen is not None else None  # [B, k+1, N + k+1]
-        if params.greedy:
-            n_accepted, emitted = greedy_accept(draft, process(logits, params, context).argmax(dim=-1))
-        else:
-            p = probabilities(logits, params, context)
-            q = live.block.probs if live.block is not None else p.new_zeros(width, 0, p.shape[-1])
-            n_accepted, emitted = speculative_accept(draft, q, p, self.generator)
-        n_emit = n_accepted + 1
-        n_kept, finished = clip_at_stop(emitted, n_emit, self.eos, live.budget)
-        still = self._record(live.keys, emitted, n_kept, finished, n_accepted, k)  # one host sync
+        verified = torch.cat([state.last.unsqueeze(1), draft], dim=1)  # [B, k+1]
+        features, logits = state.session.verify(verified)  # [B, k+1, *]
+        n_accepted, emitted = self._accept(state, draft, verified, logits)
+        n_emit = (n_accepted + 1) * state.active  # a free slot emits nothing
+        n_kept, finished = clip_at_stop(emitted, n_emit, self.eos, state.budget)
+        live = state.live
+        still = self._record(state.keys, emitted, n_kept, finished, n_accepted, k)  # one host sync
         t_draft = _clock(self.device)
         self.stats.verify_s += t_draft - t_verify
-        if policy is not None:
-            policy.observe(width, k, live.draft_s, t_draft - t_verify, self._last_accepted)
-        kept = set(still)
-        done = [key for i, key in enumerate(live.keys) if i not in kept]
+        if self.policy is not None:
+            self.policy.observe(bucket, k, state.draft_s, t_draft - t_verify, self._last_accepted)
+        kept = [0] * bucket  # per slot, on the host: what its cache keeps ([last, accepted drafts])
+        for slot, a in zip(live, self._last_accepted):
+            kept[slot] = a + 1
+        state.session.commit(n_emit, kept=kept)
+        state.budget = state.budget - n_kept
+        if state.seen is not None:
+            state.seen = mark_seen(state.seen, emitted[:, : self._max_accepted + 1], n_emit)
+        done = self._release(state, [slot for slot in live if slot not in set(still)])
+        state.last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
+        state.block, state.draft_s = None, 0.0
         if not still:
-            self._live = None
             return done
-        # The cache keeps [last, accepted drafts]; the bonus enters with the next verify.
-        live.session.commit(n_emit, kept_max=self._max_accepted + 1)
-        live.budget = live.budget - n_kept
-        if live.seen is not None:
-            live.seen = mark_seen(live.seen, emitted[:, : self._max_accepted + 1], n_emit)
-        if len(still) < width:  # finished rows leave the batch and stop costing compute
-            rows = torch.tensor(still, device=self.device)
-            live.select_rows(rows, still)
-            features, emitted, n_accepted, n_emit = features[rows], emitted[rows], n_accepted[rows], n_emit[rows]
-            if drafter is not None:
-                drafter.select_rows(rows)
-        live.last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
-        live.block, live.draft_s = None, 0.0
-        if drafter is None:
+        rows = bucket_for(still[-1] + 1, len(state.keys))
+        state.fit(rows)
+        if self.drafter is None:
             return done
-        k_next = policy.choose(len(still)) if policy else self.block_size
-        live.pending.add(features, emitted, n_emit, self._max_accepted + 1)
-        if k_next == 0:  # a plain cycle next: the drafter reads these rows later
-            return done
-        rows_f, rows_t, rows_n, rows_max = live.pending.take()
-        live.block = drafter.step(rows_f, rows_t, rows_n, rows_max, params, self.generator, k_next, seen=live.seen)
-        live.draft_s = _clock(self.device) - t_draft
-        self.stats.draft_s += live.draft_s
+        n_emit = n_emit[:rows] * state.active  # rows that finished feed the drafter nothing
+        counts = [kept[slot] if slot in set(still) else 0 for slot in range(rows)]
+        self._draft(state, features[:rows], emitted[:rows], n_emit, counts, t_draft)
         return done
+
+    def _accept(self, state: _Slots, draft, verified, logits) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.params
+        context = seen_through(state.seen, verified) if state.seen is not None else None  # [B, k+1, N + k+1]
+        if params.greedy:
+            return greedy_accept(draft, process(logits, params, context).argmax(dim=-1))
+        p = probabilities(logits, params, context)
+        q = state.block.probs if state.block is not None else p.new_zeros(draft.shape[0], 0, p.shape[-1])
+        return speculative_accept(draft, q, p, self.generator)
+
+    def _release(self, state: _Slots, slots: list[int]) -> list[int]:
+        """Free the slots of finished rows; returns their keys."""
+        done = [state.keys[slot] for slot in slots]
+        if slots:
+            for slot in slots:
+                state.keys[slot] = None
+            where = torch.tensor(slots, device=self.device)
+            state.active[where], state.budget[where] = False, 0
+            state.pending.clear(where)
+            state.session.release(slots)
+            if self.drafter is not None:
+                self.drafter.release(slots)
+        return done
+
+    def _draft(self, state: _Slots, features, emitted, n_emit, counts: list[int], t_draft: float) -> None:
+        """Queue the verified rows for the drafter and, unless the next cycle is plain, draft."""
+        k_next = self.policy.choose(state.bucket) if self.policy else self.block_size
+        state.pending.add(features, emitted, n_emit, counts)
+        if k_next == 0:  # a plain cycle next: the drafter reads these rows later
+            return
+        rows_f, rows_t, rows_n, rows_counts = state.pending.take()
+        params, generator = self.params, self.generator
+        state.block = self.drafter.step(rows_f, rows_t, rows_n, rows_counts, params, generator, k_next, seen=state.seen)
+        state.draft_s = _clock(self.device) - t_draft
+        self.stats.draft_s += state.draft_s
 
     def _record(
         self,
-        keys: list[int],
+        keys: list[int | None],
         emitted: torch.Tensor,
         n_kept: torch.Tensor,
         finished: torch.Tensor,
         n_accepted: torch.Tensor | None = None,
         k: int = 0,
     ) -> list[int]:
-        """Append kept tokens and update stats; return the batch indices of rows still decoding."""
+        """Append kept tokens and update stats for the rows with a key (None: a free slot); return
+        the indices of rows still decoding."""
         stats = self.stats
         columns = [emitted, n_kept.unsqueeze(1), finished.to(emitted.dtype).unsqueeze(1)]
         if n_accepted is not None:
             columns.append(n_accepted.unsqueeze(1))
         host = torch.cat(columns, dim=1).tolist()  # the cycle's one device->host sync
         width = emitted.shape[1]
-        still = []
+        still, accepted = [], []
         for i, (key, values) in enumerate(zip(keys, host)):
+            if key is None:
+                continue
             keep = values[width]
             self.sequences[key].extend(values[:keep])
             stats.emitted += keep
             if not values[width + 1]:
                 still.append(i)
-        if n_accepted is not None:
-            accepted = [values[width + 2] for values in host]
-            stats.cycles += 1
-            stats.row_cycles += len(host)
-            stats.drafted += k * len(host)
-            stats.accepted += sum(accepted)
-            stats.accepted_per_cycle.append(accepted)
-            for key, a in zip(keys, accepted):
+            if n_accepted is not None:
+                a = values[width + 2]
+                accepted.append(a)
                 stats.row_accepted[key] += a
                 stats.row_cycle_count[key] += 1
+        if n_accepted is not None:
+            stats.cycles += 1
+            stats.row_cycles += len(accepted)
+            stats.drafted += k * len(accepted)
+            stats.accepted += sum(accepted)
+            stats.accepted_per_cycle.append(accepted)
             self._max_accepted = max(accepted)
             self._last_accepted = accepted
         return still
 
 
-def _cat_ragged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Stack seen-id rows [B1, N1] and [B2, N2]; the shorter repeats its first id (adds nothing)."""
-    width = max(a.shape[1], b.shape[1])
-    a, b = (torch.cat([x, x[:, :1].expand(-1, width - x.shape[1])], dim=1) for x in (a, b))
-    return torch.cat([a, b])
+def _widen_seen(seen: torch.Tensor, width: int) -> torch.Tensor:
+    """Seen-id rows [B, N] widened to `width` columns by repeating their first id (adds nothing)."""
+    return torch.cat([seen, seen[:, :1].expand(-1, width - seen.shape[1])], dim=1)
 
 
-def _cat_blocks(a: Block, b: Block) -> Block:
-    """Stack two blocks' rows; a narrower one (prompt lookup proposes up to k) is padded with its last
-    token, proposed with certainty, which only the target can accept or reject."""
+def _same_width(a: Block, b: Block) -> tuple[Block, Block]:
+    """Two blocks made as wide as the wider; a narrower one (prompt lookup proposes up to k) is padded
+    with its last token, proposed with certainty, which only the target can accept or reject."""
     width = max(a.tokens.shape[1], b.tokens.shape[1])
 
     def widen(block: Block) -> Block:
@@ -366,9 +468,7 @@ def _cat_blocks(a: Block, b: Block) -> Block:
         features = torch.cat([block.features, block.features[:, -1:].expand(-1, extra, -1)], dim=1)
         return Block(torch.cat([block.tokens, pad], dim=1), probs, features)
 
-    a, b = widen(a), widen(b)
-    probs = torch.cat([a.probs, b.probs]) if a.probs is not None else None
-    return Block(torch.cat([a.tokens, b.tokens]), probs, torch.cat([a.features, b.features]))
+    return widen(a), widen(b)
 
 
 @torch.inference_mode()
@@ -395,34 +495,38 @@ def generate(
     engine = Engine(
         target, drafter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator, block_size
     )
-    engine.admit(inputs)
+    engine.admit(inputs)  # one slot a row
     while engine.live:
         engine.step()
     return GenerateOutput(engine.sequences, engine.stats)
 
 
 class _Pending:
-    """Verified rows (features, following tokens, count per row) waiting for the drafter."""
+    """Verified rows (features, following tokens, count per slot) waiting for the drafter, over the
+    bucket's slots; `counts` is the same count on the host."""
 
     def __init__(self) -> None:
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = []
 
-    def add(self, features: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor, n_max: int) -> None:
-        self.chunks.append((features[:, :n_max], tokens[:, :n_max], n, n_max))
+    def add(self, features: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor, counts: list[int]) -> None:
+        width = max(counts, default=0)
+        self.chunks.append((features[:, :width], tokens[:, :width], n, list(counts)))
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.chunks = [(f[rows], t[rows], n[rows], m) for f, t, n, m in self.chunks]
-
-    def join(self, count: int) -> None:
-        """`count` new rows, with nothing pending, join after the current ones."""
+    def fit(self, rows: int) -> None:
         self.chunks = [
-            (torch.cat([f, f.new_zeros(count, *f.shape[1:])]), torch.cat([t, t.new_zeros(count, t.shape[1])]),
-             torch.cat([n, n.new_zeros(count)]), m)
-            for f, t, n, m in self.chunks
-        ]  # fmt: skip
+            (_fit(f, rows), _fit(t, rows), _fit(n, rows), (c + [0] * rows)[:rows]) for f, t, n, c in self.chunks
+        ]
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """All pending rows, left-packed per row: (features [B, T, D], tokens [B, T], n [B], bound on n)."""
+    def clear(self, where: torch.Tensor) -> None:
+        """Slots whose row left (or whose new row has read nothing yet) have nothing pending."""
+        slots = where.tolist()
+        for _, _, n, counts in self.chunks:
+            n[where] = 0
+            for slot in slots:
+                counts[slot] = 0
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """All pending rows, left-packed per slot: (features [B, T, D], tokens [B, T], n [B], n on the host)."""
         chunks, self.chunks = self.chunks, []
         if len(chunks) == 1:
             return chunks[0]
@@ -433,4 +537,5 @@ class _Pending:
         )
         order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid rows first, in order
         features = features.gather(1, order.unsqueeze(-1).expand_as(features))
-        return features, tokens.gather(1, order), valid.sum(dim=1), sum(c[3] for c in chunks)
+        counts = [sum(per_slot) for per_slot in zip(*(c[3] for c in chunks))]
+        return features, tokens.gather(1, order), valid.sum(dim=1), counts

@@ -13,8 +13,8 @@ Design (measured against a recompute from the last committed state: see docs/des
   Hugging Face's function unchanged. Nothing is swapped back and forth and nothing is locked, so
   sessions in several threads of one process decode side by side.
 - The cache records the convolution's whole input window over the block (`activate_past_recording`).
-- `commit` gives every row the recurrent state and the window at its own accepted length, so rows
-  that accept different numbers of tokens stay exact. Full-attention layers are cropped as before.
+- `commit` gives every slot the recurrent state and the window at its own accepted length, so rows
+  that accept different numbers of tokens stay exact. The states live per slot, as the KV cache does.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def linear_layers(config) -> list[int]:
 
 
 class LinearStates:
-    """The linear-attention layers of one session's cache: record during verify, restore on commit."""
+    """The linear-attention states of a session's slots: record during verify, keep each slot's own
+    position on commit. Each linear layer's convolution window and recurrent state are held per slot
+    ([slots, ...], written by `load`); a verify hands the layer object the first `bucket` slots."""
 
     def __init__(self, model, cache, layers: list[int]) -> None:
         self.cache, self.layers = cache, layers
@@ -72,17 +74,38 @@ class LinearStates:
         _install(self.module)
         self.step_rule = self.module.torch_recurrent_gated_delta_rule.flashcap_original
         self._steps: list[list[torch.Tensor]] = []
+        self.conv: dict[int, torch.Tensor] = {}  # layer -> [S, C, kernel]
+        self.recurrent: dict[int, torch.Tensor] = {}  # layer -> [S, ...]
         self.restore = True  # False only in tests: the negative control that must lose exactness
-        for i in layers:
-            cache.layers[i].activate_past_recording()
 
     def _layer(self, i: int):
         return self.cache.layers[i]
 
+    def load(self, slots: torch.Tensor, prompt, rows: torch.Tensor) -> None:
+        """Take the states of a prompt pass's `rows` into `slots`."""
+        for i in self.layers:
+            theirs = prompt.layers[i]
+            for store, state in ((self.conv, theirs.conv_states[0]), (self.recurrent, theirs.recurrent_states[0])):
+                if i not in store:
+                    store[i] = state.new_zeros(self.cache.num_slots, *state.shape[1:])
+                store[i][slots] = state[rows]
+            self._layer(i).activate_past_recording()
+
+    def add_slots(self, num_slots: int) -> None:
+        for store in (self.conv, self.recurrent):
+            for i, state in store.items():
+                store[i] = torch.cat([state, state.new_zeros(num_slots - state.shape[0], *state.shape[1:])])
+
     @contextlib.contextmanager
     def recording(self):
-        """Run a verify forward pass (in this thread) with the block's recurrence stepped token by
-        token, keeping the state after each position (per linear layer, in layer order)."""
+        """Run a verify forward pass (in this thread) over the bucket's slots, with the block's
+        recurrence stepped token by token, keeping the state after each position (per linear layer,
+        in layer order)."""
+        bucket = self.cache.bucket
+        for i in self.layers:
+            layer = self._layer(i)
+            layer.conv_states[0] = self.conv[i][:bucket]
+            layer.recurrent_states[0] = self.recurrent[i][:bucket]
         self._steps = []
         token = _RECORDER.set(self._stepwise)
         try:
@@ -114,32 +137,23 @@ class LinearStates:
         return torch.cat(outputs, dim=1), state.clone()
 
     def commit(self, n_kept: torch.Tensor) -> None:
-        """Row b keeps the state after its first n_kept[b] verified tokens."""
+        """Slot b of the bucket keeps the state after its first n_kept[b] verified tokens."""
         if len(self._steps) != len(self.layers):
             raise RuntimeError(f"recorded {len(self._steps)} linear layers, the model has {len(self.layers)}")
-        rows = torch.arange(n_kept.shape[0], device=n_kept.device)
+        bucket = n_kept.shape[0]
+        rows = torch.arange(bucket, device=n_kept.device)
         for i, states in zip(self.layers, self._steps):
             layer = self._layer(i)
             width = len(states) - 1
-            if self.restore:
-                layer.recurrent_states[0] = torch.stack(states)[n_kept, rows].contiguous()
             kernel = layer.conv_kernel_size[0]
-            window = layer.conv_states[0]  # [B, C, kernel + width]: the window before the block, then the block
+            window = layer.conv_states[0]  # [bucket, C, kernel + width]: the window before the block, then the block
             if self.restore:
+                self.recurrent[i][:bucket] = torch.stack(states)[n_kept, rows]
                 index = (n_kept.view(-1, 1, 1) + torch.arange(kernel, device=window.device)).expand(
                     -1, window.shape[1], -1
                 )
-                layer.conv_states[0] = torch.gather(window, 2, index)
+                self.conv[i][:bucket] = torch.gather(window, 2, index)
             else:
-                layer.conv_states[0] = window[..., width : width + kernel]
+                self.recurrent[i][:bucket] = states[-1]
+                self.conv[i][:bucket] = window[..., width : width + kernel]
         self._steps = []
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        for i in self.layers:
-            self._layer(i).reorder_cache(rows)
-
-    def join(self, other: LinearStates) -> None:
-        for i in self.layers:
-            mine, theirs = self._layer(i), other._layer(i)
-            mine.conv_states[0] = torch.cat([mine.conv_states[0], theirs.conv_states[0]])
-            mine.recurrent_states[0] = torch.cat([mine.recurrent_states[0], theirs.recurrent_states[0]])

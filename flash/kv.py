@@ -1,15 +1,21 @@
-"""The target's KV cache: preallocated buffers with one length per row, written in place.
+"""The target's KV cache: slots allocated once, one committed length per slot, written in place.
 
-Every full-attention layer holds keys and values [B, H, capacity, D]. Row b's committed entries are
-its first `lengths[b]` columns, whatever other rows hold. A verify writes its block at each row's own
-length and attends over the first `span` columns through a 4-D mask (row b's query t sees columns
-j <= lengths[b] + t); `commit` moves each length past what the row kept. Rolling back is not moving
-the length: rejected entries are overwritten by the next write, so nothing is concatenated, cropped
-or left as a masked hole. Linear-attention layers (Qwen3.5) keep Hugging Face's own layer objects,
-rolled back by `flash.hybrid`.
+Every full-attention layer holds keys and values [slots, H, capacity, D]. Slot s's committed entries
+are its first `lengths[s]` columns, whatever other slots hold. A pass runs the first `bucket` slots
+(the engine keeps its rows in the lowest slots): it writes its block at each slot's own length and
+attends over the first `span` columns through a 4-D mask (slot s's query t sees columns
+j <= lengths[s] + t); `commit` moves each length past what the row kept. Rolling back is not moving
+the length: rejected entries are overwritten by the next write, so nothing is concatenated, cropped,
+gathered or left as a masked hole. A prompt is written into free slots (`load`), a finished row's
+slot is released for the next one (`release`): the buffers never move, which graph capture needs.
+Linear-attention layers (Qwen3.5) keep Hugging Face's own layer objects; their per-slot states live
+in `flash.hybrid.LinearStates`.
+
+`span` is a multiple of `span_step`: with step 1 a pass reads exactly the live columns (eager); a
+captured graph needs few distinct spans, so the compiled engine rounds them up (masked columns).
 
 Hugging Face's model classes stay as they are: `TargetCache` is a `Cache` whose attention layers
-are `_RowLayer`s, and the model takes the 4-D mask as given.
+are `_SlotLayer`s, and the model takes the 4-D mask as given.
 """
 
 from __future__ import annotations
@@ -20,18 +26,18 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from flash.cache import write_at_lengths
 
 
-class _RowLayer(CacheLayerMixin):
-    """One attention layer's buffers; the owning cache knows the lengths and the span."""
+class _SlotLayer(CacheLayerMixin):
+    """One attention layer's buffers; the owning cache knows the lengths, the bucket and the span."""
 
     is_compileable = True
 
     def __init__(self, owner: TargetCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.owner, self.keys, self.values = owner, keys, values  # [B, H, C, D]
+        self.owner, self.keys, self.values = owner, keys, values  # [S, H, C, D]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        raise AssertionError("a TargetCache layer is built from a prefill, never lazily")
+        raise AssertionError("a TargetCache layer is allocated from a prompt, never lazily")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return self.owner.write(self, key_states, value_states)
@@ -40,102 +46,128 @@ class _RowLayer(CacheLayerMixin):
         return self.owner.span, 0
 
     def get_seq_length(self) -> int:
-        return self.owner.max_length
+        return max(self.owner.bound[: self.owner.bucket], default=0)
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
 
-    def resize(self, rows: torch.Tensor | None, capacity: int) -> None:
-        """Keep `rows` (all if None) and make the buffers `capacity` columns wide."""
+    def grow(self, capacity: int, num_slots: int | None = None) -> None:
         for name in ("keys", "values"):
             buf = getattr(self, name)
-            buf = buf if rows is None else buf[rows]
-            if buf.shape[2] != capacity:
-                grown = buf.new_zeros(buf.shape[0], buf.shape[1], capacity, buf.shape[3])
-                width = min(capacity, buf.shape[2])
-                grown[:, :, :width] = buf[:, :, :width]
-                buf = grown
-            setattr(self, name, buf)
+            grown = buf.new_zeros(num_slots or buf.shape[0], buf.shape[1], capacity, buf.shape[3])
+            grown[: buf.shape[0], :, : buf.shape[2]] = buf
+            setattr(self, name, grown)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 class TargetCache(Cache):
-    """A batch's KV cache with one committed length per row (see the module docstring)."""
+    """The slots' KV cache (see the module docstring). Buffers are allocated by the first `load`."""
 
-    def __init__(self, prefill: DynamicCache, attention_mask: torch.Tensor, linear: list[int], extra: int = 64):
-        """Take over a prefill's cache: attention mask [B, L] left-padded, so row b's tokens are its
-        last `lengths[b]` columns; they move to the row's first columns. `extra`: free columns."""
-        lengths = attention_mask.long().sum(dim=1)  # [B]
-        batch, width = attention_mask.shape
-        # column j of row b takes prefill column (width - lengths[b] + j) mod width: the real tokens first
-        source = (torch.arange(width, device=lengths.device).unsqueeze(0) + (width - lengths).unsqueeze(1)) % width
-        layers = []
-        for i, layer in enumerate(prefill.layers):
-            if i in linear:
-                layers.append(layer)
-                continue
-            moved = []
-            for buf in (layer.keys, layer.values):  # [B, H, L, D]
-                index = source.view(batch, 1, width, 1).expand_as(buf)
-                full = buf.new_zeros(buf.shape[0], buf.shape[1], width + extra, buf.shape[3])
-                full[:, :, :width] = buf.gather(2, index)
-                moved.append(full)
-            layers.append(_RowLayer(self, *moved))
-        super().__init__(layers=layers)
-        self.linear = set(linear)
-        self.lengths = lengths  # [B] committed entries per row
-        self.max_length = width  # host-side bound on lengths (the longest prompt fills its row)
-        self.width = 0  # tokens of the verify in flight
+    def __init__(self, num_slots: int, linear: list[int], span_step: int = 1, extra: int = 256):
+        self.num_slots, self.linear, self.span_step, self.extra = num_slots, set(linear), span_step, extra
+        self.lengths: torch.Tensor | None = None  # [S] committed entries per slot
+        self.bound = [0] * num_slots  # host-side upper bound of each slot's length
+        self.bucket = num_slots  # slots the next pass runs
+        self.width = 0  # tokens of the pass in flight
+        super().__init__(layers=[])
 
     @property
     def span(self) -> int:
-        """Columns a pass attends over: every committed entry of every row, and the new ones."""
-        return self.max_length + self.width
+        """Columns a pass attends over: every committed entry of the bucket's slots, and the new ones."""
+        return _round_up(max(self.bound[: self.bucket], default=0) + self.width, self.span_step)
 
     @property
     def capacity(self) -> int:
-        return next(layer.keys.shape[2] for layer in self._rows())
+        return next(layer.keys.shape[2] for layer in self._slots()) if self.layers else 0
 
-    def _rows(self) -> list[_RowLayer]:
+    def _slots(self) -> list[_SlotLayer]:
         return [layer for i, layer in enumerate(self.layers) if i not in self.linear]
 
-    def begin(self, width: int) -> torch.Tensor:
-        """Prepare a pass of `width` new tokens a row; returns its mask [B, 1, width, span], True where
-        query t of row b may attend (its committed entries and the new ones up to t)."""
-        need = self.max_length + width
-        if need > self.capacity:
+    def _allocate(self, prompt: DynamicCache, capacity: int, device: torch.device) -> None:
+        layers = []
+        for i, layer in enumerate(prompt.layers):
+            if i in self.linear:
+                layers.append(layer)  # its states are held per slot by flash.hybrid.LinearStates
+                continue
+            _, heads, _, dim = layer.keys.shape
+            shape = (self.num_slots, heads, capacity, dim)
+            buffers = [layer.keys.new_zeros(shape), layer.values.new_zeros(shape)]
+            layers.append(_SlotLayer(self, *buffers))
+        self.layers = layers
+        self.lengths = torch.zeros(self.num_slots, dtype=torch.long, device=device)
+
+    def load(self, slots: list[int], prompt: DynamicCache, attention_mask: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write rows `rows` [n] of a prompt pass's cache into `slots` (attention mask [n, L] of those
+        rows, left-padded): row i's tokens, its last lengths[i] columns, become slot slots[i]'s first
+        columns."""
+        lengths = attention_mask.long().sum(dim=1)  # [n]
+        batch, width = attention_mask.shape
+        need = _round_up(width + self.extra, self.span_step)
+        if not self.layers:
+            self._allocate(prompt, need, attention_mask.device)
+        elif need > self.capacity:
             capacity = max(need, 2 * self.capacity)
-            for layer in self._rows():
-                layer.resize(None, capacity)
+            for layer in self._slots():
+                layer.grow(capacity)
+        # column j of row i takes prompt column (width - lengths[i] + j) mod width: the real tokens first
+        source = (torch.arange(width, device=lengths.device).unsqueeze(0) + (width - lengths).unsqueeze(1)) % width
+        where = torch.tensor(slots, device=lengths.device)
+        for i, layer in enumerate(self.layers):
+            if i in self.linear:
+                continue
+            for mine, theirs in ((layer.keys, prompt.layers[i].keys), (layer.values, prompt.layers[i].values)):
+                theirs = theirs[rows]
+                index = source.view(batch, 1, width, 1).expand_as(theirs)
+                mine[where, :, :width] = theirs.gather(2, index)
+        self.lengths[where] = lengths
+        for slot, n in zip(slots, lengths.tolist()):
+            self.bound[slot] = n
+
+    def add_slots(self, num_slots: int) -> None:
+        """More slots (buffers reallocated: an engine without a fixed number of rows grows)."""
+        extra = num_slots - self.num_slots
+        self.num_slots, self.bound = num_slots, self.bound + [0] * extra
+        if self.layers:
+            capacity = self.capacity
+            for layer in self._slots():
+                layer.grow(capacity, num_slots)
+            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
+
+    def release(self, slots: list[int]) -> None:
+        """Free slots: their lengths go to 0, so their stale entries are never read again."""
+        if slots:
+            self.lengths[torch.tensor(slots, device=self.lengths.device)] = 0
+            for slot in slots:
+                self.bound[slot] = 0
+
+    def begin(self, width: int) -> torch.Tensor:
+        """Prepare a pass of `width` new tokens in each of the first `bucket` slots; returns its mask
+        [bucket, 1, width, span], True where query t of slot s may attend (its committed entries and
+        the new ones up to t)."""
         self.width = width
-        key = torch.arange(self.span, device=self.lengths.device).view(1, 1, 1, -1)  # [1, 1, 1, S]
-        query = torch.arange(width, device=self.lengths.device).view(1, 1, -1, 1)  # [1, 1, T, 1]
-        return key <= self.lengths.view(-1, 1, 1, 1) + query
+        if self.span > self.capacity:
+            capacity = max(self.span, 2 * self.capacity)
+            for layer in self._slots():
+                layer.grow(capacity)
+        device = self.lengths.device
+        key = torch.arange(self.span, device=device).view(1, 1, 1, -1)  # [1, 1, 1, S]
+        query = torch.arange(width, device=device).view(1, 1, -1, 1)  # [1, 1, T, 1]
+        return key <= self.lengths[: self.bucket].view(-1, 1, 1, 1) + query
 
-    def write(self, layer: _RowLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, D] at each row's length; return every row's first `span` columns."""
-        write_at_lengths(layer.keys, layer.values, self.lengths, k, v)
-        return layer.keys[:, :, : self.span], layer.values[:, :, : self.span]
+    def write(self, layer: _SlotLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [bucket, H, T, D] at each slot's length; return the slots' first `span` columns."""
+        rows = self.bucket
+        write_at_lengths(layer.keys[:rows], layer.values[:rows], self.lengths[:rows], k, v)
+        return layer.keys[:rows, :, : self.span], layer.values[:rows, :, : self.span]
 
-    def commit(self, n_kept: torch.Tensor, kept_max: int) -> None:
-        """Row b keeps the first n_kept[b] entries of the pass (kept_max >= n_kept.max(), on the host)."""
-        self.lengths = self.lengths + n_kept
-        self.max_length += kept_max
+    def commit(self, n_kept: torch.Tensor, kept: list[int] | int) -> None:
+        """Slot s of the bucket keeps the first n_kept[s] entries of the pass; `kept` is the same on
+        the host, per slot (exact) or one bound for all (>= n_kept.max())."""
+        self.lengths[: self.bucket] += n_kept
+        per_slot = kept if isinstance(kept, list) else [kept] * self.bucket
+        for slot, n in enumerate(per_slot):
+            self.bound[slot] += n
         self.width = 0
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` [B']; the bound follows the rows that remain (a host sync, as rows leave)."""
-        for layer in self._rows():
-            layer.resize(rows, layer.keys.shape[2])
-        self.lengths = self.lengths[rows]
-        self.max_length = int(self.lengths.max()) if rows.numel() else 0
-
-    def join(self, other: TargetCache) -> None:
-        """Append another cache's rows after this one's; every row keeps its own length."""
-        capacity = max(self.capacity, other.capacity)
-        for mine, theirs in zip(self._rows(), other._rows()):
-            mine.resize(None, capacity)
-            theirs.resize(None, capacity)
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.max_length = max(self.max_length, other.max_length)

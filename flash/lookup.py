@@ -32,7 +32,7 @@ class PromptLookupDrafter:
         if block_size < 1 or not 1 <= min_ngram <= max_ngram:
             raise ValueError("need block_size >= 1 and 1 <= min_ngram <= max_ngram")
         self.block_size, self.max_ngram, self.min_ngram = block_size, max_ngram, min_ngram
-        self.history: list[list[int]] = []
+        self.history: list[list[int] | None] = []  # per slot
         self.vocab_size, self.dtype = 0, torch.float32
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
@@ -50,14 +50,11 @@ class PromptLookupDrafter:
                         return follow
         return []
 
-    def _block(
-        self, params: SamplingParams, block_size: int | None, device: torch.device, history: list | None = None
-    ) -> Block:
+    def _block(self, params: SamplingParams, block_size: int | None, device: torch.device, history: list) -> Block:
         k = block_size or self.block_size
-        history = self.history if history is None else history
-        proposals = [self.propose(row, k) for row in history]
+        proposals = [self.propose(row, k) if row else [] for row in history]
         width = max(1, max(len(p) for p in proposals))
-        padded = [p + [p[-1] if p else row[-1]] * (width - len(p)) for p, row in zip(proposals, history)]
+        padded = [p + [p[-1] if p else (row[-1] if row else 0)] * (width - len(p)) for p, row in zip(proposals, history)]
         tokens = torch.tensor(padded, dtype=torch.long, device=device)
         probs = None
         if not params.greedy:
@@ -73,12 +70,19 @@ class PromptLookupDrafter:
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
         join: bool = False,
+        slots: list[int] | None = None,
+        num_slots: int | None = None,
     ) -> Block:
         ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
         keep = prefill.attention_mask.bool()
         self.vocab_size, self.dtype = prefill.last_logits.shape[-1], prefill.last_logits.dtype
         rows = [row[m].tolist() + [int(t)] for row, m, t in zip(ids, keep, first_tokens)]
-        self.history = self.history + rows if join else rows
+        slots = list(range(len(rows))) if slots is None else slots
+        if not join:
+            self.history = []
+        self.history += [None] * (max(num_slots or 0, max(slots) + 1) - len(self.history))
+        for slot, row in zip(slots, rows):
+            self.history[slot] = row
         return self._block(params, block_size, first_tokens.device, rows)  # the block is for these rows
 
     def step(
@@ -86,15 +90,18 @@ class PromptLookupDrafter:
         features: torch.Tensor,
         next_tokens: torch.Tensor,
         n_new: torch.Tensor,
-        n_new_max: int,
+        n_new_max: int | list[int],
         params: SamplingParams,
         generator: torch.Generator | None = None,
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
     ) -> Block:
-        for row, tokens, n in zip(self.history, next_tokens.tolist(), n_new.tolist()):
-            row.extend(tokens[:n])
-        return self._block(params, block_size, next_tokens.device)
+        bucket = next_tokens.shape[0]
+        for row, tokens, n in zip(self.history[:bucket], next_tokens.tolist(), n_new.tolist()):
+            if row is not None:
+                row.extend(tokens[:n])
+        return self._block(params, block_size, next_tokens.device, self.history[:bucket])
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.history = [self.history[i] for i in rows.tolist()]
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.history[slot] = None

@@ -1,13 +1,15 @@
 """The target adapter: one place that loads a Hugging Face VLM and drives it for
 speculative decoding, without forking any modeling file.
 
-`load_target` reads a checkpoint directory (safetensors only). `Target.prefill`
-runs the prompt, vision tower included, and returns the features (final hidden
-states, the input of the LM head) with the positions of the visual tokens. The
-returned `TargetSession` owns the batch's KV cache (`flash.kv.TargetCache`, one
-length per row): `verify` scores a block of tokens in one forward pass, `commit`
-keeps the accepted part (the rest is overwritten later), `join` appends another
-prefill's rows between cycles (continuous batching).
+`load_target` reads a checkpoint directory (safetensors only). `Target.prompt`
+runs the prompt, vision tower included, and returns its cache with the features
+(final hidden states, the input of the LM head) and the positions of the visual
+tokens. A `TargetSession` owns a fixed number of slots (`flash.kv.TargetCache`,
+one length per slot): `load` writes a prompt's rows into free slots, `verify`
+scores a block of tokens for the first `bucket` slots in one forward pass,
+`commit` keeps the accepted part (the rest is overwritten later), `release`
+frees a finished row's slot (continuous batching). `Target.prefill` is a prompt
+loaded into a session of its own.
 
 Positions are always passed explicitly. Qwen2-VL and Qwen2.5-VL use 3-D
 multimodal rotary positions (mrope): at prefill they come from the model's own
@@ -191,8 +193,8 @@ class Target:
         return positions, torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
 
     @torch.inference_mode()
-    def prefill(self, inputs) -> tuple[TargetSession, Prefill]:
-        """Run the prompt (vision tower included) and open a session on its KV cache."""
+    def prompt(self, inputs) -> tuple[Prompt, Prefill]:
+        """Run the prompt (vision tower included): its cache, to be loaded into slots, and its features."""
         kw = self._model_inputs(inputs)
         positions, deltas = self._prompt_positions(kw)
         cache = DynamicCache(config=self.config.get_text_config())
@@ -206,40 +208,107 @@ class Target:
             visual_mask=torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device)) & mask.bool(),
             last_logits=self.lm_head(features[:, -1]),
         )
-        layers = linear_layers(self.config.get_text_config())
-        rows = TargetCache(cache, mask, layers)
-        session = TargetSession(self, rows, mask.long().sum(dim=1), deltas)
-        if layers:  # a hybrid target (Qwen3.5): linear-attention states are rolled back per row
-            session.linear = LinearStates(self.model, rows, layers)
+        return Prompt(cache, mask, deltas), prefill
+
+    def open(self, num_slots: int, span_step: int = 1) -> TargetSession:
+        """A session with `num_slots` empty slots (its buffers belong to it, not to the target)."""
+        return TargetSession(self, num_slots, span_step)
+
+    @torch.inference_mode()
+    def prefill(self, inputs) -> tuple[TargetSession, Prefill]:
+        """Run the prompt and open a session whose slots hold its rows, in order."""
+        prompt, prefill = self.prompt(inputs)
+        batch = prefill.input_ids.shape[0]
+        session = self.open(batch)
+        session.load(list(range(batch)), prompt)
         return session, prefill
 
 
-class TargetSession:
-    """One batch's decoding state on the target. It alone touches the KV cache.
+@dataclass
+class Prompt:
+    """A prompt pass's KV cache (left-padded rows), before its rows take slots."""
 
-    The cache (`flash.kv.TargetCache`) keeps one committed length per row: `verify` writes the
-    block at each row's own length, `commit` moves the lengths. `next_index[b]` counts row b's
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [B, L]
+    rope_deltas: torch.Tensor  # [B]
+
+
+class TargetSession:
+    """The decoding state of a set of slots on the target. It alone touches the KV cache.
+
+    The cache (`flash.kv.TargetCache`) keeps one committed length per slot: `load` writes a prompt
+    into free slots, `verify` runs the first `bucket` slots and writes the block at each slot's own
+    length, `commit` moves the lengths, `release` frees slots. `next_index[s]` counts slot s's
     tokens, which is its next text position.
     """
 
-    def __init__(self, target: Target, cache: TargetCache, next_index: torch.Tensor, rope_deltas: torch.Tensor):
+    def __init__(self, target: Target, num_slots: int, span_step: int = 1):
         self.target = target
-        self.cache = cache
-        self.next_index = next_index  # [B]
-        self.rope_deltas = rope_deltas  # [B]
+        layers = linear_layers(target.config.get_text_config())
+        self.cache = TargetCache(num_slots, layers, span_step)
+        device = target.device
+        self.next_index = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
+        self.rope_deltas = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
         self._pending = 0  # tokens verified but not yet committed
-        self.linear: LinearStates | None = None  # the linear-attention layers of a hybrid target
+        # the linear-attention layers of a hybrid target (Qwen3.5): their states rolled back per slot
+        self.linear = LinearStates(target.model, self.cache, layers) if layers else None
+
+    @property
+    def num_slots(self) -> int:
+        return self.cache.num_slots
+
+    @property
+    def bucket(self) -> int:
+        """Slots the next pass runs: the first `bucket`."""
+        return self.cache.bucket
+
+    @bucket.setter
+    def bucket(self, value: int) -> None:
+        assert self._pending == 0 and 1 <= value <= self.num_slots
+        self.cache.bucket = value
 
     @property
     def span(self) -> int:
-        """Cache columns the next pass of one token a row attends over."""
-        return self.cache.max_length + 1
+        """Cache columns the next pass of one token a slot attends over."""
+        self.cache.width = 1
+        span, self.cache.width = self.cache.span, 0
+        return span
+
+    @torch.inference_mode()
+    def load(self, slots: list[int], prompt: Prompt, rows: list[int] | None = None) -> None:
+        """Write the prompt's `rows` (all if None) into `slots`, between cycles."""
+        assert self._pending == 0, "load between cycles only"
+        rows = list(range(prompt.attention_mask.shape[0])) if rows is None else rows
+        device = self.next_index.device
+        where, index = torch.tensor(slots, device=device), torch.tensor(rows, device=device)
+        mask = prompt.attention_mask[index]
+        self.cache.load(slots, prompt.cache, mask, index)
+        if self.linear:
+            self.linear.load(where, prompt.cache, index)
+        self.next_index[where] = mask.long().sum(dim=1)
+        self.rope_deltas[where] = prompt.rope_deltas.to(device)[index]
+
+    @torch.inference_mode()
+    def add_slots(self, num_slots: int) -> None:
+        """Grow to `num_slots` slots, between cycles (the buffers are reallocated)."""
+        extra = num_slots - self.num_slots
+        self.cache.add_slots(num_slots)
+        if self.linear:
+            self.linear.add_slots(num_slots)
+        self.next_index = torch.cat([self.next_index, self.next_index.new_zeros(extra)])
+        self.rope_deltas = torch.cat([self.rope_deltas, self.rope_deltas.new_zeros(extra)])
+
+    @torch.inference_mode()
+    def release(self, slots: list[int]) -> None:
+        """Free slots whose rows are done."""
+        self.cache.release(slots)
 
     def _positions(self, width: int) -> torch.Tensor:
+        bucket = self.bucket
         steps = torch.arange(width, device=self.next_index.device)
-        text = self.next_index.unsqueeze(1) + steps  # [B, T]
+        text = self.next_index[:bucket].unsqueeze(1) + steps  # [B, T]
         if self.target.family == "qwen":
-            return (text + self.rope_deltas.unsqueeze(1)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
+            return (text + self.rope_deltas[:bucket].unsqueeze(1)).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
         return text
 
     def _mask(self, width: int) -> torch.Tensor:
@@ -251,12 +320,13 @@ class TargetSession:
 
     @torch.inference_mode()
     def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score tokens [B, T] after the cached prefix in one pass.
+        """Score tokens [bucket, T] after each slot's cached prefix in one pass.
 
-        Returns (features [B, T, D], logits [B, T, V]); logits[:, t] predict the
+        Returns (features [bucket, T, D], logits [bucket, T, V]); logits[:, t] predict the
         token after tokens[:, t]. Must be followed by `commit`.
         """
         assert self._pending == 0, "verify called twice without commit"
+        assert tokens.shape[0] == self.bucket, f"a pass runs the bucket's {self.bucket} slots, got {tokens.shape[0]}"
         width = tokens.shape[1]
         with self.linear.recording() if self.linear else contextlib.nullcontext():
             out = self.target.model.model(
@@ -270,35 +340,16 @@ class TargetSession:
         features = out.last_hidden_state
         return features, self.target.lm_head(features)
 
-    def commit(self, n_kept: torch.Tensor, kept_max: int | None = None) -> None:
-        """Keep the first n_kept[b] verified tokens of each row; the rest is overwritten later.
-
-        kept_max (= n_kept.max(), if the caller already has it on the host) saves a sync.
-        """
-        keep = int(n_kept.max()) if kept_max is None else kept_max
-        self.cache.commit(n_kept, keep)
+    @torch.inference_mode()
+    def commit(self, n_kept: torch.Tensor, kept_max: int | None = None, kept: list[int] | None = None) -> None:
+        """Keep the first n_kept[s] verified tokens of each slot of the bucket; the rest is overwritten
+        later. The host's copy saves a sync: `kept` per slot (exact), or `kept_max` >= n_kept.max()."""
+        bound = kept if kept is not None else (int(n_kept.max()) if kept_max is None else kept_max)
+        self.cache.commit(n_kept, bound)
         if self.linear:
             self.linear.commit(n_kept)
-        self.next_index = self.next_index + n_kept
+        self.next_index[: self.bucket] += n_kept
         self._pending = 0
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: keep only `rows` [B'] of the batch."""
-        self.cache.select_rows(rows)
-        if self.linear:
-            self.linear.select_rows(rows)
-        self.next_index = self.next_index[rows]
-        self.rope_deltas = self.rope_deltas[rows]
-
-    def join(self, other: TargetSession) -> None:
-        """Append the rows of another session (a new prefill) after this one's, between cycles.
-        Every row keeps its own length and positions (`next_index`, `rope_deltas`)."""
-        assert self._pending == 0 and other._pending == 0, "join between cycles only"
-        self.cache.join(other.cache)
-        self.next_index = torch.cat([self.next_index, other.next_index])
-        self.rope_deltas = torch.cat([self.rope_deltas, other.rope_deltas])
-        if self.linear:
-            self.linear.join(other.linear)
 
 
 class TargetHead:

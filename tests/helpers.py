@@ -96,23 +96,23 @@ class FixedDistributionDrafter:
     def __init__(self, q: torch.Tensor, block_size: int = 2):
         self.q = q
         self.block_size = block_size
-        self.batch = 0
 
-    def _block(self, generator, rows: int | None = None) -> Block:
-        rows = self.batch if rows is None else rows
+    def _block(self, generator, rows: int) -> Block:
         probs = self.q.expand(rows, self.block_size, -1).contiguous()
         tokens = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
         features = torch.zeros(rows, self.block_size, 1)
         return Block(tokens=tokens.view(rows, self.block_size), probs=probs, features=features)
 
-    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False) -> Block:
-        self.batch = (self.batch if join else 0) + first_tokens.shape[0]
+    def start(
+        self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False, slots=None,
+        num_slots=None,
+    ) -> Block:  # fmt: skip
         return self._block(generator, first_tokens.shape[0])
 
     def step(
         self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None
     ) -> Block:
-        return self._block(generator)
+        return self._block(generator, next_tokens.shape[0])
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.batch = rows.shape[0]
+    def release(self, slots: list[int]) -> None:
+        pass

@@ -110,24 +110,35 @@ def test_admitted_rows_keep_the_repetition_penalty(tiny_checkpoints, targets64, 
         assert [got[i] for i in range(len(requests))] == alone
 
 
-def test_sessions_join_each_row_keeping_its_own_length(targets64):
-    """A joined session's rows see only their own entries: verify logits equal the row's own session."""
+def test_slots_keep_each_rows_own_length(targets64):
+    """Rows loaded into slots of one session see only their own entries: verify logits equal the
+    row's own session; a free slot between them (masked) changes nothing; a released slot's row
+    leaves the others exact."""
     target = targets64["qwen2_5_vl"]
     short, long = _requests(target, "qwen2_5_vl", 3, seed=9)[:2]
-    a, _ = target.prefill(short)
-    b, _ = target.prefill(long)
+    session = target.open(4)
+    session.load([0], target.prompt(short)[0])
+    session.load([2], target.prompt(long)[0])
     alone, _ = target.prefill(long)
-    a.join(b)
     lengths = [int(x.shape[1]) for x in (short["input_ids"], long["input_ids"])]
-    assert a.cache.lengths.tolist() == lengths and a.cache.max_length == max(lengths)  # each row its own length
-    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    _, joined = a.verify(tokens)
-    _, own = alone.verify(tokens[1:])
-    torch.testing.assert_close(joined[1], own[0], rtol=1e-12, atol=1e-12)
+    assert session.cache.lengths.tolist() == [lengths[0], 0, lengths[1], 0]  # each slot its own length
+    session.bucket = 4
+    tokens = torch.tensor([[5, 6, 7], [1, 1, 1], [8, 9, 10], [1, 1, 1]])
+    _, slotted = session.verify(tokens)
+    _, own = alone.verify(tokens[2:3])
+    torch.testing.assert_close(slotted[2], own[0], rtol=1e-12, atol=1e-12)
+    session.commit(torch.tensor([2, 0, 1, 0]), kept=[2, 0, 1, 0])
+    alone.commit(torch.tensor([1]))
+    session.release([0])
+    session.bucket = 4
+    _, slotted = session.verify(tokens)
+    _, own = alone.verify(tokens[2:3])
+    torch.testing.assert_close(slotted[2], own[0], rtol=1e-12, atol=1e-12)
 
 
 def test_drafter_rows_joined_draft_as_if_alone(targets64):
-    """The drafter's cache join keeps each row's own history: blocks equal the rows drafted alone."""
+    """Rows read into slots of the drafter's cache keep their own history: blocks equal the rows
+    drafted alone."""
     from flash.sampling import SamplingParams
 
     target = targets64["qwen2_5_vl"]
@@ -146,8 +157,8 @@ def test_drafter_rows_joined_draft_as_if_alone(targets64):
     for i in range(2):
         first_block = drafter.start(prefills[i], firsts[i], greedy)
         alone.append((first_block, drafter.step(features[i : i + 1], tokens[i : i + 1], n[i : i + 1], 3, greedy)))
-    drafter.start(prefills[0], firsts[0], greedy)
-    joined_first = drafter.start(prefills[1], firsts[1], greedy, join=True)
+    drafter.start(prefills[0], firsts[0], greedy, slots=[0], num_slots=2)
+    joined_first = drafter.start(prefills[1], firsts[1], greedy, join=True, slots=[1], num_slots=2)
     joined = drafter.step(features, tokens, n, 3, greedy)
     torch.testing.assert_close(joined_first.features, alone[1][0].features)
     for i in range(2):
@@ -181,7 +192,8 @@ def _cache_sizes(engine: flash.Engine, drafter, count: int, inputs_for, max_rows
     def measured_step():
         done = step()
         if engine.live:
-            widths.append(engine._live.session.cache.max_length)
+            cache = engine._slots.session.cache
+            widths.append(max(cache.bound[: cache.bucket]))
             if drafter is not None:
                 spans.append(drafter.cache.span(0))
         return done

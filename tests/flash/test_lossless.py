@@ -115,7 +115,7 @@ def test_rollback_matters(targets64, references, monkeypatch):
     target = targets64["qwen2_5_vl"]
     original = flash.TargetSession.commit
 
-    def no_rollback(self, n_kept, kept_max=None):
+    def no_rollback(self, n_kept, kept_max=None, kept=None):
         original(self, torch.full_like(n_kept, self._pending), self._pending)
 
     monkeypatch.setattr(flash.TargetSession, "commit", no_rollback)
@@ -129,15 +129,14 @@ def test_rollback_matters(targets64, references, monkeypatch):
 def test_mrope_positions_matter(targets64, references, monkeypatch):
     """Decoding after a video at positions without Qwen's rope delta changes the output."""
     target = targets64["qwen2_5_vl"]
-    original = flash.Target.prefill
+    original = flash.TargetSession.load
 
-    def without_delta(self, inputs):
-        session, prefill = original(self, inputs)
-        session.rope_deltas = torch.zeros_like(session.rope_deltas)
-        return session, prefill
+    def without_delta(self, slots, prompt, rows=None):
+        original(self, slots, prompt, rows)
+        self.rope_deltas.zero_()
 
     video_cases = [r for r in references["qwen2_5_vl"] if r[0].videos is not None]
-    monkeypatch.setattr(flash.Target, "prefill", without_delta)
+    monkeypatch.setattr(flash.TargetSession, "load", without_delta)
     differ = sum(
         flash.generate(target, None, inputs, max_new_tokens=MAX_NEW).sequences != [ref]
         for _, inputs, ref in video_cases
