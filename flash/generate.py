@@ -113,6 +113,9 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+MAX_BLOCK = 31  # the room a slot keeps for a verified block, past its token budget
+
+
 def bucket_for(rows: int, num_slots: int) -> int:
     """The pass size for slots 0..rows-1: the next power of two, at most `num_slots`."""
     return min(num_slots, 1 << max(0, (max(rows, 1) - 1).bit_length()))
@@ -212,6 +215,7 @@ class Engine:
         generator: torch.Generator | None = None,
         block_size: int | BlockPolicy | None = None,
         max_rows: int | None = None,
+        compile: str | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -223,6 +227,7 @@ class Engine:
         self.target, self.drafter, self.generator = target, drafter, generator
         self.max_new_tokens, self.max_rows = max_new_tokens, max_rows
         self.fixed_rows = max_rows is not None  # else the slots grow as batches are admitted
+        self.compile = compile  # the backend verify passes are compiled with (None: eager)
         self.policy = block_size if isinstance(block_size, BlockPolicy) else None
         self.block_size = None if self.policy else block_size
         self.device, self.eos = target.device, target.eos_token_ids
@@ -249,8 +254,17 @@ class Engine:
         num_slots = self.max_rows or batch
         self.max_rows = num_slots
         zeros = torch.zeros(0, dtype=torch.long, device=self.device)
-        slots = _Slots(self.target.open(num_slots), [None] * num_slots, zeros, zeros, zeros.bool())
-        return slots
+        extra = self.max_new_tokens + MAX_BLOCK + 1  # a row's tokens and a block fit without growing
+        session = self.target.open(num_slots, self.compile, extra)
+        return _Slots(session, [None] * num_slots, zeros, zeros, zeros.bool())
+
+    @property
+    def compile_status(self) -> dict:
+        """{"active": verify passes run compiled, "fallback": why not, when compiling was asked}."""
+        session = self._slots.session if self._slots is not None else None
+        if session is None:
+            return {"active": bool(self.compile), "fallback": None}
+        return {"active": session.compile is not None, "fallback": session.fallback}
 
     @torch.inference_mode()
     def admit(self, inputs) -> list[int]:

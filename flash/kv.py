@@ -11,8 +11,8 @@ slot is released for the next one (`release`): the buffers never move, which gra
 Linear-attention layers (Qwen3.5) keep Hugging Face's own layer objects; their per-slot states live
 in `flash.hybrid.LinearStates`.
 
-`span` is a multiple of `span_step`: with step 1 a pass reads exactly the live columns (eager); a
-captured graph needs few distinct spans, so the compiled engine rounds them up (masked columns).
+With `span_step` 1 a pass reads exactly the live columns (eager); a captured graph needs few
+distinct spans, so the compiled engine rounds them up to `span_bucket`s (the extra columns masked).
 
 Hugging Face's model classes stay as they are: `TargetCache` is a `Cache` whose attention layers
 are `_SlotLayer`s, and the model takes the 4-D mask as given.
@@ -46,7 +46,7 @@ class _SlotLayer(CacheLayerMixin):
         return self.owner.span, 0
 
     def get_seq_length(self) -> int:
-        return max(self.owner.bound[: self.owner.bucket], default=0)
+        return self.owner.span - self.owner.width
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
@@ -59,25 +59,34 @@ class _SlotLayer(CacheLayerMixin):
             setattr(self, name, grown)
 
 
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
+def span_bucket(n: int, smallest: int) -> int:
+    """The least of smallest x {1, 1.5, 2, 3, 4, 6, ...} that holds n columns: two spans an octave,
+    so a captured engine has few graphs, and at most a third of the columns a pass reads are masked."""
+    span = smallest
+    while span < n:
+        span = span * 3 // 2 if span & (span - 1) == 0 else span * 4 // 3
+    return span
 
 
 class TargetCache(Cache):
     """The slots' KV cache (see the module docstring). Buffers are allocated by the first `load`."""
 
     def __init__(self, num_slots: int, linear: list[int], span_step: int = 1, extra: int = 256):
+        """`extra`: columns a slot holds past its prompt (the engine's token budget and a block)."""
         self.num_slots, self.linear, self.span_step, self.extra = num_slots, set(linear), span_step, extra
         self.lengths: torch.Tensor | None = None  # [S] committed entries per slot
         self.bound = [0] * num_slots  # host-side upper bound of each slot's length
         self.bucket = num_slots  # slots the next pass runs
-        self.width = 0  # tokens of the pass in flight
+        # The pass in flight, fixed by `begin` on the host (plain ints: all a captured pass reads)
+        self.width = 0  # its tokens a slot
+        self.span = 0  # the columns it attends over
         super().__init__(layers=[])
 
-    @property
-    def span(self) -> int:
-        """Columns a pass attends over: every committed entry of the bucket's slots, and the new ones."""
-        return _round_up(max(self.bound[: self.bucket], default=0) + self.width, self.span_step)
+    def span_for(self, width: int) -> int:
+        """Columns a pass of `width` tokens attends over: every committed entry of the bucket's slots
+        and the new ones (rounded up to a `span_bucket` of `span_step` unless it is 1)."""
+        need = max(self.bound[: self.bucket], default=0) + width
+        return need if self.span_step == 1 else span_bucket(need, self.span_step)
 
     @property
     def capacity(self) -> int:
@@ -105,7 +114,9 @@ class TargetCache(Cache):
         columns."""
         lengths = attention_mask.long().sum(dim=1)  # [n]
         batch, width = attention_mask.shape
-        need = _round_up(width + self.extra, self.span_step)
+        need = width + self.extra
+        if self.span_step > 1:  # few distinct capacities: a buffer's shape is part of a captured pass
+            need = span_bucket(need, self.span_step)
         if not self.layers:
             self._allocate(prompt, need, attention_mask.device)
         elif need > self.capacity:
@@ -147,7 +158,7 @@ class TargetCache(Cache):
         """Prepare a pass of `width` new tokens in each of the first `bucket` slots; returns its mask
         [bucket, 1, width, span], True where query t of slot s may attend (its committed entries and
         the new ones up to t)."""
-        self.width = width
+        self.width, self.span = width, self.span_for(width)
         if self.span > self.capacity:
             capacity = max(self.span, 2 * self.capacity)
             for layer in self._slots():

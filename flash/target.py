@@ -22,18 +22,27 @@ never leaves a stale position behind.
 from __future__ import annotations
 
 import contextlib
+import logging
 import inspect
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, BatchFeature
 from transformers.cache_utils import DynamicCache
 
 from flash.hybrid import LinearStates, linear_layers
 from flash.kv import TargetCache
+
+# A compiled engine's spans are `flash.kv.span_bucket`s from this size up: few shapes, few graphs.
+SPAN_STEP = 64
+MAX_GRAPHS = 512  # compiled pass shapes per target before dynamo gives up (then: eager, with the reason)
+UNCAPTURABLE_HYBRID = "linear-attention rollback records each position's state in Python: decoding eager"
 
 # model_type -> (family, model class name in transformers)
 SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
@@ -74,6 +83,20 @@ class Prefill:
         return Prefill(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
+_COMPILE_LOCK = threading.Lock()
+
+
+def _verify_pass(
+    model: nn.Module, lm_head: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of tokens [B, T] over the slots' cache: (features [B, T, D], logits [B, T, V]).
+    Every shape is fixed by (bucket, T, span), and the cache's lengths are tensors: a compiled
+    pass is reused for every cycle of the same shape, whatever each row has accepted."""
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    features = out.last_hidden_state
+    return features, lm_head(features)
+
+
 class Target:
     """A loaded VLM plus everything the decoding loop needs to know about it."""
 
@@ -103,6 +126,25 @@ class Target:
             if i is not None
         ]
         self._forward_args = set(inspect.signature(model.model.forward).parameters)
+        self._passes: dict[str, Callable] = {}  # compiled verify passes, by backend
+
+    def verify_pass(self, backend: str | None) -> Callable:
+        """The verify forward pass: eager (None), or compiled with `backend` ("inductor",
+        "aot_eager", ...) under fullgraph=True, dynamic=False; CUDA graphs on CUDA with inductor.
+        One compiled function per target and backend, so engines share its graphs."""
+        if backend is None:
+            return _verify_pass
+        with _COMPILE_LOCK:
+            if backend not in self._passes:
+                # one graph per pass shape: buckets x block widths x spans, more than dynamo's default 8
+                config = torch._dynamo.config
+                config.recompile_limit = max(config.recompile_limit, MAX_GRAPHS)
+                config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * MAX_GRAPHS)
+                mode = "reduce-overhead" if backend == "inductor" and self.device.type == "cuda" else None
+                self._passes[backend] = torch.compile(
+                    _verify_pass, backend=backend, mode=mode, fullgraph=True, dynamic=False
+                )
+            return self._passes[backend]
 
     @property
     def device(self) -> torch.device:
@@ -210,9 +252,11 @@ class Target:
         )
         return Prompt(cache, mask, deltas), prefill
 
-    def open(self, num_slots: int, span_step: int = 1) -> TargetSession:
-        """A session with `num_slots` empty slots (its buffers belong to it, not to the target)."""
-        return TargetSession(self, num_slots, span_step)
+    def open(self, num_slots: int, compile: str | None = None, extra: int = 256) -> TargetSession:
+        """A session with `num_slots` empty slots (its buffers belong to it, not to the target);
+        `compile`: the backend its verify passes are compiled with (None: eager); `extra`: columns
+        a slot holds past its prompt before its buffers grow."""
+        return TargetSession(self, num_slots, compile, extra)
 
     @torch.inference_mode()
     def prefill(self, inputs) -> tuple[TargetSession, Prefill]:
@@ -242,10 +286,15 @@ class TargetSession:
     tokens, which is its next text position.
     """
 
-    def __init__(self, target: Target, num_slots: int, span_step: int = 1):
+    def __init__(self, target: Target, num_slots: int, compile: str | None = None, extra: int = 256):
         self.target = target
         layers = linear_layers(target.config.get_text_config())
-        self.cache = TargetCache(num_slots, layers, span_step)
+        self.compile, self.fallback = compile, None  # fallback: why a compiled pass was given up
+        # (bucket, width, span, capacity) of the compiled passes run: each shape is one graph
+        self.shapes: set[tuple[int, int, int, int]] = set()
+        if compile and layers:
+            self.compile, self.fallback = None, UNCAPTURABLE_HYBRID
+        self.cache = TargetCache(num_slots, layers, SPAN_STEP if self.compile else 1, extra)
         device = target.device
         self.next_index = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
         self.rope_deltas = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
@@ -270,9 +319,7 @@ class TargetSession:
     @property
     def span(self) -> int:
         """Cache columns the next pass of one token a slot attends over."""
-        self.cache.width = 1
-        span, self.cache.width = self.cache.span, 0
-        return span
+        return self.cache.span_for(1)
 
     @torch.inference_mode()
     def load(self, slots: list[int], prompt: Prompt, rows: list[int] | None = None) -> None:
@@ -328,17 +375,24 @@ class TargetSession:
         assert self._pending == 0, "verify called twice without commit"
         assert tokens.shape[0] == self.bucket, f"a pass runs the bucket's {self.bucket} slots, got {tokens.shape[0]}"
         width = tokens.shape[1]
+        args = (self.target.model.model, self.target.lm_head, tokens, self._mask(width), self._positions(width))
+        if self.compile:
+            try:
+                out = self.target.verify_pass(self.compile)(*args, self.cache)
+                self.shapes.add((self.bucket, width, self.cache.span, self.cache.capacity))
+                self._pending = width
+                return out
+            except Exception as err:  # a pass that cannot be captured runs eager, and says why
+                self._give_up_compile(err)
         with self.linear.recording() if self.linear else contextlib.nullcontext():
-            out = self.target.model.model(
-                input_ids=tokens,
-                attention_mask=self._mask(width),
-                position_ids=self._positions(width),
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+            out = _verify_pass(*args, self.cache)  # writes at the same lengths: a failed try left nothing
         self._pending = width
-        features = out.last_hidden_state
-        return features, self.target.lm_head(features)
+        return out
+
+    def _give_up_compile(self, err: Exception) -> None:
+        self.fallback = " ".join(f"{type(err).__name__}: {err}".split())[:500]
+        self.compile = None
+        logging.getLogger("flashcap").warning("compiled verify failed, decoding eager: %s", self.fallback)
 
     @torch.inference_mode()
     def commit(self, n_kept: torch.Tensor, kept_max: int | None = None, kept: list[int] | None = None) -> None:
