@@ -98,6 +98,7 @@ class CaptionActor:
         self._metrics = _Metrics()
         self.guard = Guard(ledger, "caption", self.config.max_worker_crashes)
         self._model_lock = threading.Lock()
+        self.compile_status = {"active": cfg.compile, "fallback": None}  # the last engine's
 
     def process(self, row: dict):
         """The processor's output for one decoded row: prompt, frames and the video's real metadata."""
@@ -133,6 +134,7 @@ class CaptionActor:
             max_new_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
             block_size=self.policy,  # None: the drafter's fixed block
+            compile=self.config.compile_backend if self.config.compile else None,
         )
         # At most max_rows videos decode at once; the others join as rows finish (continuous batching).
         keys = engine.run(
@@ -144,6 +146,7 @@ class CaptionActor:
         tokenizer = self.target.processor.tokenizer
         texts = [tokenizer.decode([t for t in s if t not in eos], skip_special_tokens=True).strip() for s in sequences]
         lengths = [engine.stats.row_acceptance_length(k) for k in keys]
+        self.compile_status = engine.compile_status
         return texts, [len(s) for s in sequences], lengths, elapsed
 
     def _caption(self, rows: list[dict]) -> None:
@@ -219,12 +222,20 @@ class CaptionActor:
                     "actor": self.actor_id,
                     "busy_s": 0.0,
                     "rss_mb": _rss_mb(),
+                    "compile": _compile_column(self.config.compile, self.compile_status),
                 }
             )
         for row in out:
             row["busy_s"] = busy / len(out)
         self._metrics.record(out, busy)
         return pa.Table.from_pylist(out)
+
+
+def _compile_column(asked: bool, status: dict) -> str:
+    """How this actor's passes ran: "" (eager, as configured), "active", or "fallback: why"."""
+    if not asked:
+        return ""
+    return "active" if status["active"] else f"fallback: {status['fallback']}"
 
 
 def _rss_mb() -> float:

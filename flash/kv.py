@@ -21,6 +21,7 @@ are `_SlotLayer`s, and the model takes the 4-D mask as given.
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from flash.cache import write_at_lengths
@@ -33,7 +34,7 @@ class _SlotLayer(CacheLayerMixin):
 
     def __init__(self, owner: TargetCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.owner, self.keys, self.values = owner, keys, values  # [S, H, C, D]
+        self.owner, self.keys, self.values = owner, _static(keys), _static(values)  # [S, H, C, D]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -56,7 +57,14 @@ class _SlotLayer(CacheLayerMixin):
             buf = getattr(self, name)
             grown = buf.new_zeros(num_slots or buf.shape[0], buf.shape[1], capacity, buf.shape[3])
             grown[: buf.shape[0], :, : buf.shape[2]] = buf
-            setattr(self, name, grown)
+            setattr(self, name, _static(grown))
+
+
+def _static(buffer: torch.Tensor) -> torch.Tensor:
+    """Mark a buffer that a captured pass writes in place: CUDA graphs then keep its address
+    instead of copying it in and out of every replay."""
+    torch._dynamo.mark_static_address(buffer)
+    return buffer
 
 
 def span_bucket(n: int, smallest: int) -> int:

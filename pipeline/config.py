@@ -132,6 +132,18 @@ class CaptionConfig(BaseModel):
     adaptive_block: bool = Field(
         default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."
     )
+    compile: bool = Field(
+        default=False,
+        description="Capture the decoding passes as graphs (torch.compile, fullgraph; CUDA graphs on GPUs): the "
+        "same captions, fewer kernel launches. Off by default until the GPU check has passed on a lent device; a "
+        "pass that cannot be captured decodes eager and the report says why.",
+    )
+    compile_backend: str = Field(
+        default="inductor",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="torch.compile backend for `compile`: inductor (generated kernels, CUDA graphs on GPUs) or "
+        "aot_eager (traced and exact, no kernel generation: what the CPU tests prove the capture with).",
+    )
     min_actors: int = Field(default=1, ge=1, description="Caption actor pool lower bound.")
     max_actors: int = Field(default=1, ge=1, description="Caption actor pool upper bound (autoscaling).")
     gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs per caption actor; 0: CPU.")

@@ -99,6 +99,7 @@ class Batch:
     accept_n: int = 0
     busy_s: float = 0.0
     rss_mb: float | None = None
+    compile: str = ""  # "" (eager, as configured), "active" or "fallback: why"
 
 
 def _by_batch(rows: list[dict]) -> dict[tuple, Batch]:
@@ -108,7 +109,7 @@ def _by_batch(rows: list[dict]) -> dict[tuple, Batch]:
         key = (r.get("worker_node", ""), r.get("actor", ""), r.get("finished_at"))
         b = batches.get(key)
         if b is None:
-            b = batches[key] = Batch(rss_mb=r.get("rss_mb"))
+            b = batches[key] = Batch(rss_mb=r.get("rss_mb"), compile=r.get("compile") or "")
         b.clips += 1
         b.busy_s += r.get("busy_s", 0.0)
         if r["error"]:
@@ -156,6 +157,7 @@ class Throughput:
         self.history = History()
         self.rss_mb: dict[str, PeakSeries] = {}  # actor -> private resident memory after each batch
         self._rss_last: dict[str, float] = {}
+        self.compile: dict[str, str] = {}  # actor -> how its last batch's passes ran
         self._first_add: list[float] | None = None  # [arrival, clips, tokens] of the first captions
         self._last_add = 0.0
         self._last_line = 0.0
@@ -180,6 +182,7 @@ class Throughput:
             entry["clips"] += b.clips - b.errors
             entry["tokens"] += b.tokens
             entry["errors"] += b.errors
+            self.compile[actor] = b.compile
             if b.rss_mb and self._rss_last.get(actor) != b.rss_mb:
                 self._rss_last[actor] = b.rss_mb
                 self.rss_mb.setdefault(actor, PeakSeries()).add(b.rss_mb)
@@ -247,8 +250,15 @@ class Throughput:
             "nodes": sorted(self.nodes),
             "per_node": {node: dict(entry) for node, entry in sorted(self.per_node.items())},
             "memory": self.memory(),
+            "compile": self.compile_report(),
             **extra,
         }
+
+    def compile_report(self) -> dict:
+        """{"active": every actor's passes ran compiled, "fallback": why one ran eager, or None}."""
+        statuses = list(self.compile.values())
+        fallbacks = [s.removeprefix("fallback: ") for s in statuses if s.startswith("fallback")]
+        return {"active": bool(statuses) and all(s == "active" for s in statuses), "fallback": next(iter(fallbacks), None)}
 
     def memory(self) -> dict:
         """Caption actors' private resident memory (MB, Linux RssAnon): the peak over each actor's first

@@ -130,3 +130,19 @@ def test_a_row_the_processor_refuses_costs_only_itself(tmp_path, chat_model):
     out = _actor(tmp_path, *chat_model, max_new_tokens=8)(pa.Table.from_pylist(rows)).to_pylist()
     assert out[1]["error"].startswith("processing failed:") and out[1]["caption"] == ""
     assert [bool(r["caption"]) and not r["error"] for r in (out[0], out[2])] == [True, True]
+
+
+def test_compile_gives_the_same_captions_and_says_so_in_each_row(tmp_path, chat_model):
+    """`compile` (aot_eager: traced, exact) captures the passes; captions equal the eager actor's, and
+    the `compile` column (the report's source) says the passes ran compiled."""
+    import pyarrow as pa
+
+    clips = {f"c{i}.mp4": _moving_clip(20 + 7 * i, 30, 112, 112, seed=i) for i in range(3)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    eager = _actor(tmp_path, *chat_model, max_new_tokens=10)
+    compiled = _actor(tmp_path, *chat_model, max_new_tokens=10, compile=True, compile_backend="aot_eager")
+    assert compiled._generate(rows)[:2] == eager._generate(rows)[:2]  # captions and token counts
+    assert compiled.compile_status == {"active": True, "fallback": None}
+    table = compiled(pa.Table.from_pylist([dict(r) for r in rows]))
+    assert set(table.column("compile").to_pylist()) == {"active"}
+    assert set(eager(pa.Table.from_pylist([dict(r) for r in rows])).column("compile").to_pylist()) == {""}

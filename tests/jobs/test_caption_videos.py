@@ -76,6 +76,37 @@ def test_embedded_default_captions_the_samples_exactly(tmp_path):
     assert summary["sample_captions_exact"] == int(exact) >= 10, lines[0]
 
 
+def _job(tmp_path, *flags: str) -> tuple[dict, dict[str, str]]:
+    """Run the embedded default job with extra flags: (its report, caption per video)."""
+    import pyarrow.parquet as pq
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    output = tmp_path / "captions"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "caption_videos.py"), "--output", str(output), *flags],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(next(output.glob("_report-*.json")).read_text())
+    table = pq.read_table(output, columns=["video_uri", "caption"])
+    return report, dict(zip(table.column("video_uri").to_pylist(), table.column("caption").to_pylist()))
+
+
+@pytest.mark.slow
+def test_compile_captions_like_eager_and_the_report_says_it_was_active(tmp_path):
+    """`--compile` (aot_eager on CPU: the passes traced and captured, exact) writes the captions the
+    eager job writes, and the report says every actor decoded compiled."""
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "compiled").mkdir()
+    eager_report, eager = _job(tmp_path / "eager")
+    report, compiled = _job(tmp_path / "compiled", "--compile", "--compile-backend", "aot_eager")
+    assert eager_report["compile"] == {"active": False, "fallback": None}
+    assert report["compile"] == {"active": True, "fallback": None}
+    assert len(compiled) == 12 and {k.rsplit("/", 1)[-1]: v for k, v in compiled.items()} == {
+        k.rsplit("/", 1)[-1]: v for k, v in eager.items()
+    }
+
+
 def test_demo_world_v2_has_its_own_samples_models_and_budget(tmp_path, monkeypatch):
     import jobs.caption_videos as job
     from demo import world_v2 as demo_world_v2

@@ -213,6 +213,15 @@ def test_report_and_live_line_keep_their_fields():
     assert tracker.line() == (
         "[flashcap] 24/24 clips (0 errors) | 0.60 clips/s | 60.0 tokens/s | acceptance 3.00 | actors 1 | nodes 1"
     )
+    assert report["compile"] == {"active": False, "fallback": None}  # eager, as configured
+
+
+def test_report_says_whether_every_actor_decoded_compiled():
+    tracker = Throughput(4, clock=Clock())
+    tracker.add([{**row("node0", "a", 1.0), "compile": "active"}, {**row("node1", "b", 1.0), "compile": "active"}])
+    assert tracker.report()["compile"] == {"active": True, "fallback": None}
+    tracker.add([{**row("node1", "b", 2.0), "compile": "fallback: BackendCompilerFailed: no capture"}])
+    assert tracker.report()["compile"] == {"active": False, "fallback": "BackendCompilerFailed: no capture"}
 
 
 def test_rows_finishing_outside_the_run_are_clamped():
