@@ -1,25 +1,29 @@
 """FLASH speedup benchmark: every method on the same clips, in one run,
-alternating, with warm-up and medians, and a check that outputs are identical.
+alternating methods and batch sizes, with warm-up and medians, and a check that
+outputs are identical.
 
     python -m bench.speedup --out report.json [--videos DIR] [--model DIR] [--drafter DIR]
-                                 [--text-drafter DIR] [--clips N] [--batch1-clips N] [--repeats R]
-                                 [--batch-sizes 1,16,32,64]
+                                 [--text-drafter DIR] [--clips N] [--repeats R]
+                                 [--batch-sizes 1,16,32,64] [--compile [--compile-backend B]]
 
-Rows per batch size (greedy): `target` (flashcap's loop, no drafter: the
-baseline), `hf_generate` (Hugging Face generate, to show the baseline is not
-slowed down), `flash` (fixed block), `flash_adaptive` (BlockPolicy), and at
-batch 1 also `flash_text_only` (the ablation drafter), `prompt_lookup`
-(Hugging Face prompt-lookup decoding, an outside peer) and `prompt_lookup_loop`
-(the same method in flashcap's loop, `flash.lookup`: Hugging Face's fails on
-video prompts in transformers 5.x). speedup = baseline
-time / method time on the same clips at the same batch size; identical =
-share of clips whose tokens equal that clip decoded alone by the baseline. A
-mismatch (possible outside float64) is explained by the target's logit margin
-at the first differing token.
+Rows per batch size (greedy): `target` (flashcap's loop, no drafter),
+`hf_generate` (Hugging Face generate), `flash` (fixed block), `flash_adaptive`
+(BlockPolicy), and at batch 1 also `flash_text_only` (the ablation drafter),
+`prompt_lookup` (Hugging Face prompt-lookup decoding, an outside peer) and
+`prompt_lookup_loop` (the same method in flashcap's loop, `flash.lookup`:
+Hugging Face's fails on video prompts in transformers 5.x). speedup = plain
+time / method time on the same clips at the same batch size; identical = share
+of clips whose tokens equal that clip decoded alone by `target`. A mismatch
+(possible outside float64) is explained by the target's logit margin at the
+first differing token.
 
-Every batch size decodes all --clips clips, so none may exceed it (a larger batch would decode the
-same clips as a smaller one). Batch 1 is timed on the first --batch1-clips; the other clips are
-decoded alone once, untimed, as the reference for `identical`.
+Every row decodes every one of --clips clips (so no batch size may exceed it).
+Each repeat is one round over every batch size, in a rotating order, and every
+method within it, in a rotating order; the first round warms up (graph capture
+included). The sweep goes on past the largest --batch-sizes, doubling, while a
+method's best tokens/s sits at the largest size tried; the report's
+`sweep.still_rising` names the methods that had not peaked when --clips
+stopped it.
 
 `--fixed-blocks 0,2,4` adds `flash_k0`, `flash_k2`, `flash_k4`: the FLASH drafter with that fixed
 block length (0 is plain decoding in the same loop), the yardstick of `flash_adaptive`.
@@ -27,11 +31,14 @@ block length (0 is plain decoding in the same loop), the yardstick of `flash_ada
 `target_continuous` and `flash_continuous` (batch > 1) decode every clip with
 continuous batching (`flash.Engine`): at most `batch` rows decode at once and
 waiting clips join as rows finish, so no batch runs half empty at its tail.
+`--compile` adds each loop method with its passes compiled (`..._compiled`).
 
-A captioning job is a throughput job, so every row also gives clips/s and the
-prefill / draft / verify split, and the report ends with best-vs-best: each
-method at its own best batch size (most tokens/s) over plain decoding at its
-best (the fastest method without a drafter: `target...` or `hf_...`).
+A captioning job is a throughput job, so every row also gives clips/s, the
+spread of tokens/s over the repeats and the prefill / draft / verify split, and
+the report ends with best-vs-best: each method at its own best batch size (most
+tokens/s) over plain decoding at its best: the fastest of every plain method
+(`target...` and `hf_...`, whatever their identity, which is shown), while a
+FLASH setting counts only where it kept every output.
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ class Runner:
         self.penalty = {} if repetition_penalty is None else {"repetition_penalty": repetition_penalty}
         self.eos = set(target.eos_token_ids.tolist())
         self.policies: dict[int, flash.BlockPolicy] = {}  # one adaptive policy per batch size, kept across calls
+        self.backend = "inductor"  # torch.compile backend of the `..._compiled` rows
 
     def __call__(self, method: str, inputs) -> tuple[float, list[list[int]], flash.DecodeStats | None]:
         """Decode a processor batch with one method: (seconds, new tokens per row, stats)."""
@@ -109,6 +117,8 @@ class Runner:
         start = time.perf_counter()
         stats = None
         fixed = method.startswith("flash_k")  # flash_k3: the FLASH drafter with a fixed block of 3
+        compiled = method.endswith("_compiled")  # target_compiled, flash_compiled: passes captured as graphs
+        method = method.removesuffix("_compiled")
         if method in LOOP_METHODS or fixed:
             drafter = self.drafters.get("flash" if method == "flash_adaptive" or fixed else method)
             if method == "prompt_lookup_loop":  # fresh per call: it keeps each row's text
@@ -117,7 +127,13 @@ class Runner:
             if method == "flash_adaptive":
                 block = self.policies.setdefault(batch, flash.BlockPolicy(max_block=drafter.block_size))
             out = flash.generate(
-                self.target, drafter, inputs, max_new_tokens=self.max_new, block_size=block, **self.penalty
+                self.target,
+                drafter,
+                inputs,
+                max_new_tokens=self.max_new,
+                block_size=block,
+                compile=self.backend if compiled else None,
+                **self.penalty,
             )
             tokens, stats = out.sequences, out.stats
         else:
@@ -149,57 +165,18 @@ CONTINUOUS = {"target_continuous": None, "flash_continuous": "flash"}  # method 
 def continuous(runner: Runner, method: str, inputs_for, n_clips: int, rows: int):
     """Every clip through one engine with at most `rows` rows decoding; waiting clips join in groups
     of at least rows/4 (one prefill per group). Returns (seconds, tokens per clip, stats)."""
+    base = method.removesuffix("_compiled")
     engine = flash.Engine(
-        runner.target, runner.drafters.get(CONTINUOUS[method]), max_new_tokens=runner.max_new, **runner.penalty
+        runner.target,
+        runner.drafters.get(CONTINUOUS[base]),
+        max_new_tokens=runner.max_new,
+        compile=runner.backend if method.endswith("_compiled") else None,
+        **runner.penalty,
     )
     start = time.perf_counter()
     keys = engine.run(n_clips, inputs_for, rows)
     seconds = time.perf_counter() - start
     return seconds, [engine.sequences[k] for k in keys], engine.stats
-
-
-def measure_continuous(runner, inputs_for, clips, batch, methods, repeats, reference, static_rows) -> list[dict]:
-    """Rows for the continuous methods at one batch size (every clip in one engine run, alternating)."""
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    results = {}
-    made: dict[tuple[int, ...], object] = {}
-
-    def prepared(indices: list[int]):
-        """Processor batches are made in the warm-up round, outside the timing, as the static rows'."""
-        if tuple(indices) not in made:
-            made[tuple(indices)] = inputs_for(indices)
-        return made[tuple(indices)]
-
-    for rep in range(repeats + 1):  # the first round warms up
-        for m in methods if rep % 2 else methods[::-1]:
-            seconds, tokens, stats = continuous(runner, m, prepared, len(clips), batch)
-            if rep:
-                times[m].append(seconds)
-            results[m] = (tokens, stats)
-    base = next(r for r in static_rows if r["method"] == "target")
-    out = []
-    for m in methods:
-        tokens, stats = results[m]
-        total = statistics.median(times[m])
-        count = sum(len(t) for t in tokens)
-        spent = stats.prefill_s + stats.draft_s + stats.verify_s
-        row = {
-            "method": m,
-            "batch_size": batch,
-            "clips": len(clips),
-            "tokens": count,
-            "tokens_per_s": count / total,
-            "clips_per_s": len(clips) / total,
-            "speedup": (count / total) / base["tokens_per_s"],  # over static plain decoding at this batch size
-            "acceptance_length": stats.acceptance_length if stats.cycles else 1.0,
-            "identical": sum(t == r for t, r in zip(tokens, reference)) / len(clips),
-            "verify_ms_per_pass": 1000 * stats.verify_s / max(stats.cycles, 1),
-            "split": {part: getattr(stats, f"{part}_s") / spent for part in ("prefill", "draft", "verify")},
-        }
-        if CONTINUOUS[m]:
-            row["draft_ms_per_pass"] = 1000 * stats.draft_s / max(stats.cycles, 1)
-        out.append(row)
-    return out
 
 
 Timings = dict[str, list[list[float]]]  # method -> unit -> seconds of each repeat
@@ -223,35 +200,116 @@ class _Attempts:
             return None
 
 
-def _time_units(
-    attempt: _Attempts, units: list[list[int]], n_clips: int, methods: list[str], repeats: int, warmup: int
-) -> tuple[Timings, dict[str, list[list[int]]], dict[str, list]]:
-    """Every method on every unit, `repeats` times in a rotating order after `warmup` warm-up units:
-    (seconds, tokens per clip, stats per unit), each by method."""
-    for u in range(min(warmup, len(units))):  # warm-up: every method once
-        for m in methods:
-            attempt(m, u)
-    times: Timings = {m: [[] for _ in units] for m in methods}
-    outputs: dict[str, list[list[int]]] = {m: [[] for _ in range(n_clips)] for m in methods}
-    stats: dict[str, list] = {m: [None for _ in units] for m in methods}
-    for rep in range(repeats):
-        for u in range(len(units)):
-            shift = (rep + u) % len(methods)
-            for m in methods[shift:] + methods[:shift]:  # alternate the order
-                result = attempt(m, u)
+class BatchSize:
+    """One batch size's methods over every clip, timed a round at a time: `run` alternates the
+    batch sizes in each round, and the methods within each. Static methods decode consecutive
+    groups of `batch` clips (units); continuous ones every clip through one engine."""
+
+    def __init__(self, runner: Runner, inputs_for, n_clips: int, batch: int, methods: list[str], engines: list[str]):
+        self.batch, self.methods, self.engines, self.n_clips = batch, methods, engines, n_clips
+        self.units = [list(range(i, min(i + batch, n_clips))) for i in range(0, n_clips, batch)]
+        self.attempt = _Attempts(runner, [inputs_for(u) for u in self.units], methods)
+        self.times: Timings = {m: [[] for _ in self.units] for m in methods}
+        self.outputs: dict[str, list[list[int]]] = {m: [[] for _ in range(n_clips)] for m in methods}
+        self.stats: dict[str, list] = {m: [None for _ in self.units] for m in methods}
+        self.runner, self.made = runner, {}
+        self.inputs_for = inputs_for
+        self.engine_times: dict[str, list[float]] = {m: [] for m in engines}
+        self.engine_results: dict[str, tuple] = {}
+
+    def _prepared(self, indices: list[int]):
+        """Processor batches of the continuous rows, made once (in the warm-up), outside the timing."""
+        if tuple(indices) not in self.made:
+            self.made[tuple(indices)] = self.inputs_for(indices)
+        return self.made[tuple(indices)]
+
+    def warm(self, units: int) -> None:
+        """Every method once on the first `units` units, every engine once over all clips (graph capture)."""
+        for u in range(min(units, len(self.units))):
+            for m in self.methods:
+                self.attempt(m, u)
+        for m in self.engines:
+            self.engine_results[m] = continuous(self.runner, m, self._prepared, self.n_clips, self.batch)[1:]
+
+    def round(self, rep: int) -> None:
+        for u in range(len(self.units)):
+            shift = (rep + u) % len(self.methods)
+            for m in self.methods[shift:] + self.methods[:shift]:  # alternate the order
+                result = self.attempt(m, u)
                 if result is None:
                     continue
                 seconds, tokens, st = result
-                times[m][u].append(seconds)
-                for c, t in zip(units[u], tokens):
-                    outputs[m][c] = t
-                stats[m][u] = st
-    return times, outputs, stats
+                self.times[m][u].append(seconds)
+                for c, t in zip(self.units[u], tokens):
+                    self.outputs[m][c] = t
+                self.stats[m][u] = st
+        for m in self.engines if rep % 2 else self.engines[::-1]:
+            seconds, tokens, stats = continuous(self.runner, m, self._prepared, self.n_clips, self.batch)
+            self.engine_times[m].append(seconds)
+            self.engine_results[m] = (tokens, stats)
+
+    def rows(self, target, reference: list[list[int]], clips: list[Path]) -> list[dict]:
+        rows = []
+        for m in self.methods:
+            rows.append(self._static_row(m, target, reference, clips))
+        base = next(r for r in rows if r["method"] == "target")
+        rows += [self._engine_row(m, reference, base) for m in self.engines]
+        return rows
+
+    def _static_row(self, m: str, target, reference: list[list[int]], clips: list[Path]) -> dict:
+        failures, units = self.attempt.failures[m], self.units
+        ok = [u for u in range(len(units)) if u not in failures]  # speed compared on the same units
+        if not ok:
+            error = next(iter(failures.values()))
+            return {"method": m, "batch_size": self.batch, "clips": 0, "failed_clips": self.n_clips, "error": error}
+        row = _method_row(m, self.batch, units, ok, self.times, self.outputs, reference)
+        if failures:
+            row["failed_clips"] = sum(len(units[u]) for u in failures)
+            row["error"] = next(iter(failures.values()))
+        sts = [self.stats[m][u] for u in ok if self.stats[m][u] is not None and self.stats[m][u].cycles]
+        _add_decode_stats(row, m, sts)
+        mismatches = [
+            {"clip": clips[c].name, **first_difference_margin(target, self.inputs_for([c]), reference[c], self.outputs[m][c])}
+            for u in ok
+            for c in units[u]
+            if self.outputs[m][c] != reference[c]
+        ]  # fmt: skip
+        if mismatches:
+            row["mismatches"] = mismatches
+        return row
+
+    def _engine_row(self, m: str, reference: list[list[int]], base: dict) -> dict:
+        tokens, stats = self.engine_results[m]
+        total = statistics.median(self.engine_times[m])
+        count = sum(len(t) for t in tokens)
+        spent = stats.prefill_s + stats.draft_s + stats.verify_s
+        row = {
+            "method": m,
+            "batch_size": self.batch,
+            "clips": self.n_clips,
+            "tokens": count,
+            "tokens_per_s": count / total,
+            "clips_per_s": self.n_clips / total,
+            "spread": _spread([count / t for t in self.engine_times[m]]),
+            "speedup": (count / total) / base["tokens_per_s"],  # over static plain decoding at this batch size
+            "acceptance_length": stats.acceptance_length if stats.cycles else 1.0,
+            "identical": sum(t == r for t, r in zip(tokens, reference)) / self.n_clips,
+            "verify_ms_per_pass": 1000 * stats.verify_s / max(stats.cycles, 1),
+            "split": {part: getattr(stats, f"{part}_s") / spent for part in ("prefill", "draft", "verify")},
+        }
+        if CONTINUOUS[m.removesuffix("_compiled")]:
+            row["draft_ms_per_pass"] = 1000 * stats.draft_s / max(stats.cycles, 1)
+        return row
+
+
+def _spread(rates: list[float]) -> list[float]:
+    """[min, max] of a row's tokens/s over its repeats."""
+    return [min(rates), max(rates)] if rates else []
 
 
 def _add_decode_stats(row: dict, m: str, sts: list[flash.DecodeStats]) -> None:
     """Acceptance, ms per draft/verify pass and the prefill/draft/verify split of `sts` into `row`."""
-    if sts and m != "target":
+    if sts and not m.startswith("target"):
         row["acceptance_length"] = sum(s.accepted + s.row_cycles for s in sts) / sum(s.row_cycles for s in sts)
         row["draft_ms_per_pass"] = 1000 * sum(s.draft_s for s in sts) / sum(s.cycles + 1 for s in sts)
     if sts:
@@ -278,6 +336,8 @@ def _method_row(
     total_time = sum(statistics.median(times[m][u]) for u in ok)
     tokens = sum(len(outputs[m][c]) for c in ok_clips)
     same = [outputs[m][c] == reference[c] for c in ok_clips]
+    repeats = min(len(times[m][u]) for u in ok)
+    per_repeat = [sum(times[m][u][r] for u in ok) for r in range(repeats)]
     return {
         "method": m,
         "batch_size": batch,
@@ -285,52 +345,11 @@ def _method_row(
         "tokens": tokens,
         "tokens_per_s": tokens / total_time,
         "clips_per_s": len(ok_clips) / total_time,
+        "spread": _spread([tokens / t for t in per_repeat]),
         "speedup": base_time / total_time,
         "acceptance_length": 1.0,
         "identical": sum(same) / len(same),
     }
-
-
-def measure(
-    runner: Runner,
-    target,
-    inputs_for,
-    clips: list[Path],
-    batch: int,
-    methods: list[str],
-    repeats: int,
-    warmup: int,
-    alone: list[list[int]] | None,
-) -> tuple[list[dict], list[list[int]]]:
-    """Rows for one batch size. Units are consecutive groups of `batch` clips, decoded as one batch."""
-    units = [list(range(i, min(i + batch, len(clips)))) for i in range(0, len(clips), batch)]
-    attempt = _Attempts(runner, [inputs_for(u) for u in units], methods)
-    times, outputs, stats = _time_units(attempt, units, len(clips), methods, repeats, warmup)
-    failures = attempt.failures
-
-    reference = alone if alone is not None else outputs["target"]  # each row decoded alone (batch 1)
-    rows = []
-    for m in methods:
-        ok = [u for u in range(len(units)) if u not in failures[m]]  # speed compared on the same units
-        if not ok:
-            error = next(iter(failures[m].values()))
-            rows.append({"method": m, "batch_size": batch, "clips": 0, "failed_clips": len(clips), "error": error})
-            continue
-        row = _method_row(m, batch, units, ok, times, outputs, reference)
-        if failures[m]:
-            row["failed_clips"] = sum(len(units[u]) for u in failures[m])
-            row["error"] = next(iter(failures[m].values()))
-        _add_decode_stats(row, m, [stats[m][u] for u in ok if stats[m][u] is not None and stats[m][u].cycles])
-        mismatches = [
-            {"clip": clips[c].name, **first_difference_margin(target, inputs_for([c]), reference[c], outputs[m][c])}
-            for u in ok
-            for c in units[u]
-            if outputs[m][c] != reference[c]
-        ]
-        if mismatches:
-            row["mismatches"] = mismatches
-        rows.append(row)
-    return rows, outputs["target"]
 
 
 def _v2_clips(args: argparse.Namespace, videos: Path | None):
@@ -396,15 +415,32 @@ def _inputs_maker(target, prompt: str, frames: list, metadata: list | None):
     return inputs_for
 
 
-def _methods(batch: int, fixed_blocks: list[int], drafters: dict) -> list[str]:
-    """The rows measured at this batch size, less those whose drafter is missing."""
+def _methods(batch: int, fixed_blocks: list[int], drafters: dict, compiled: bool) -> list[str]:
+    """The static rows measured at this batch size, less those whose drafter is missing."""
     wanted = METHODS if batch == 1 else ["target", "hf_generate", "flash", "flash_adaptive"]
-    wanted = wanted + [f"flash_k{k}" for k in fixed_blocks]
-    return [
-        m
-        for m in wanted
-        if not m.startswith("flash") or ("flash" if m == "flash_adaptive" or m.startswith("flash_k") else m) in drafters
-    ]
+    wanted = wanted + [f"flash_k{k}" for k in fixed_blocks] + (["target_compiled", "flash_compiled"] if compiled else [])
+    return [m for m in wanted if not m.startswith("flash") or _drafter_of(m) in drafters]
+
+
+def _drafter_of(method: str) -> str:
+    return "flash_text_only" if method == "flash_text_only" else "flash"
+
+
+def _engines(batch: int, drafters: dict, args: argparse.Namespace) -> list[str]:
+    """The continuous-batching rows at this batch size."""
+    if batch == 1 or args.no_continuous:
+        return []
+    names = [m for m in CONTINUOUS if CONTINUOUS[m] is None or CONTINUOUS[m] in drafters]
+    return names + ([f"{m}_compiled" for m in names] if args.compile else [])
+
+
+def _rising(rows: list[dict], largest: int) -> list[str]:
+    """Methods whose most tokens/s came at the largest batch size tried: their sweep has not peaked."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("clips") and (r["method"] not in best or r["tokens_per_s"] > best[r["method"]]["tokens_per_s"]):
+            best[r["method"]] = r
+    return sorted(m for m, r in best.items() if r["batch_size"] == largest and largest > 1)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -413,30 +449,36 @@ def run(args: argparse.Namespace) -> dict:
     clips, frames, metadata = _clips(args)
     inputs_for = _inputs_maker(target, args.prompt, frames, metadata)
     runner = Runner(target, drafters, args.max_new_tokens, args.lookup_tokens, args.repetition_penalty)
-    rows: list[dict] = []
-    alone = None
+    runner.backend = args.compile_backend
     fixed_blocks = [int(k) for k in args.fixed_blocks.split(",")] if args.fixed_blocks else []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        methods = _methods(batch, fixed_blocks, drafters)
-        timed = clips[: args.batch1_clips] if batch == 1 else clips
-        batch_rows, plain = measure(runner, target, inputs_for, timed, batch, methods, args.repeats, args.warmup, alone)
-        if batch == 1:  # the clips not timed at batch 1 are decoded alone once, as the reference
-            alone = plain + [runner("target", inputs_for([c]))[1][0] for c in range(len(timed), len(clips))]
-        elif not args.no_continuous:
-            engines = [m for m in CONTINUOUS if CONTINUOUS[m] is None or CONTINUOUS[m] in drafters]
-            batch_rows += measure_continuous(runner, inputs_for, clips, batch, engines, args.repeats, alone, batch_rows)
-        rows.extend(batch_rows)
-        print(
-            markdown(
-                {"date": date.today().isoformat(), "machine": machine(), "repeats": args.repeats, "rows": batch_rows}
-            ),
-            flush=True,
-        )
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    def measured(batch: int) -> BatchSize:
+        methods = _methods(batch, fixed_blocks, drafters, args.compile)
+        size = BatchSize(runner, inputs_for, len(clips), batch, methods, _engines(batch, drafters, args))
+        size.warm(args.warmup)
+        return size
+
+    measures = {b: measured(b) for b in sizes}
+    for rep in range(args.repeats):  # each round: every batch size, in a rotating order
+        shift = rep % len(sizes)
+        for b in sizes[shift:] + sizes[:shift]:
+            measures[b].round(rep)
+    reference = measures[1].outputs["target"]  # every clip decoded alone
+    rows = [r for b in sizes for r in measures[b].rows(target, reference, clips)]
+    while (rising := _rising(rows, sizes[-1])) and 2 * sizes[-1] <= len(clips):  # sweep on until it peaks
+        sizes.append(2 * sizes[-1])
+        measures[sizes[-1]] = measured(sizes[-1])
+        for rep in range(args.repeats):
+            measures[sizes[-1]].round(rep)
+        rows += measures[sizes[-1]].rows(target, reference, clips)
     return {
         "machine": machine(),
         "date": date.today().isoformat(),
         **best_vs_best(rows),
+        "sweep": {"batch_sizes": sizes, "still_rising": _rising(rows, sizes[-1])},
         "world": args.world,
+        "clips": len(clips),
         "model": args.model,
         "drafter": args.drafter,
         "max_new_tokens": args.max_new_tokens,
@@ -444,17 +486,22 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "device": args.device,
         "dtype": args.dtype,
+        "compile_backend": args.compile_backend if args.compile else None,
         "rows": rows,
     }
 
 
 def best_vs_best(rows: list[dict]) -> dict:
-    """Each method at its best batch size, and its tokens/s over plain decoding's best."""
+    """Each method at its best batch size, and its tokens/s over plain decoding's best. Every plain
+    method (`target...`, `hf_...`) is a candidate whatever its identity (shown beside it); a FLASH
+    setting counts only where it kept every output."""
     best: dict[str, dict] = {}
     for r in rows:
-        if r.get("clips") and r.get("identical", 0) == 1.0:  # only settings that keep every output
+        plain = r["method"].startswith(("target", "hf_"))
+        if r.get("clips") and (plain or r.get("identical", 0) == 1.0):
             if r["method"] not in best or r["tokens_per_s"] > best[r["method"]]["tokens_per_s"]:
-                best[r["method"]] = {k: r[k] for k in ("batch_size", "tokens_per_s", "clips_per_s")}
+                keys = ("batch_size", "tokens_per_s", "clips_per_s", "identical", "spread")
+                best[r["method"]] = {k: r[k] for k in keys if k in r}
     plain = [m for m in best if m.startswith(("target", "hf_"))]
     if not plain:
         return {"best": best}
@@ -466,32 +513,40 @@ def best_vs_best(rows: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']}; held-out clips, "
-        f"greedy, {report.get('dtype', 'float32')}, median of {report['repeats']} alternating runs; "
+        f"greedy, {report.get('dtype', 'float32')}, median of {report['repeats']} alternating rounds; "
         f"speedup over plain decoding at the same batch size; identical = rows equal to that clip decoded alone.",
         "",
-        "| method | batch | tokens/s | speedup | acceptance length | identical | draft ms/pass | verify ms/pass |",
+        "| method | batch | tokens/s (min–max) | speedup | acceptance length | identical | draft ms/pass | verify ms/pass |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
-        if not r["clips"]:
+        if not r.get("clips"):
             lines.append(f"| {r['method']} | {r['batch_size']} | failed on every clip: {r['error'][:80]} |||||| ")
             continue
         draft = f"{r['draft_ms_per_pass']:.2f}" if "draft_ms_per_pass" in r else ""
         verify = f"{r['verify_ms_per_pass']:.2f}" if "verify_ms_per_pass" in r else ""
+        spread = "–".join(f"{x:.0f}" for x in r.get("spread", []))
         lines.append(
-            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} ({spread}) | {r['speedup']:.2f}x | "
             f"{r['acceptance_length']:.2f} | {100 * r['identical']:.0f}% | {draft} | {verify} |"
             + (f" failed on {r['failed_clips']} clips" if r.get("failed_clips") else "")
         )
     if "best_vs_best" in report:
         base = report["best_plain"]
         lines += ["", f"Best-vs-best (each at its own best batch size; baseline {base}):", ""]
-        lines += ["| method | best batch | tokens/s | clips/s | over plain's best |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "| method | best batch | tokens/s | clips/s | identical | over plain's best |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for m, b in report["best"].items():
             lines.append(
                 f"| {m} | {b['batch_size']} | {b['tokens_per_s']:.1f} | {b['clips_per_s']:.2f} | "
-                f"{report['best_vs_best'][m]:.2f}x |"
+                f"{100 * b.get('identical', 1.0):.0f}% | {report['best_vs_best'][m]:.2f}x |"
             )
+    sweep = report.get("sweep")
+    if sweep and sweep["still_rising"]:
+        lines += ["", f"Still rising at batch {sweep['batch_sizes'][-1]} (more clips needed): "
+                  + ", ".join(sweep["still_rising"])]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -504,9 +559,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-drafter", default=str(ROOT / "models" / "demo-drafter-text-only"))
     p.add_argument("--clips", type=int, default=64, help="clips decoded at each batch size (>= the largest)")
     p.add_argument(
-        "--batch1-clips", type=int, default=32, help="the first N clips are timed at batch 1 (the rest decoded once)"
+        "--batch-sizes",
+        default="1,16,32,64",
+        help="comma-separated (batch 1 always first); doubled on while a method's tokens/s still rises (up to --clips)",
     )
-    p.add_argument("--batch-sizes", default="1,16,32,64", help="comma-separated (batch 1 always first)")
+    p.add_argument("--compile", action="store_true", help="add rows with the passes compiled (..._compiled)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--seed", type=int, default=500, help="first held-out scene seed for generated clips")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -565,7 +623,6 @@ def main(argv: list[str] | None = None) -> None:
             f"--batch-sizes {args.batch_sizes} needs --clips >= {largest} (got {args.clips}): a batch larger than "
             "the clips would decode the same clips as a smaller one"
         )
-    args.batch1_clips = min(args.batch1_clips, args.clips)
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))

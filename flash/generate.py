@@ -497,6 +497,7 @@ def generate(
     repetition_penalty: float | None = None,
     generator: torch.Generator | None = None,
     block_size: int | BlockPolicy | None = None,
+    compile: str | None = None,
 ) -> GenerateOutput:
     """Decode `inputs` (a processor batch) with FLASH; `drafter=None` is plain decoding.
 
@@ -504,11 +505,13 @@ def generate(
     (repetition penalty, do_sample, temperature, top-k, top-p); a sampling argument that is
     not None overrides the config's (temperature 0: greedy, the penalty still applies).
     block_size: None uses the drafter's k; an int fixes k; a `BlockPolicy` picks k
-    per cycle (0 = a plain cycle) from measured acceptance and costs.
+    per cycle (0 = a plain cycle) from measured acceptance and costs. compile: a torch.compile
+    backend for the verify passes (None: eager), as `Engine`.
     """
     engine = Engine(
-        target, drafter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator, block_size
-    )
+        target, drafter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator, block_size,
+        compile=compile,
+    )  # fmt: skip
     engine.admit(inputs)  # one slot a row
     while engine.live:
         engine.step()

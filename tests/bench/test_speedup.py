@@ -12,26 +12,39 @@ from bench import speedup
 
 def test_report_has_every_method_and_identical_outputs(tmp_path):
     out = tmp_path / "report.json"
-    common = ["--out", str(out), "--repeats", "1", "--warmup", "0", "--batch-sizes", "1,2"]
-    speedup.main([*common, "--clips", "2", "--batch1-clips", "1"])
+    common = ["--out", str(out), "--repeats", "2", "--warmup", "0", "--batch-sizes", "1,2"]
+    speedup.main([*common, "--clips", "2", "--compile", "--compile-backend", "aot_eager"])
     report = json.loads(out.read_text())
-    assert {"machine", "date", "rows", "best", "best_plain", "best_vs_best"} <= report.keys()
+    assert {"machine", "date", "rows", "best", "best_plain", "best_vs_best", "sweep"} <= report.keys()
     rows = {(r["method"], r["batch_size"]): r for r in report["rows"]}
-    assert set(rows) == {(m, 1) for m in speedup.METHODS} | {
-        (m, 2) for m in ("target", "hf_generate", "flash", "flash_adaptive", "target_continuous", "flash_continuous")
+    compiled = {"target_compiled", "flash_compiled"}
+    continuous = {"target_continuous", "flash_continuous", "target_continuous_compiled", "flash_continuous_compiled"}
+    assert set(rows) == {(m, 1) for m in [*speedup.METHODS, *compiled]} | {
+        (m, 2) for m in {"target", "hf_generate", "flash", "flash_adaptive", *compiled, *continuous}
     }
     for (method, batch), row in rows.items():
         if method == "prompt_lookup" and not row["clips"]:
             assert row["error"]  # Hugging Face's own prompt lookup may fail on video prompts: recorded
             continue
-        # batch 1 is timed on the first --batch1-clips; every clip is checked against itself decoded alone
-        assert row["clips"] == batch and row["identical"] == 1.0, (method, batch)
+        # every row decodes every clip, each checked against itself decoded alone
+        assert row["clips"] == 2 and row["identical"] == 1.0, (method, batch)
         assert row["tokens_per_s"] > 0 and row["speedup"] > 0 and row["clips_per_s"] > 0
+        assert row["spread"][0] <= row["tokens_per_s"] <= row["spread"][1], (method, batch)
         if "verify_ms_per_pass" in row:
             assert abs(sum(row["split"].values()) - 1) < 1e-9
         if method in ("flash", "flash_adaptive", "flash_text_only", "prompt_lookup_loop"):
             assert row["acceptance_length"] >= 1.0 and "draft_ms_per_pass" in row and "verify_ms_per_pass" in row
     assert rows[("flash", 1)]["acceptance_length"] > rows[("prompt_lookup_loop", 1)]["acceptance_length"]
+    # the sweep would go on at batch 4 where a method still rose at 2, but there are only 2 clips
+    assert report["sweep"]["batch_sizes"] == [1, 2]
+
+
+def test_the_sweep_goes_on_while_a_method_still_rises():
+    def row(method, batch, tokens_per_s):
+        return {"method": method, "batch_size": batch, "clips": 8, "tokens_per_s": tokens_per_s}
+
+    assert speedup._rising([row("target", 1, 10), row("target", 4, 40), row("flash", 4, 50)], 4) == ["flash", "target"]
+    assert speedup._rising([row("target", 1, 10), row("target", 4, 9), row("flash", 1, 50)], 4) == []
 
 
 def test_a_batch_larger_than_the_clips_is_refused(tmp_path):
@@ -55,6 +68,8 @@ def test_best_vs_best_takes_each_method_at_its_best_batch_size():
     ]
     summary = speedup.best_vs_best(rows)
     assert summary["best_plain"] == "target"
+    rows.append(row("hf_generate", 32, 450, identical=0.97))  # a plain method counts whatever its identity
+    assert speedup.best_vs_best(rows)["best_plain"] == "hf_generate"
     assert summary["best"]["flash"]["batch_size"] == 16  # the batch-32 row changed outputs: never a best
     assert summary["best_vs_best"]["flash"] == 520 / 400
 
