@@ -64,3 +64,8 @@ class OracleDrafter:
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             self.references[slot] = None
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        for s, d in zip(src, dst):
+            self.references[d], self.references[s] = self.references[s], None
+            self.positions[d] = self.positions[s]

@@ -89,34 +89,92 @@ class OracleBlocks:
             self.slot_refs[slot] = None
         self.drafter.release(slots)
 
+    def move(self, src: list[int], dst: list[int]) -> None:
+        for s, d in zip(src, dst):
+            self.slot_refs[d], self.slot_refs[s] = self.slot_refs[s], None
+            self.positions[d] = self.positions[s]
+        self.drafter.move(src, dst)
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(target, drafter, batch: int, args, right_for: list[int]) -> list[dict]:
+def _right_for(acceptance: float, block_size: int) -> list[int]:
+    """Slots right per cycle, cycling between m and m + 1 so that the mean acceptance length is `acceptance`."""
+    accepted = acceptance - 1
+    if not 0 <= accepted <= block_size:
+        raise SystemExit(f"--acceptance must be in [1, {block_size + 1}]")
+    low = int(accepted)
+    share = accepted - low
+    return [low + 1] * round(10 * share) + [low] * (10 - round(10 * share))
+
+
+def methods(args) -> dict[str, tuple[float | None, str | None]]:
+    """method name -> (oracle acceptance or None for plain decoding, compile backend or None)."""
+    out: dict[str, tuple[float | None, str | None]] = {}
+    for backend in [None] + ([args.compile] if args.compile else []):
+        suffix = "_compiled" if backend else ""
+        out[f"target{suffix}"] = (None, backend)
+        for a in args.acceptance.split(","):
+            out[f"flash_oracle_{a}{suffix}"] = (float(a), backend)
+    return out
+
+
+def floor_ms(target, batch: int, context: int) -> float | None:
+    """The memory-bandwidth floor of one decoding step: the text model's weights (less the embedding,
+    of which a step reads a row a token) and the batch's KV cache over `context` positions, read once,
+    at the card's bandwidth. None where the card's bandwidth is not known."""
+    name = torch.cuda.get_device_name() if target.device.type == "cuda" else ""
+    bandwidth = next((gbps for card, gbps in BANDWIDTH_GBPS.items() if card in name), None)
+    if bandwidth is None:
+        return None
+    lm = target.model.model.language_model
+    weights = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    weights += target.lm_head.weight.numel() * target.lm_head.weight.element_size()
+    text = target.config.get_text_config()
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv = batch * context * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * target.dtype.itemsize
+    return 1000 * (weights + kv) / (bandwidth * 1e9)
+
+
+# Published memory bandwidth (GB/s) of the cards a device check may run on (SXM parts).
+BANDWIDTH_GBPS = {"H200": 4800, "H100": 3350, "A100": 2039, "L40S": 864}
+
+
+def measure(target, drafter, batch: int, args) -> list[dict]:
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, 150_000, (batch, args.prompt_tokens), generator=gen).to(target.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     plain = flash.generate(target, None, inputs, max_new_tokens=args.max_new_tokens, temperature=0.0)
     reference = plain.sequences
-    times: dict[str, list[float]] = {"target": [], "flash_oracle": []}
+    chosen = methods(args)
+    times: dict[str, list[float]] = {m: [] for m in chosen}
     stats = {}
-    for rep in range(args.repeats + 1):  # the first round warms up
-        for method in ["target", "flash_oracle"] if rep % 2 else ["flash_oracle", "target"]:
-            oracle = OracleBlocks(drafter, reference, right_for) if method == "flash_oracle" else None
+    for rep in range(args.repeats + 1):  # the first round warms up (graph capture included)
+        order = list(chosen)[rep % len(chosen) :] + list(chosen)[: rep % len(chosen)]
+        for method in order:
+            acceptance, backend = chosen[method]
+            oracle = None if acceptance is None else OracleBlocks(drafter, reference, _right_for(acceptance, args.block_size))
             _sync(target.device)
             start = time.perf_counter()
-            out = flash.generate(target, oracle, inputs, max_new_tokens=args.max_new_tokens, temperature=0.0)
+            out = flash.generate(
+                target, oracle, inputs, max_new_tokens=args.max_new_tokens, temperature=0.0, compile=backend
+            )
             _sync(target.device)
             if rep:
                 times[method].append(time.perf_counter() - start)
             if out.sequences != reference:
                 raise AssertionError(f"{method} at batch {batch} changed the output")
             stats[method] = out.stats
+    return _rows(target, batch, args, reference, times, stats)
+
+
+def _rows(target, batch: int, args, reference, times: dict, stats: dict) -> list[dict]:
     tokens = sum(len(r) for r in reference)
-    base = statistics.median(times["target"])
+    base = statistics.median(times["target_compiled" if args.compile else "target"])
+    floor = floor_ms(target, batch, args.prompt_tokens + args.max_new_tokens // 2)
     rows = []
     for method, ts in times.items():
         s, t = stats[method], statistics.median(ts)
@@ -125,12 +183,14 @@ def measure(target, drafter, batch: int, args, right_for: list[int]) -> list[dic
                 "method": method,
                 "batch_size": batch,
                 "tokens_per_s": tokens / t,
-                "speedup": base / t,
-                "acceptance_length": s.acceptance_length if method != "target" else 1.0,
+                "spread": [tokens / max(ts), tokens / min(ts)],
+                "speedup": base / t,  # over plain decoding, compiled where compiled rows are measured
+                "acceptance_length": s.acceptance_length if not method.startswith("target") else 1.0,
                 "identical": 1.0,
                 "prefill_ms": 1000 * s.prefill_s,
                 "draft_ms_per_pass": 1000 * s.draft_s / max(s.cycles + 1, 1),
                 "verify_ms_per_pass": 1000 * s.verify_s / max(s.cycles, 1),
+                "floor_ms_per_step": floor,
             }
         )
     return rows
@@ -145,20 +205,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=1200, help="prompt length (a video prompt's order)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--block-size", type=int, default=5, help="drafted tokens per cycle (k)")
-    p.add_argument("--acceptance", type=float, default=3.2, help="mean tokens per cycle the oracle gives")
+    p.add_argument("--acceptance", default="3.2", help="mean tokens per cycle the oracle gives (comma-separated)")
+    p.add_argument("--compile", help="also every method with its passes compiled by this backend (e.g. inductor)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
-    accepted = args.acceptance - 1
-    if not 0 <= accepted <= args.block_size:
-        raise SystemExit(f"--acceptance must be in [1, {args.block_size + 1}]")
-    low = int(accepted)  # right_for cycles between low and low + 1 so the mean is `accepted`
-    share = accepted - low
-    right_for = [low + 1] * round(10 * share) + [low] * (10 - round(10 * share))
 
     target = build_target(args.layers, args.device, getattr(torch, args.dtype))
     drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=args.block_size))
-    rows = [r for b in args.batch_sizes.split(",") for r in measure(target, drafter, int(b), args, right_for)]
+    rows = [r for b in args.batch_sizes.split(",") for r in measure(target, drafter, int(b), args)]
     report = {
         "date": date.today().isoformat(),
         "what": "random-weight target with Qwen2.5-VL-7B text dimensions; oracle acceptance; costs only",
@@ -170,13 +225,14 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     print(f"{report['what']}; {args.layers} layers, {args.device} {args.dtype}, {report['date']}")
-    print("| method | batch | tokens/s | speedup | acceptance | prefill ms | draft ms/pass | verify ms/pass |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| method | batch | tokens/s | speedup | acceptance | prefill ms | draft ms/pass | verify ms/pass | floor ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        floor = f"{r['floor_ms_per_step']:.2f}" if r["floor_ms_per_step"] else ""
         print(
             f"| {r['method']} | {r['batch_size']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['acceptance_length']:.2f} | {r['prefill_ms']:.0f} | {r['draft_ms_per_pass']:.1f} | "
-            f"{r['verify_ms_per_pass']:.1f} |"
+            f"{r['verify_ms_per_pass']:.1f} | {floor} |"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -130,6 +130,16 @@ class DrafterCache:
         self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
         self.bound += [0] * extra
 
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows in slots `src` move to the free slots `dst` (copied within the same buffers)."""
+        where, to = torch.tensor(src, device=self.lengths.device), torch.tensor(dst, device=self.lengths.device)
+        for buf in self.keys + self.values:
+            buf[to] = buf[where]
+        self.lengths[to] = self.lengths[where]
+        for s, d in zip(src, dst):
+            self.bound[d] = self.bound[s]
+        self.release(src)
+
     def release(self, slots: list[int]) -> None:
         """Free slots: their lengths go to 0."""
         if slots:

@@ -563,3 +563,8 @@ class FlashDrafter(nn.Module):
     def release(self, slots: list[int]) -> None:
         """Free the slots of finished rows."""
         self.cache.release(slots)
+
+    @torch.inference_mode()
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows in slots `src` move to the free slots `dst`."""
+        self.cache.move(src, dst)

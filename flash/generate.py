@@ -32,7 +32,8 @@ from flash.target import Prefill, Target, TargetSession
 class Drafter(Protocol):
     """What the loop needs of a drafter (FlashDrafter, prompt lookup, or a test's oracle). Rows live
     in slots: `start` reads new rows into `slots` (of `num_slots`), `step` drafts for the first
-    `bucket` slots (a free slot reads nothing, its block is never read), `release` frees slots."""
+    `bucket` slots (a free slot reads nothing, its block is never read), `release` frees slots,
+    `move` takes rows to lower free slots."""
 
     block_size: int
 
@@ -62,6 +63,8 @@ class Drafter(Protocol):
     ) -> Block: ...
 
     def release(self, slots: list[int]) -> None: ...
+
+    def move(self, src: list[int], dst: list[int]) -> None: ...  # rows in src go to the free slots dst
 
 
 @dataclass
@@ -176,7 +179,17 @@ class _Slots:
             width = max(self.seen.shape[1] if self.seen is not None else 0, seen.shape[1])
             self.seen = _widen_seen(self.seen if self.seen is not None else seen[:1].expand(self.bucket, -1), width)
             self.seen[where] = _widen_seen(seen, width)
-        self.pending.clear(where)
+        self.pending.clear(slots, where)
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows in slots `src` move to the free slots `dst` (between cycles: no block is pending)."""
+        where, to = torch.tensor(src, device=self.last.device), torch.tensor(dst, device=self.last.device)
+        for s, d in zip(src, dst):
+            self.keys[d], self.keys[s] = self.keys[s], None
+        for t in (self.last, self.budget, self.active) + ((self.seen,) if self.seen is not None else ()):
+            t[to] = t[where]
+        self.active[where], self.budget[where] = False, 0
+        self.pending.move(src, dst, where, to)
 
     def place_block(self, slots: list[int], block: Block) -> None:
         """The new rows' first block joins the one the running rows verify next."""
@@ -375,14 +388,35 @@ class Engine:
         state.block, state.draft_s = None, 0.0
         if not still:
             return done
-        rows = bucket_for(still[-1] + 1, len(state.keys))
+        counts = [kept[slot] if slot in set(still) else 0 for slot in range(bucket)]
+        src, dst = self._condense(state)
+        if src:  # this cycle's verified rows move with their slots
+            where, to = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            for t in (features, emitted, n_emit):
+                t[to] = t[where]
+            for s, d in zip(src, dst):
+                counts[d], counts[s] = counts[s], 0
+        rows = bucket_for(len(still), len(state.keys))
         state.fit(rows)
         if self.drafter is None:
             return done
         n_emit = n_emit[:rows] * state.active  # rows that finished feed the drafter nothing
-        counts = [kept[slot] if slot in set(still) else 0 for slot in range(rows)]
-        self._draft(state, features[:rows], emitted[:rows], n_emit, counts, t_draft)
+        self._draft(state, features[:rows], emitted[:rows], n_emit, counts[:rows], t_draft)
         return done
+
+    def _condense(self, state: _Slots) -> tuple[list[int], list[int]]:
+        """Keep the live rows in the lowest slots: each row above the live count moves into a free
+        slot below it (its cache rows are copied within the same buffers), so the bucket follows the
+        rows decoding and a finished row stops costing compute. Returns (from, to) slots."""
+        live = state.live
+        holes = [slot for slot in range(len(live)) if state.keys[slot] is None]
+        src = [slot for slot in live if slot >= len(live)]
+        if src:
+            state.move(src, holes)
+            state.session.move(src, holes)
+            if self.drafter is not None:
+                self.drafter.move(src, holes)
+        return src, holes
 
     def _accept(self, state: _Slots, draft, verified, logits) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.params
@@ -401,7 +435,7 @@ class Engine:
                 state.keys[slot] = None
             where = torch.tensor(slots, device=self.device)
             state.active[where], state.budget[where] = False, 0
-            state.pending.clear(where)
+            state.pending.clear(slots, where)
             state.session.release(slots)
             if self.drafter is not None:
                 self.drafter.release(slots)
@@ -534,13 +568,21 @@ class _Pending:
             (_fit(f, rows), _fit(t, rows), _fit(n, rows), (c + [0] * rows)[:rows]) for f, t, n, c in self.chunks
         ]
 
-    def clear(self, where: torch.Tensor) -> None:
-        """Slots whose row left (or whose new row has read nothing yet) have nothing pending."""
-        slots = where.tolist()
+    def clear(self, slots: list[int], where: torch.Tensor) -> None:
+        """Slots whose row left (or whose new row has read nothing yet) have nothing pending; `where`
+        holds `slots` on the device."""
         for _, _, n, counts in self.chunks:
             n[where] = 0
             for slot in slots:
                 counts[slot] = 0
+
+    def move(self, src: list[int], dst: list[int], where: torch.Tensor, to: torch.Tensor) -> None:
+        for features, tokens, n, counts in self.chunks:
+            for t in (features, tokens, n):
+                t[to] = t[where]
+            n[where] = 0
+            for s, d in zip(src, dst):
+                counts[d], counts[s] = counts[s], 0
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """All pending rows, left-packed per slot: (features [B, T, D], tokens [B, T], n [B], n on the host)."""

@@ -96,6 +96,11 @@ class LinearStates:
             for i, state in store.items():
                 store[i] = torch.cat([state, state.new_zeros(num_slots - state.shape[0], *state.shape[1:])])
 
+    def move(self, where: torch.Tensor, to: torch.Tensor) -> None:
+        for store in (self.conv, self.recurrent):
+            for state in store.values():
+                state[to] = state[where]
+
     @contextlib.contextmanager
     def recording(self):
         """Run a verify forward pass (in this thread) over the bucket's slots, with the block's

@@ -155,6 +155,18 @@ class TargetCache(Cache):
                 layer.grow(capacity, num_slots)
             self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
 
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows in slots `src` move to the free slots `dst`: their entries are copied within the same
+        buffers (only these rows), and `src` is released."""
+        where, to = torch.tensor(src, device=self.lengths.device), torch.tensor(dst, device=self.lengths.device)
+        for layer in self._slots():
+            layer.keys[to] = layer.keys[where]
+            layer.values[to] = layer.values[where]
+        self.lengths[to] = self.lengths[where]
+        for s, d in zip(src, dst):
+            self.bound[d] = self.bound[s]
+        self.release(src)
+
     def release(self, slots: list[int]) -> None:
         """Free slots: their lengths go to 0, so their stale entries are never read again."""
         if slots:

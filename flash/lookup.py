@@ -105,3 +105,7 @@ class PromptLookupDrafter:
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             self.history[slot] = None
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        for s, d in zip(src, dst):
+            self.history[d], self.history[s] = self.history[s], None

@@ -346,6 +346,17 @@ class TargetSession:
         self.rope_deltas = torch.cat([self.rope_deltas, self.rope_deltas.new_zeros(extra)])
 
     @torch.inference_mode()
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Rows in slots `src` move to the free slots `dst`, between cycles."""
+        device = self.next_index.device
+        where, to = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        self.cache.move(src, dst)
+        if self.linear:
+            self.linear.move(where, to)
+        self.next_index[to] = self.next_index[where]
+        self.rope_deltas[to] = self.rope_deltas[where]
+
+    @torch.inference_mode()
     def release(self, slots: list[int]) -> None:
         """Free slots whose rows are done."""
         self.cache.release(slots)

@@ -116,3 +116,6 @@ class FixedDistributionDrafter:
 
     def release(self, slots: list[int]) -> None:
         pass
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        pass

@@ -11,6 +11,7 @@ import torch
 
 import flash
 from bench.oracle import OracleDrafter
+from flash.generate import bucket_for
 from flash.lookup import PromptLookupDrafter
 from tests.flash.test_batched import _batch
 from tests.helpers import hf_greedy
@@ -45,6 +46,10 @@ def _run(engine: flash.Engine, requests: list, admit_at: dict[int, int]) -> dict
                 engine.admit(queue.pop(0))
         finished += engine.step()
         cycle += 1
+        if engine.live:  # the live rows fill the lowest slots; the pass runs the smallest bucket holding them
+            slots = engine._slots
+            assert slots.live == list(range(engine.live))
+            assert slots.bucket == bucket_for(engine.live, len(slots.keys))
     assert len(set(finished)) == len(finished) <= len(requests)  # each row finishes once
     return dict(enumerate(engine.sequences))
 
