@@ -42,8 +42,9 @@ def test_compiled_engine_is_lossless_and_compiles_each_shape_once(targets64, fam
     drafters = {
         "plain": None,
         "oracle_partly_right": OracleDrafter(alone, target.vocab_size, 4, right_for=2),  # ragged acceptance
-        "flash_untrained": flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4)),
     }
+    if family != "qwen2_5_vl":  # the default run keeps to two engines (suite time); make test-slow adds this
+        drafters["flash_untrained"] = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4))
     shapes: set = set()
     for name, drafter in drafters.items():
         engine = flash.Engine(target, drafter, max_new_tokens=MAX_NEW, compile="aot_eager", max_rows=8)
