@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import flash
+from bench.oracle import SlotReferences
 from demo.tiny_models import QWEN2_5_VL_7B_TEXT
 
 
@@ -51,48 +52,37 @@ class OracleBlocks:
 
     def __init__(self, drafter: flash.FlashDrafter, references: list[list[int]], right_for: list[int]) -> None:
         self.drafter, self.block_size = drafter, drafter.block_size
-        self.all, self.slot_refs, self.positions, self.cursor = [list(r) for r in references], [], [], 0
+        self.slots = SlotReferences(references)
         self.right = itertools.cycle(right_for)
 
     def _replace(self, block: flash.Block, slots: list[int]) -> flash.Block:
         tokens = block.tokens.tolist()
         for row, slot in enumerate(slots):
-            ref, pos, m = self.slot_refs[slot], self.positions[slot], next(self.right)
+            m = next(self.right)
             for i in range(len(tokens[row])):
-                want = ref[pos + i] if ref is not None and pos + i < len(ref) else 0
+                want = self.slots.token(slot, i)
                 tokens[row][i] = want if i < m else (want + 1) % self.drafter.config.vocab_size
         block.tokens = torch.tensor(tokens, device=block.tokens.device)
         return block
 
     def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False,
               slots=None, num_slots=None):  # fmt: skip
-        n = first_tokens.shape[0]
-        slots = list(range(n)) if slots is None else slots
-        if not join:
-            self.cursor, self.slot_refs, self.positions = 0, [], []
-        extra = max(num_slots or 0, max(slots) + 1) - len(self.slot_refs)
-        self.slot_refs, self.positions = self.slot_refs + [None] * extra, self.positions + [0] * extra
-        for slot in slots:
-            self.slot_refs[slot], self.positions[slot] = self.all[self.cursor], 1
-            self.cursor += 1
+        slots = list(range(first_tokens.shape[0])) if slots is None else slots
+        self.slots.admit(slots, join, num_slots)
         block = self.drafter.start(prefill, first_tokens, params, generator, block_size, seen, join, slots, num_slots)
         return self._replace(block, slots)
 
     def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None):
-        bucket = next_tokens.shape[0]
-        self.positions[:bucket] = [p + n for p, n in zip(self.positions[:bucket], n_new.tolist())]
+        slots = self.slots.advance(n_new)
         block = self.drafter.step(features, next_tokens, n_new, n_new_max, params, generator, block_size, seen)
-        return self._replace(block, list(range(bucket)))
+        return self._replace(block, slots)
 
     def release(self, slots: list[int]) -> None:
-        for slot in slots:
-            self.slot_refs[slot] = None
+        self.slots.release(slots)
         self.drafter.release(slots)
 
     def move(self, src: list[int], dst: list[int]) -> None:
-        for s, d in zip(src, dst):
-            self.slot_refs[d], self.slot_refs[s] = self.slot_refs[s], None
-            self.positions[d] = self.positions[s]
+        self.slots.move(src, dst)
         self.drafter.move(src, dst)
 
 

@@ -25,7 +25,64 @@ def write_at_lengths(
     values.scatter_(2, where, v)
 
 
-class DrafterCache:
+class SlotLengths:
+    """One committed length per slot, the bookkeeping both per-slot caches share (the drafter's
+    `DrafterCache`, the target's `flash.kv.TargetCache`): `lengths` [S] on the device, and `bound`,
+    the same on the host (exact where the caller knows it, else an upper bound), so a pass is sized
+    without a device sync. A pass runs the first `bucket` slots."""
+
+    def _init_lengths(self, num_slots: int, device: torch.device) -> None:
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S] committed entries
+        self.bound = [0] * num_slots
+        self.bucket = num_slots
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.bound)
+
+    def longest(self) -> int:
+        """The host's bound on the longest committed length in the bucket."""
+        return max(self.bound[: self.bucket], default=0)
+
+    def _index(self, slots: list[int]) -> torch.Tensor:
+        return torch.tensor(slots, device=self.lengths.device)
+
+    def _commit_lengths(self, n: torch.Tensor, kept: list[int] | int) -> None:
+        """Slot s of the bucket keeps n[s] more entries; `kept` is the same on the host, per slot
+        (exact) or one bound for all (>= n.max())."""
+        self.lengths[: self.bucket] += n
+        per_slot = kept if isinstance(kept, list) else [kept] * self.bucket
+        for slot, count in enumerate(per_slot):
+            self.bound[slot] += count
+
+    def _set_lengths(self, where: torch.Tensor, slots: list[int], lengths: torch.Tensor, host: list[int]) -> None:
+        """Slots `slots` (`where` on the device) now hold `lengths` entries (`host`: the same)."""
+        self.lengths[where] = lengths
+        for slot, n in zip(slots, host):
+            self.bound[slot] = n
+
+    def _move_lengths(self, src: list[int], dst: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lengths of slots `src` go to the free slots `dst`, and `src` is released; returns both
+        on the device, for the caller's buffers."""
+        where, to = self._index(src), self._index(dst)
+        self._set_lengths(to, dst, self.lengths[where], [self.bound[s] for s in src])
+        self.release(src)
+        return where, to
+
+    def _add_length_slots(self, num_slots: int) -> None:
+        extra = num_slots - self.num_slots
+        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
+        self.bound += [0] * extra
+
+    def release(self, slots: list[int]) -> None:
+        """Free slots: their lengths go to 0, so their stale entries are never read again."""
+        if slots:
+            self.lengths[self._index(slots)] = 0
+            for slot in slots:
+                self.bound[slot] = 0
+
+
+class DrafterCache(SlotLengths):
     """Slots [S, H, capacity, hd] per layer with one length per slot; a pass runs the first `bucket`
     slots (the rows the engine keeps there), a prompt is written into free slots (`load`) and a
     finished row's slot is released (`release`): the buffers never move between cycles."""
@@ -43,23 +100,12 @@ class DrafterCache:
         shape = (batch, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [S] committed entries
+        self._init_lengths(batch, device)
         self.capacity = capacity
-        self.bucket = batch  # slots the next pass runs
-        # Host-side upper bound of each slot's length, so growing never needs a device sync.
-        self.bound = [0] * batch
-
-    @property
-    def num_slots(self) -> int:
-        return self.lengths.shape[0]
-
-    @property
-    def _max_length(self) -> int:
-        return max(self.bound[: self.bucket], default=0)
 
     def reserve(self, width: int) -> None:
         """Make room for `width` more entries in every slot of the bucket (doubling)."""
-        self._grow(self._max_length + width)
+        self._grow(self.longest() + width)
 
     def _grow(self, need: int) -> None:
         if need <= self.capacity:
@@ -74,7 +120,7 @@ class DrafterCache:
 
     def span(self, width: int) -> int:
         """How many leading entries a pass of `width` new tokens must attend over."""
-        return self._max_length + width
+        return self.longest() + width
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [bucket, H, T, hd] at each slot's length; return all keys/values up to `span(T)`."""
@@ -102,10 +148,7 @@ class DrafterCache:
     def commit(self, n: torch.Tensor, n_max: int | list[int]) -> None:
         """Keep the first n[b] new entries of each slot of the bucket; `n_max` is the same on the host,
         per slot (exact) or one bound for all (>= n.max())."""
-        self.lengths[: self.bucket] += n
-        per_slot = n_max if isinstance(n_max, list) else [n_max] * self.bucket
-        for slot, count in enumerate(per_slot):
-            self.bound[slot] += count
+        self._commit_lengths(n, n_max)
 
     def load(self, slots: list[int], other: DrafterCache) -> None:
         """Write another cache's rows (in order) into `slots` (more slots are added if needed), each
@@ -114,12 +157,10 @@ class DrafterCache:
         self._grow(width)
         if max(slots) >= self.num_slots:
             self.add_slots(max(slots) + 1)
-        where = torch.tensor(slots, device=self.lengths.device)
+        where = self._index(slots)
         for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
             mine[where, :, :width] = theirs[:, :, :width]
-        self.lengths[where] = other.lengths
-        for slot, n in zip(slots, other.bound):
-            self.bound[slot] = n
+        self._set_lengths(where, slots, other.lengths, other.bound)
 
     def add_slots(self, num_slots: int) -> None:
         """Grow to `num_slots` slots (the buffers are reallocated)."""
@@ -127,22 +168,10 @@ class DrafterCache:
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
                 store[i] = torch.cat([buf, buf.new_zeros(extra, *buf.shape[1:])])
-        self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
-        self.bound += [0] * extra
+        self._add_length_slots(num_slots)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Rows in slots `src` move to the free slots `dst` (copied within the same buffers)."""
-        where, to = torch.tensor(src, device=self.lengths.device), torch.tensor(dst, device=self.lengths.device)
+        where, to = self._move_lengths(src, dst)
         for buf in self.keys + self.values:
             buf[to] = buf[where]
-        self.lengths[to] = self.lengths[where]
-        for s, d in zip(src, dst):
-            self.bound[d] = self.bound[s]
-        self.release(src)
-
-    def release(self, slots: list[int]) -> None:
-        """Free slots: their lengths go to 0."""
-        if slots:
-            self.lengths[torch.tensor(slots, device=self.lengths.device)] = 0
-            for slot in slots:
-                self.bound[slot] = 0

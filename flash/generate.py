@@ -181,9 +181,9 @@ class _Slots:
             self.seen[where] = _widen_seen(seen, width)
         self.pending.clear(slots, where)
 
-    def move(self, src: list[int], dst: list[int]) -> None:
-        """Rows in slots `src` move to the free slots `dst` (between cycles: no block is pending)."""
-        where, to = torch.tensor(src, device=self.last.device), torch.tensor(dst, device=self.last.device)
+    def move(self, src: list[int], dst: list[int], where: torch.Tensor, to: torch.Tensor) -> None:
+        """Rows in slots `src` (`where` on the device) move to the free slots `dst` (`to`), between
+        cycles: no block is pending."""
         for s, d in zip(src, dst):
             self.keys[d], self.keys[s] = self.keys[s], None
         for t in (self.last, self.budget, self.active) + ((self.seen,) if self.seen is not None else ()):
@@ -383,15 +383,15 @@ class Engine:
         state.budget = state.budget - n_kept
         if state.seen is not None:
             state.seen = mark_seen(state.seen, emitted[:, : self._max_accepted + 1], n_emit)
-        done = self._release(state, [slot for slot in live if slot not in set(still)])
+        decoding = set(still)
+        done = self._release(state, [slot for slot in live if slot not in decoding])
         state.last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
         state.block, state.draft_s = None, 0.0
         if not still:
             return done
-        counts = [kept[slot] if slot in set(still) else 0 for slot in range(bucket)]
-        src, dst = self._condense(state)
+        counts = [kept[slot] if slot in decoding else 0 for slot in range(bucket)]
+        src, dst, where, to = self._condense(state)
         if src:  # this cycle's verified rows move with their slots
-            where, to = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
             for t in (features, emitted, n_emit):
                 t[to] = t[where]
             for s, d in zip(src, dst):
@@ -404,19 +404,21 @@ class Engine:
         self._draft(state, features[:rows], emitted[:rows], n_emit, counts[:rows], t_draft)
         return done
 
-    def _condense(self, state: _Slots) -> tuple[list[int], list[int]]:
+    def _condense(self, state: _Slots) -> tuple[list[int], list[int], torch.Tensor | None, torch.Tensor | None]:
         """Keep the live rows in the lowest slots: each row above the live count moves into a free
         slot below it (its cache rows are copied within the same buffers), so the bucket follows the
-        rows decoding and a finished row stops costing compute. Returns (from, to) slots."""
+        rows decoding and a finished row stops costing compute. Returns the (from, to) slots, as
+        lists and on the device (None when nothing moved)."""
         live = state.live
         holes = [slot for slot in range(len(live)) if state.keys[slot] is None]
         src = [slot for slot in live if slot >= len(live)]
-        if src:
-            state.move(src, holes)
-            state.session.move(src, holes)
-            if self.drafter is not None:
-                self.drafter.move(src, holes)
-        return src, holes
+        if not src:
+            return src, holes, None, None
+        where, to = state.session.move(src, holes)
+        state.move(src, holes, where, to)
+        if self.drafter is not None:
+            self.drafter.move(src, holes)
+        return src, holes, where, to
 
     def _accept(self, state: _Slots, draft, verified, logits) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.params

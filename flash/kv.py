@@ -24,7 +24,7 @@ import torch
 import torch._dynamo
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from flash.cache import write_at_lengths
+from flash.cache import SlotLengths, write_at_lengths
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -76,15 +76,15 @@ def span_bucket(n: int, smallest: int) -> int:
     return span
 
 
-class TargetCache(Cache):
+class TargetCache(SlotLengths, Cache):
     """The slots' KV cache (see the module docstring). Buffers are allocated by the first `load`."""
 
-    def __init__(self, num_slots: int, linear: list[int], span_step: int = 1, extra: int = 256):
+    def __init__(
+        self, num_slots: int, linear: list[int], device: torch.device, span_step: int = 1, extra: int = 256
+    ):
         """`extra`: columns a slot holds past its prompt (the engine's token budget and a block)."""
-        self.num_slots, self.linear, self.span_step, self.extra = num_slots, set(linear), span_step, extra
-        self.lengths: torch.Tensor | None = None  # [S] committed entries per slot
-        self.bound = [0] * num_slots  # host-side upper bound of each slot's length
-        self.bucket = num_slots  # slots the next pass runs
+        self.linear, self.span_step, self.extra = set(linear), span_step, extra
+        self._init_lengths(num_slots, device)
         # The pass in flight, fixed by `begin` on the host (plain ints: all a captured pass reads)
         self.width = 0  # its tokens a slot
         self.span = 0  # the columns it attends over
@@ -93,7 +93,7 @@ class TargetCache(Cache):
     def span_for(self, width: int) -> int:
         """Columns a pass of `width` tokens attends over: every committed entry of the bucket's slots
         and the new ones (rounded up to a `span_bucket` of `span_step` unless it is 1)."""
-        need = max(self.bound[: self.bucket], default=0) + width
+        need = self.longest() + width
         return need if self.span_step == 1 else span_bucket(need, self.span_step)
 
     @property
@@ -103,7 +103,7 @@ class TargetCache(Cache):
     def _slots(self) -> list[_SlotLayer]:
         return [layer for i, layer in enumerate(self.layers) if i not in self.linear]
 
-    def _allocate(self, prompt: DynamicCache, capacity: int, device: torch.device) -> None:
+    def _allocate(self, prompt: DynamicCache, capacity: int) -> None:
         layers = []
         for i, layer in enumerate(prompt.layers):
             if i in self.linear:
@@ -114,7 +114,6 @@ class TargetCache(Cache):
             buffers = [layer.keys.new_zeros(shape), layer.values.new_zeros(shape)]
             layers.append(_SlotLayer(self, *buffers))
         self.layers = layers
-        self.lengths = torch.zeros(self.num_slots, dtype=torch.long, device=device)
 
     def load(self, slots: list[int], prompt: DynamicCache, attention_mask: torch.Tensor, rows: torch.Tensor) -> None:
         """Write rows `rows` [n] of a prompt pass's cache into `slots` (attention mask [n, L] of those
@@ -126,14 +125,14 @@ class TargetCache(Cache):
         if self.span_step > 1:  # few distinct capacities: a buffer's shape is part of a captured pass
             need = span_bucket(need, self.span_step)
         if not self.layers:
-            self._allocate(prompt, need, attention_mask.device)
+            self._allocate(prompt, need)
         elif need > self.capacity:
             capacity = max(need, 2 * self.capacity)
             for layer in self._slots():
                 layer.grow(capacity)
         # column j of row i takes prompt column (width - lengths[i] + j) mod width: the real tokens first
         source = (torch.arange(width, device=lengths.device).unsqueeze(0) + (width - lengths).unsqueeze(1)) % width
-        where = torch.tensor(slots, device=lengths.device)
+        where = self._index(slots)
         for i, layer in enumerate(self.layers):
             if i in self.linear:
                 continue
@@ -141,38 +140,24 @@ class TargetCache(Cache):
                 theirs = theirs[rows]
                 index = source.view(batch, 1, width, 1).expand_as(theirs)
                 mine[where, :, :width] = theirs.gather(2, index)
-        self.lengths[where] = lengths
-        for slot, n in zip(slots, lengths.tolist()):
-            self.bound[slot] = n
+        self._set_lengths(where, slots, lengths, lengths.tolist())
 
     def add_slots(self, num_slots: int) -> None:
         """More slots (buffers reallocated: an engine without a fixed number of rows grows)."""
-        extra = num_slots - self.num_slots
-        self.num_slots, self.bound = num_slots, self.bound + [0] * extra
         if self.layers:
             capacity = self.capacity
             for layer in self._slots():
                 layer.grow(capacity, num_slots)
-            self.lengths = torch.cat([self.lengths, self.lengths.new_zeros(extra)])
+        self._add_length_slots(num_slots)
 
-    def move(self, src: list[int], dst: list[int]) -> None:
+    def move(self, src: list[int], dst: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows in slots `src` move to the free slots `dst`: their entries are copied within the same
-        buffers (only these rows), and `src` is released."""
-        where, to = torch.tensor(src, device=self.lengths.device), torch.tensor(dst, device=self.lengths.device)
+        buffers (only these rows), and `src` is released. Returns `src` and `dst` on the device."""
+        where, to = self._move_lengths(src, dst)
         for layer in self._slots():
             layer.keys[to] = layer.keys[where]
             layer.values[to] = layer.values[where]
-        self.lengths[to] = self.lengths[where]
-        for s, d in zip(src, dst):
-            self.bound[d] = self.bound[s]
-        self.release(src)
-
-    def release(self, slots: list[int]) -> None:
-        """Free slots: their lengths go to 0, so their stale entries are never read again."""
-        if slots:
-            self.lengths[torch.tensor(slots, device=self.lengths.device)] = 0
-            for slot in slots:
-                self.bound[slot] = 0
+        return where, to
 
     def begin(self, width: int) -> torch.Tensor:
         """Prepare a pass of `width` new tokens in each of the first `bucket` slots; returns its mask
@@ -197,8 +182,5 @@ class TargetCache(Cache):
     def commit(self, n_kept: torch.Tensor, kept: list[int] | int) -> None:
         """Slot s of the bucket keeps the first n_kept[s] entries of the pass; `kept` is the same on
         the host, per slot (exact) or one bound for all (>= n_kept.max())."""
-        self.lengths[: self.bucket] += n_kept
-        per_slot = kept if isinstance(kept, list) else [kept] * self.bucket
-        for slot, n in enumerate(per_slot):
-            self.bound[slot] += n
+        self._commit_lengths(n_kept, kept)
         self.width = 0

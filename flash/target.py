@@ -294,8 +294,8 @@ class TargetSession:
         self.shapes: set[tuple[int, int, int, int]] = set()
         if compile and layers:
             self.compile, self.fallback = None, UNCAPTURABLE_HYBRID
-        self.cache = TargetCache(num_slots, layers, SPAN_STEP if self.compile else 1, extra)
         device = target.device
+        self.cache = TargetCache(num_slots, layers, device, SPAN_STEP if self.compile else 1, extra)
         self.next_index = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
         self.rope_deltas = torch.zeros(num_slots, dtype=torch.long, device=device)  # [S]
         self._pending = 0  # tokens verified but not yet committed
@@ -346,15 +346,14 @@ class TargetSession:
         self.rope_deltas = torch.cat([self.rope_deltas, self.rope_deltas.new_zeros(extra)])
 
     @torch.inference_mode()
-    def move(self, src: list[int], dst: list[int]) -> None:
-        """Rows in slots `src` move to the free slots `dst`, between cycles."""
-        device = self.next_index.device
-        where, to = torch.tensor(src, device=device), torch.tensor(dst, device=device)
-        self.cache.move(src, dst)
+    def move(self, src: list[int], dst: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows in slots `src` move to the free slots `dst`, between cycles; returns both on the device."""
+        where, to = self.cache.move(src, dst)
         if self.linear:
             self.linear.move(where, to)
         self.next_index[to] = self.next_index[where]
         self.rope_deltas[to] = self.rope_deltas[where]
+        return where, to
 
     @torch.inference_mode()
     def release(self, slots: list[int]) -> None:
