@@ -146,7 +146,8 @@ def measure(target, drafter, batch: int, args) -> list[dict]:
         order = list(chosen)[rep % len(chosen) :] + list(chosen)[: rep % len(chosen)]
         for method in order:
             acceptance, backend = chosen[method]
-            oracle = None if acceptance is None else OracleBlocks(drafter, reference, _right_for(acceptance, args.block_size))
+            right_for = None if acceptance is None else _right_for(acceptance, args.block_size)
+            oracle = None if right_for is None else OracleBlocks(drafter, reference, right_for)
             _sync(target.device)
             start = time.perf_counter()
             out = flash.generate(
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     print(f"{report['what']}; {args.layers} layers, {args.device} {args.dtype}, {report['date']}")
-    print("| method | batch | tokens/s | speedup | acceptance | prefill ms | draft ms/pass | verify ms/pass | floor ms |")
+    print("| method | batch | tokens/s | speedup | acceptance | prefill ms | draft ms/pass | verify ms/pass "
+          "| floor ms |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         floor = f"{r['floor_ms_per_step']:.2f}" if r["floor_ms_per_step"] else ""

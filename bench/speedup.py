@@ -268,12 +268,13 @@ class BatchSize:
             row["error"] = next(iter(failures.values()))
         sts = [self.stats[m][u] for u in ok if self.stats[m][u] is not None and self.stats[m][u].cycles]
         _add_decode_stats(row, m, sts)
+        outputs = self.outputs[m]
         mismatches = [
-            {"clip": clips[c].name, **first_difference_margin(target, self.inputs_for([c]), reference[c], self.outputs[m][c])}
+            {"clip": clips[c].name, **first_difference_margin(target, self.inputs_for([c]), reference[c], outputs[c])}
             for u in ok
             for c in units[u]
-            if self.outputs[m][c] != reference[c]
-        ]  # fmt: skip
+            if outputs[c] != reference[c]
+        ]
         if mismatches:
             row["mismatches"] = mismatches
         return row
@@ -418,7 +419,8 @@ def _inputs_maker(target, prompt: str, frames: list, metadata: list | None):
 def _methods(batch: int, fixed_blocks: list[int], drafters: dict, compiled: bool) -> list[str]:
     """The static rows measured at this batch size, less those whose drafter is missing."""
     wanted = METHODS if batch == 1 else ["target", "hf_generate", "flash", "flash_adaptive"]
-    wanted = wanted + [f"flash_k{k}" for k in fixed_blocks] + (["target_compiled", "flash_compiled"] if compiled else [])
+    wanted = wanted + [f"flash_k{k}" for k in fixed_blocks]
+    wanted += ["target_compiled", "flash_compiled"] if compiled else []
     return [m for m in wanted if not m.startswith("flash") or _drafter_of(m) in drafters]
 
 
@@ -466,7 +468,7 @@ def run(args: argparse.Namespace) -> dict:
             measures[b].round(rep)
     reference = measures[1].outputs["target"]  # every clip decoded alone
     rows = [r for b in sizes for r in measures[b].rows(target, reference, clips)]
-    while (rising := _rising(rows, sizes[-1])) and 2 * sizes[-1] <= len(clips):  # sweep on until it peaks
+    while _rising(rows, sizes[-1]) and 2 * sizes[-1] <= len(clips):  # sweep on until it peaks
         sizes.append(2 * sizes[-1])
         measures[sizes[-1]] = measured(sizes[-1])
         for rep in range(args.repeats):
@@ -516,7 +518,8 @@ def markdown(report: dict) -> str:
         f"greedy, {report.get('dtype', 'float32')}, median of {report['repeats']} alternating rounds; "
         f"speedup over plain decoding at the same batch size; identical = rows equal to that clip decoded alone.",
         "",
-        "| method | batch | tokens/s (min–max) | speedup | acceptance length | identical | draft ms/pass | verify ms/pass |",
+        "| method | batch | tokens/s (min–max) | speedup | acceptance length | identical | draft ms/pass "
+        "| verify ms/pass |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:

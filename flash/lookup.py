@@ -54,7 +54,8 @@ class PromptLookupDrafter:
         k = block_size or self.block_size
         proposals = [self.propose(row, k) if row else [] for row in history]
         width = max(1, max(len(p) for p in proposals))
-        padded = [p + [p[-1] if p else (row[-1] if row else 0)] * (width - len(p)) for p, row in zip(proposals, history)]
+        fill = [p[-1] if p else (row[-1] if row else 0) for p, row in zip(proposals, history)]
+        padded = [p + [f] * (width - len(p)) for p, f in zip(proposals, fill)]
         tokens = torch.tensor(padded, dtype=torch.long, device=device)
         probs = None
         if not params.greedy:

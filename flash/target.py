@@ -22,9 +22,9 @@ never leaves a stale position behind.
 from __future__ import annotations
 
 import contextlib
-import logging
 import inspect
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields

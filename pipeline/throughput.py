@@ -258,7 +258,8 @@ class Throughput:
         """{"active": every actor's passes ran compiled, "fallback": why one ran eager, or None}."""
         statuses = list(self.compile.values())
         fallbacks = [s.removeprefix("fallback: ") for s in statuses if s.startswith("fallback")]
-        return {"active": bool(statuses) and all(s == "active" for s in statuses), "fallback": next(iter(fallbacks), None)}
+        active = bool(statuses) and all(s == "active" for s in statuses)
+        return {"active": active, "fallback": next(iter(fallbacks), None)}
 
     def memory(self) -> dict:
         """Caption actors' private resident memory (MB, Linux RssAnon): the peak over each actor's first

@@ -32,7 +32,11 @@ def fresh_dynamo(targets64):
 
 @pytest.mark.parametrize(
     "family",
-    ["qwen2_5_vl", pytest.param("llava_onevision", marks=pytest.mark.slow), pytest.param("qwen3_vl", marks=pytest.mark.slow)],
+    [
+        "qwen2_5_vl",
+        pytest.param("llava_onevision", marks=pytest.mark.slow),
+        pytest.param("qwen3_vl", marks=pytest.mark.slow),
+    ],
 )
 def test_compiled_engine_is_lossless_and_compiles_each_shape_once(targets64, family, fresh_dynamo):
     target = targets64[family]
