@@ -143,6 +143,7 @@ def test_compile_gives_the_same_captions_and_says_so_in_each_row(tmp_path, chat_
     compiled = _actor(tmp_path, *chat_model, max_new_tokens=10, compile=True, compile_backend="aot_eager")
     assert compiled._generate(rows)[:2] == eager._generate(rows)[:2]  # captions and token counts
     assert compiled.compile_status == {"active": True, "fallback": None}
+    assert set(compiled.target._passes) == {"aot_eager"}  # compile_backend chose the backend
     table = compiled(pa.Table.from_pylist([dict(r) for r in rows]))
     assert set(table.column("compile").to_pylist()) == {"active"}
     assert set(eager(pa.Table.from_pylist([dict(r) for r in rows])).column("compile").to_pylist()) == {""}

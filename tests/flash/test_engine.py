@@ -115,6 +115,17 @@ def test_admitted_rows_keep_the_repetition_penalty(tiny_checkpoints, targets64, 
         assert [got[i] for i in range(len(requests))] == alone
 
 
+def test_max_rows_bounds_the_slots(targets64):
+    """An engine given max_rows never grows past it: a batch that finds too few free slots is refused."""
+    target = targets64["qwen2_5_vl"]
+    engine = flash.Engine(target, None, max_new_tokens=MAX_NEW, max_rows=2)
+    requests = _requests(target, "qwen2_5_vl", 3, seed=4)
+    engine.admit(requests[0])
+    engine.admit(requests[1])
+    with pytest.raises(ValueError, match="max_rows=2"):
+        engine.admit(requests[2])
+
+
 def test_slots_keep_each_rows_own_length(targets64):
     """Rows loaded into slots of one session see only their own entries: verify logits equal the
     row's own session; a free slot between them (masked) changes nothing; a released slot's row
