@@ -78,8 +78,9 @@ class DecodeStats:
     verify_s: float = 0.0
     prefill_s: float = 0.0
     accepted_per_cycle: list[list[int]] = field(default_factory=list)  # per cycle, per active row
-    row_accepted: list[int] = field(default_factory=list)  # per original row: drafted tokens accepted
-    row_cycle_count: list[int] = field(default_factory=list)  # per original row: cycles it took part in
+    row_accepted: dict[int, int] = field(default_factory=dict)  # per request key: drafted tokens accepted
+    row_cycle_count: dict[int, int] = field(default_factory=dict)  # per request key: cycles it took part in
+    record_cycles: bool = True  # keep accepted_per_cycle (a long-lived engine turns it off)
 
     @property
     def acceptance_length(self) -> float:
@@ -245,7 +246,9 @@ class Engine:
         self.block_size = None if self.policy else block_size
         self.device, self.eos = target.device, target.eos_token_ids
         self.stats = DecodeStats()
-        self.sequences: list[list[int]] = []  # new tokens per request key
+        self.sequences: dict[int, list[int]] = {}  # new tokens per request key (until `pop`)
+        self._next_key = 0
+        self._finished: list[int] = []  # keys that ended at their first token, for the next `step`
         self._slots: _Slots | None = None
         self._max_accepted = 0
         self._last_accepted: list[int] = []
@@ -254,6 +257,14 @@ class Engine:
     def live(self) -> int:
         """Rows decoding now."""
         return len(self._slots.live) if self._slots is not None else 0
+
+    def pop(self, key: int) -> tuple[list[int], float]:
+        """A finished request's tokens and acceptance length, forgotten by the engine (a long-lived
+        engine keeps nothing of the rows it has returned)."""
+        stats = self.stats
+        length = stats.row_acceptance_length(key)
+        del stats.row_accepted[key], stats.row_cycle_count[key]
+        return self.sequences.pop(key), length
 
     def _add_slots(self, state: _Slots, need: int) -> None:
         """An engine without `max_rows` grows its slots (doubling) when a batch finds too few free."""
@@ -286,16 +297,19 @@ class Engine:
         t0 = _clock(self.device)
         prompt, prefill = self.target.prompt(inputs)
         batch = prefill.input_ids.shape[0]
-        keys = list(range(len(self.sequences), len(self.sequences) + batch))
-        self.sequences += [[] for _ in keys]
-        self.stats.row_accepted += [0] * batch
-        self.stats.row_cycle_count += [0] * batch
+        keys = list(range(self._next_key, self._next_key + batch))
+        self._next_key += batch
+        for key in keys:
+            self.sequences[key] = []
+            self.stats.row_accepted[key] = self.stats.row_cycle_count[key] = 0
         params = self.params
         seen = seen_ids(prefill.input_ids, prefill.attention_mask, self.target.vocab_size) if params.penalized else None
         first, _ = choose(prefill.last_logits, params, self.generator, seen)  # [B]
         budget = torch.full((batch,), self.max_new_tokens, dtype=torch.long, device=self.device)
         n_kept, finished = clip_at_stop(first.unsqueeze(1), torch.ones_like(budget), self.eos, budget)
         still = self._record(keys, first.unsqueeze(1), n_kept, finished)  # one host sync
+        decoding = set(still)
+        self._finished += [key for i, key in enumerate(keys) if i not in decoding]
         if not still:
             self.stats.prefill_s += _clock(self.device) - t0
             return keys
@@ -357,10 +371,11 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[int]:
         """One cycle (verify, accept, draft the next block) over the bucket's slots; returns the keys
-        of the rows that finished in it."""
-        state = self._slots
+        of the rows that finished in it (and of admitted rows that ended at their first token)."""
+        state, done = self._slots, self._finished
+        self._finished = []
         if state is None or not state.live:
-            return []
+            return done
         t_verify = _clock(self.device)
         bucket = state.bucket
         draft = state.block.tokens if state.block is not None else state.last.new_zeros(bucket, 0)  # [B, k]
@@ -384,7 +399,7 @@ class Engine:
         if state.seen is not None:
             state.seen = mark_seen(state.seen, emitted[:, : self._max_accepted + 1], n_emit)
         decoding = set(still)
-        done = self._release(state, [slot for slot in live if slot not in decoding])
+        done += self._release(state, [slot for slot in live if slot not in decoding])
         state.last = emitted.gather(1, n_accepted.unsqueeze(1)).squeeze(1)  # the bonus token
         state.block, state.draft_s = None, 0.0
         if not still:
@@ -491,7 +506,8 @@ class Engine:
             stats.row_cycles += len(accepted)
             stats.drafted += k * len(accepted)
             stats.accepted += sum(accepted)
-            stats.accepted_per_cycle.append(accepted)
+            if stats.record_cycles:
+                stats.accepted_per_cycle.append(accepted)
             self._max_accepted = max(accepted)
             self._last_accepted = accepted
         return still
@@ -548,10 +564,10 @@ def generate(
         target, drafter, max_new_tokens, temperature, top_k, top_p, repetition_penalty, generator, block_size,
         compile=compile,
     )  # fmt: skip
-    engine.admit(inputs)  # one slot a row
+    keys = engine.admit(inputs)  # one slot a row
     while engine.live:
         engine.step()
-    return GenerateOutput(engine.sequences, engine.stats)
+    return GenerateOutput([engine.sequences[k] for k in keys], engine.stats)
 
 
 class _Pending:

@@ -51,7 +51,7 @@ def _run(engine: flash.Engine, requests: list, admit_at: dict[int, int]) -> dict
             assert slots.live == list(range(engine.live))
             assert slots.bucket == bucket_for(engine.live, len(slots.keys))
     assert len(set(finished)) == len(finished) <= len(requests)  # each row finishes once
-    return dict(enumerate(engine.sequences))
+    return dict(engine.sequences)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
