@@ -9,21 +9,24 @@ timestamps are the ones the model was trained with. Tokens are chosen as the
 checkpoint's generation config says, unless the job sets a temperature.
 
 Ray Data keeps `batches_per_actor` calls in flight per actor, each in its own
-thread: a call runs the processor on its rows (CPU) while another holds the
-model, and the model takes one batch at a time. Each row is processed alone and
-the batch is collated from those outputs (`Target.collate`, equal to the
-processor's own batch), so any grouping of rows can be decoded together.
+thread. A call runs the processor on its rows (CPU), then hands them to the
+actor's one engine (`flash.shared.SharedEngine`), which decodes the rows of
+every call in flight together: a call's rows join as slots free, so the device
+does not idle while one batch's longest caption finishes, and each call returns
+when its own rows are done. Each row is processed alone and batches are
+collated from those outputs (`Target.collate`, equal to the processor's own
+batch), so any grouping of rows can be decoded together.
 
 Rows that arrive with a decode error pass through untouched; a row the
 processor refuses gets its error and costs no other row. A device failure (a
 CUDA error) is not the videos' fault: the actor exits without charging them,
-Ray replaces it and the batch is retried. If a batch fails
-in generation, its rows are retried one by one so a single bad input only costs
-its own row (which gets the error). If a batch's rows were in flight when an
-earlier worker process died (see pipeline/ledger.py), they are captioned one at
-a time, and a row charged with `max_worker_crashes` deaths becomes an error row.
-Rows are charged while they hold the model, not while they wait for it, so a
-video that kills the process does not charge the next batch's rows.
+Ray replaces it and the batches are retried. If the engine fails, every row in
+it is decoded again alone, so a single bad input only costs its own row (which
+gets the error). Rows are on the crash ledger (pipeline/ledger.py) from their
+admission to the engine until their call returns: while they hold the model,
+not while they wait for it. A row with a crash on record is not admitted: it is
+captioned alone, and a row charged with `max_worker_crashes` deaths becomes an
+error row.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import pyarrow as pa
 import torch
 
 import flash
+from flash.shared import SharedEngine
 from pipeline import faults
 from pipeline.checkpoints import resolve_checkpoint
 from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, CaptionConfig
@@ -97,8 +101,18 @@ class CaptionActor:
         self.actor_id = f"{self.node}:{os.getpid()}"
         self._metrics = _Metrics()
         self.guard = Guard(ledger, "caption", self.config.max_worker_crashes)
-        self._model_lock = threading.Lock()
         self.compile_status = {"active": cfg.compile, "fallback": None}  # the last engine's
+        # One engine for the actor's life: the rows of every call in flight decode in its slots.
+        self.shared = SharedEngine(
+            lambda: self._engine(cfg.max_rows or cfg.batch_size),
+            lambda rows: self.inputs(rows),
+            cfg.max_rows or cfg.batch_size,
+            admit=self._admit,
+            failed=self._exit_on_device_failure,
+        )
+        self._model_lock = self.shared.lock  # held by whatever uses the model
+        self._on_ledger: dict[int, dict] = {}  # rows admitted and not yet returned, by id()
+        self._ledger_lock = threading.Lock()
 
     def process(self, row: dict):
         """The processor's output for one decoded row: prompt, frames and the video's real metadata."""
@@ -125,80 +139,126 @@ class CaptionActor:
         """The model's batch for decoded rows: their processor outputs, left-padded together."""
         return self.target.collate([r[PROCESSED] if PROCESSED in r else self.process(r) for r in rows])
 
-    def _generate(self, rows: list[dict]) -> tuple[list[str], list[int], list[float], float]:
-        faults.maybe_crash("generate", rows)
-        started = time.perf_counter()
-        engine = flash.Engine(
+    def _engine(self, max_rows: int | None = None) -> flash.Engine:
+        return flash.Engine(
             self.target,
             self.drafter,
             max_new_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
             block_size=self.policy,  # None: the drafter's fixed block
+            max_rows=max_rows,
             compile=self.config.compile_backend if self.config.compile else None,
         )
-        # At most max_rows videos decode at once; the others join as rows finish (continuous batching).
-        keys = engine.run(
-            len(rows), lambda group: self.inputs([rows[i] for i in group]), self.config.max_rows or len(rows)
-        )
-        elapsed = time.perf_counter() - started
+
+    def text(self, tokens: list[int]) -> str:
         eos = set(self.target.eos_token_ids.tolist())
+        return self.target.processor.tokenizer.decode(
+            [t for t in tokens if t not in eos], skip_special_tokens=True
+        ).strip()
+
+    def _generate(self, rows: list[dict]) -> tuple[list[str], list[int], list[float], float]:
+        """Caption rows on an engine of their own (the caller holds the model lock)."""
+        faults.maybe_crash("generate", rows)
+        started = time.perf_counter()
+        engine = self._engine()
+        keys = engine.admit(self.inputs(rows))
+        while engine.live:
+            engine.step()
+        elapsed = time.perf_counter() - started
         sequences = [engine.sequences[k] for k in keys]
-        tokenizer = self.target.processor.tokenizer
-        texts = [tokenizer.decode([t for t in s if t not in eos], skip_special_tokens=True).strip() for s in sequences]
         lengths = [engine.stats.row_acceptance_length(k) for k in keys]
         self.compile_status = engine.compile_status
-        return texts, [len(s) for s in sequences], lengths, elapsed
+        return [self.text(s) for s in sequences], [len(s) for s in sequences], lengths, elapsed
 
     def _caption(self, rows: list[dict]) -> None:
-        """Fill caption/num_tokens/acceptance_length/generate_s/error on rows without a decode error."""
+        """Fill caption/num_tokens/acceptance_length/generate_s/error on rows without a decode error:
+        through the actor's engine, beside the rows of the other calls in flight."""
+        todo = [r for r in rows if not r["error"]]
+        requests = self.shared.decode(todo)
+        if self.shared.compile_status is not None:
+            self.compile_status = self.shared.compile_status
+        admitted = [q.item for q in requests if not q.held]
+        try:
+            for q in requests:
+                if q.tokens is not None:
+                    _fill(q.item, self.text(q.tokens), len(q.tokens), q.acceptance_length, q.seconds)
+            failed = [q.item for q in requests if q.error is not None]
+            if failed:  # the engine failed with them in it: each alone, so a bad input costs only its row
+                with self._model_lock:
+                    self._caption_rows(failed, together=False)
+        finally:
+            self._off_ledger(admitted)
+        held = [q.item for q in requests if q.held]  # a crash on record: each alone, on the ledger alone
+        for r in held:
+            with self._model_lock:
+                self.guard.run([r], self._caption_rows, self._give_up)
 
-        def give_up(r: dict, crashes: int) -> None:
-            r["error"] = self.guard.message(crashes)
+    def _give_up(self, r: dict, crashes: int) -> None:
+        r["error"] = self.guard.message(crashes)
 
-        self.guard.run([r for r in rows if not r["error"]], self._caption_rows, give_up)
+    def _admit(self, rows: list[dict]) -> list[bool]:
+        """Rows about to join the engine go on the ledger; a row with a crash on record is held out
+        (its caller captions it alone)."""
+        crashes = self.guard.begin(rows)
+        held = [r for r, c in zip(rows, crashes) if c]
+        self.guard.done(held)
+        admitted = [r for r, c in zip(rows, crashes) if not c]
+        with self._ledger_lock:
+            self._on_ledger.update((id(r), r) for r in admitted)
+        faults.maybe_crash("caption", admitted)
+        faults.maybe_crash("generate", admitted)
+        return [not c for c in crashes]
 
-    def _caption_rows(self, todo: list[dict]) -> None:
+    def _off_ledger(self, rows: list[dict]) -> None:
+        with self._ledger_lock:
+            for r in rows:
+                self._on_ledger.pop(id(r), None)
+        self.guard.done(rows)
+
+    def _caption_rows(self, todo: list[dict], together: bool = True) -> None:
+        """Caption rows on an engine of their own (the caller holds the model lock): together, then
+        one by one if that fails."""
         if not todo:
             return
         faults.maybe_crash("caption", todo)
-        try:
-            groups = [todo]
-            results = [self._generate(todo)]
-        except Exception as err:  # isolate the bad row: retry one by one
-            self._exit_on_device_failure(err, todo)
-            groups, results = [], []
+        groups, results = [], []
+        if together:
+            try:
+                results, groups = [self._generate(todo)], [todo]
+            except Exception as err:
+                self._exit_on_device_failure(err, todo)
+        if not groups:
             for r in todo:
                 try:
                     results.append(self._generate([r]))
                     groups.append([r])
                 except Exception as err:  # this input cannot be captioned: its row says why
-                    self._exit_on_device_failure(err, todo)
+                    self._exit_on_device_failure(err, [r])
                     r["error"] = f"caption failed: {type(err).__name__}: {err}"[:2000]
         for group, (texts, counts, accept, elapsed) in zip(groups, results):
             for r, text, count, length in zip(group, texts, counts, accept):
-                r.update(caption=text, num_tokens=count, acceptance_length=length, generate_s=elapsed / len(group))
+                _fill(r, text, count, length, elapsed / len(group))
 
-    def _exit_on_device_failure(self, err: Exception, rows: list[dict]) -> None:
+    def _exit_on_device_failure(self, err: BaseException, rows: list[dict]) -> None:
         """A device error (CUDA's poisons the process's context) is not the videos' fault: release
-        their ledger entries, so the death charges none of them, and exit; Ray replaces the actor
-        and Ray Data retries the batch."""
+        the ledger entries of every row in flight, so the death charges none of them, and exit; Ray
+        replaces the actor and Ray Data retries the batches."""
         if not is_device_failure(err):
             return
         import sys
 
         print(f"[flashcap] device failure in {self.actor_id}: {err}; exiting for a fresh actor", file=sys.stderr)
-        self.guard.done(rows)
+        with self._ledger_lock:
+            in_flight = list(self._on_ledger.values())
+        self.guard.done(in_flight + [r for r in rows if id(r) not in self._on_ledger])
         os._exit(DEVICE_FAILURE_EXIT)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for r in rows:
             r.update(caption="", num_tokens=0, acceptance_length=0.0, generate_s=0.0)
-        self.prepare(rows)
-        with self._model_lock:  # one batch on the model at a time; the next one's processor runs meanwhile
-            started = time.perf_counter()
-            self._caption(rows)
-            busy = time.perf_counter() - started
+        self.prepare(rows)  # outside the model lock: beside the other calls' decoding
+        self._caption(rows)
         now = datetime.now(UTC)
         out = []
         for r in rows:
@@ -220,15 +280,17 @@ class CaptionActor:
                     "worker_node": self.node,
                     "finished_at": now,
                     "actor": self.actor_id,
-                    "busy_s": 0.0,
+                    "busy_s": float(r["generate_s"]),  # its share of the model's time
                     "rss_mb": _rss_mb(),
                     "compile": _compile_column(self.config.compile, self.compile_status),
                 }
             )
-        for row in out:
-            row["busy_s"] = busy / len(out)
-        self._metrics.record(out, busy)
+        self._metrics.record(out, sum(row["busy_s"] for row in out))
         return pa.Table.from_pylist(out)
+
+
+def _fill(r: dict, caption: str, num_tokens: int, acceptance_length: float, seconds: float) -> None:
+    r.update(caption=caption, num_tokens=num_tokens, acceptance_length=acceptance_length, generate_s=seconds)
 
 
 def _compile_column(asked: bool, status: dict) -> str:
@@ -292,4 +354,5 @@ class _Metrics:
             self.acceptance.set(float(np.mean([r["acceptance_length"] for r in ok])))
         if len(ok) < len(rows):
             self.clips.inc(len(rows) - len(ok), tags={"status": "error"})
-        self.busy.inc(busy)
+        if busy > 0:  # a Ray counter takes only positive increments
+            self.busy.inc(busy)

@@ -119,15 +119,15 @@ class CaptionConfig(BaseModel):
         default=None,
         ge=1,
         le=1024,
-        description="Videos decoding at once in a caption actor: the others of its batch join as rows finish "
-        "(continuous batching). None: batch_size (the whole batch at once).",
+        description="Videos decoding at once in a caption actor's engine (its slots): the rows of every batch in "
+        "flight join as rows finish (continuous batching). None: batch_size.",
     )
     batches_per_actor: int = Field(
         default=2,
         ge=1,
         le=8,
         description="Batches in flight per caption actor: the next batch's processor work (CPU) runs while the "
-        "model decodes the current one; the model takes one batch at a time.",
+        "model decodes, and its rows join the actor's engine as the current batch's rows finish.",
     )
     adaptive_block: bool = Field(
         default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."

@@ -85,21 +85,49 @@ def test_gpus_without_cuda_fail_at_start(tmp_path, chat_model):
         _actor(tmp_path, chat_model[0], gpus_per_actor=1)
 
 
-def test_max_rows_decodes_a_batch_continuously_with_the_same_captions(tmp_path, chat_model):
+def test_max_rows_bounds_the_rows_decoding_and_keeps_the_captions(tmp_path, chat_model):
+    import pyarrow as pa
+
     clips = {f"c{i}.mp4": _moving_clip(20 + 7 * i, 30, 112, 112, seed=i) for i in range(5)}
     rows = _rows(tmp_path, clips, num_frames=4)
-    whole = _actor(tmp_path, *chat_model, max_new_tokens=10)._generate(rows)
+    whole = _actor(tmp_path, *chat_model, max_new_tokens=10)._generate(rows)  # all five at once
     streaming = _actor(tmp_path, *chat_model, max_new_tokens=10, max_rows=2)
     groups = []
     inputs = streaming.inputs
     streaming.inputs = lambda group: groups.append(len(group)) or inputs(group)
-    assert streaming._generate(rows)[:2] == whole[:2]  # captions and token counts
+    out = streaming(pa.Table.from_pylist(rows)).to_pylist()
+    assert [r["caption"] for r in out] == whole[0] and [r["num_tokens"] for r in out] == whole[1]
     assert max(groups) <= 2 and sum(groups) == 5  # never more than max_rows live; every video admitted
+    assert all(r["generate_s"] > 0 and r["busy_s"] == r["generate_s"] for r in out)
+
+
+def test_a_row_that_breaks_the_engine_costs_only_itself(tmp_path, chat_model):
+    """A row whose batch cannot be decoded fails the engine with every row in it; each of those is
+    then captioned alone, so only the bad row gets an error, and the others their own captions."""
+    import pyarrow as pa
+
+    clips = {f"c{i}.mp4": _moving_clip(20 + 5 * i, 30, 112, 112, seed=i) for i in range(3)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    alone = [_actor(tmp_path, *chat_model, max_new_tokens=8)._generate([r])[0][0] for r in rows]
+    actor = _actor(tmp_path, *chat_model, max_new_tokens=8)
+    inputs = actor.inputs
+
+    def breaking(group):
+        if any(r["video_uri"].endswith("c1.mp4") for r in group):
+            raise RuntimeError("this video breaks generation")
+        return inputs(group)
+
+    actor.inputs = breaking
+    out = actor(pa.Table.from_pylist(rows)).to_pylist()
+    assert out[1]["error"] == "caption failed: RuntimeError: this video breaks generation"
+    assert [out[0]["caption"], out[2]["caption"]] == [alone[0], alone[2]] and not out[0]["error"]
+    assert actor.shared.engines_opened == 1  # the failed engine was dropped; the retries ran alone
 
 
 def test_batches_in_flight_together_caption_as_one_at_a_time(tmp_path, chat_model):
     """Two calls at once (Ray Data's batches_per_actor threads): each batch's processor work runs
-    beside the other's decoding, and the captions are the ones of calls made one after another."""
+    beside the other's decoding, their rows share the actor's engine, and the captions are the ones
+    of calls made one after another."""
     import threading
 
     import pyarrow as pa
@@ -119,6 +147,7 @@ def test_batches_in_flight_together_caption_as_one_at_a_time(tmp_path, chat_mode
     for t in threads:
         t.join()
     assert [together[0], together[1]] == alone and all(alone[0] + alone[1])
+    assert actor.shared.engines_opened == 1  # one engine for every batch the actor decodes
 
 
 def test_a_row_the_processor_refuses_costs_only_itself(tmp_path, chat_model):
