@@ -76,7 +76,7 @@ class OracleDrafter:
 
     def start(
         self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False, slots=None,
-        num_slots=None,
+        num_slots=None, compile=None,
     ) -> Block:  # fmt: skip
         slots = list(range(first_tokens.shape[0])) if slots is None else slots
         self.slots.admit(slots, join, num_slots)

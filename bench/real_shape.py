@@ -66,10 +66,12 @@ class OracleBlocks:
         return block
 
     def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False,
-              slots=None, num_slots=None):  # fmt: skip
+              slots=None, num_slots=None, compile=None):  # fmt: skip
         slots = list(range(first_tokens.shape[0])) if slots is None else slots
         self.slots.admit(slots, join, num_slots)
-        block = self.drafter.start(prefill, first_tokens, params, generator, block_size, seen, join, slots, num_slots)
+        block = self.drafter.start(
+            prefill, first_tokens, params, generator, block_size, seen, join, slots, num_slots, compile
+        )
         return self._replace(block, slots)
 
     def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None, seen=None):

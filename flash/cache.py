@@ -11,6 +11,7 @@ row).
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 
 
 def write_at_lengths(
@@ -23,6 +24,22 @@ def write_at_lengths(
     where = where.expand(batch, heads, width, dim)
     keys.scatter_(2, where, k)
     values.scatter_(2, where, v)
+
+
+def static(buffer: torch.Tensor) -> torch.Tensor:
+    """Mark a buffer that a captured pass writes in place: CUDA graphs then keep its address
+    instead of copying it in and out of every replay."""
+    torch._dynamo.mark_static_address(buffer)
+    return buffer
+
+
+def span_bucket(n: int, smallest: int) -> int:
+    """The least of smallest x {1, 1.5, 2, 3, 4, 6, ...} that holds n columns: two spans an octave,
+    so a captured engine has few graphs, and at most a third of the columns a pass reads are masked."""
+    span = smallest
+    while span < n:
+        span = span * 3 // 2 if span & (span - 1) == 0 else span * 4 // 3
+    return span
 
 
 class SlotLengths:
@@ -96,37 +113,54 @@ class DrafterCache(SlotLengths):
         capacity: int,
         dtype: torch.dtype,
         device: torch.device,
+        span_step: int = 1,
     ) -> None:
+        """`span_step` > 1 (a captured engine): spans and capacities are `span_bucket`s of it, so
+        its passes have few shapes, and the buffers keep their addresses for CUDA graphs."""
+        self.span_step = span_step
+        capacity = self._round(capacity)
         shape = (batch, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [self._keep(torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        self.values = [self._keep(torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
         self._init_lengths(batch, device)
         self.capacity = capacity
+        self.pass_span = 0  # set by `begin` before each pass
 
-    def reserve(self, width: int) -> None:
-        """Make room for `width` more entries in every slot of the bucket (doubling)."""
-        self._grow(self.longest() + width)
+    def _round(self, columns: int) -> int:
+        return columns if self.span_step == 1 else span_bucket(columns, self.span_step)
+
+    def _keep(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer if self.span_step == 1 else static(buffer)
+
+    def begin(self, width: int) -> int:
+        """Size the next pass of `width` new entries a slot: room in every slot of the bucket
+        (doubling), and the span its attention reads, fixed here on the host (a captured pass reads
+        it as a constant, not from the host's lengths). Returns the span."""
+        self.pass_span = self.span(width)
+        self._grow(self.pass_span)
+        return self.pass_span
 
     def _grow(self, need: int) -> None:
         if need <= self.capacity:
             return
-        new_capacity = max(need, 2 * self.capacity)
+        new_capacity = self._round(max(need, 2 * self.capacity))
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
                 grown = buf.new_zeros(buf.shape[0], buf.shape[1], new_capacity, buf.shape[3])
                 grown[:, :, : self.capacity] = buf
-                store[i] = grown
+                store[i] = self._keep(grown)
         self.capacity = new_capacity
 
     def span(self, width: int) -> int:
-        """How many leading entries a pass of `width` new tokens must attend over."""
-        return self.longest() + width
+        """How many leading entries a pass of `width` new tokens must attend over (a `span_bucket`
+        when captured: the columns past the rows' entries are masked)."""
+        return self._round(self.longest() + width)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [bucket, H, T, hd] at each slot's length; return all keys/values up to `span(T)`."""
-        rows = self.bucket
+        """Store k, v [bucket, H, T, hd] at each slot's length; return all keys/values up to the span
+        `begin` fixed."""
+        rows, end = self.bucket, self.pass_span
         write_at_lengths(self.keys[layer][:rows], self.values[layer][:rows], self.lengths[:rows], k, v)
-        end = self.span(k.shape[2])
         return self.keys[layer][:rows, :, :end], self.values[layer][:rows, :, :end]
 
     def attention_mask(self, valid: torch.Tensor) -> torch.Tensor:
@@ -167,7 +201,7 @@ class DrafterCache(SlotLengths):
         extra = num_slots - self.num_slots
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
-                store[i] = torch.cat([buf, buf.new_zeros(extra, *buf.shape[1:])])
+                store[i] = self._keep(torch.cat([buf, buf.new_zeros(extra, *buf.shape[1:])]))
         self._add_length_slots(num_slots)
 
     def move(self, src: list[int], dst: list[int]) -> None:

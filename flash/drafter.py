@@ -38,12 +38,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flash.cache import DrafterCache
+from flash.capture import capture, fallback_reason
 from flash.sampling import SamplingParams, choose, penalize
 
 if TYPE_CHECKING:
     from flash.target import Prefill, Target
 
 CONFIG_NAME = "drafter_config.json"
+SPAN_STEP = 64  # a captured drafter's spans and capacities are `span_bucket`s from this size up
 WEIGHTS_NAME = "drafter.safetensors"
 
 
@@ -243,6 +245,17 @@ class DrafterLayer(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+def _layer_pass(
+    layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, cache
+) -> torch.Tensor:
+    """The drafter's layers over x [B, T, D] through its cache. In a draft step every shape is fixed
+    by (bucket, T, span) and the cache's lengths are tensors, so one compiled pass serves every step
+    of that shape."""
+    for index, layer in enumerate(layers):
+        x = layer(x, cos, sin, cache, index, mask)
+    return x
+
+
 def _check_draft_ids(draft_ids: torch.Tensor, size: int, vocab_size: int) -> None:
     """A draft vocabulary is `size` distinct target ids."""
     if draft_ids.dim() != 1 or draft_ids.numel() != size:
@@ -291,6 +304,11 @@ class FlashDrafter(nn.Module):
         self.norm = RMSNorm(dim, config.norm_eps)
         self.cache: DrafterCache | None = None
         self._head: DraftHead | None = None  # built from the shared LM head, never saved
+        # Draft steps compiled with this torch.compile backend (set by the engine's `start`; None: eager).
+        self.compile: str | None = None
+        self.fallback: str | None = None  # why compiled steps gave way to eager
+        self.shapes: set[tuple[int, int, int, int]] = set()  # compiled step shapes (bucket, T, span, capacity)
+        self._passes: dict = {}
         size = config.draft_vocab_size
         if size == 0:
             if draft_ids is not None:
@@ -412,23 +430,31 @@ class FlashDrafter(nn.Module):
 
         max_position: a host-side upper bound of the positions (saves a device sync when decoding).
         """
+        cache.begin(x.shape[1])
         head_dim = self.layers[0].head_dim
         cos, sin = rotary(positions.clamp_min(0), head_dim, self.config.rope_theta, x.dtype, max_position)
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, index, mask)
-        return x
+        return _layer_pass(self.layers, x, cos, sin, mask, cache)
 
     def _layers(self, x: torch.Tensor, valid: torch.Tensor, cache: DrafterCache) -> torch.Tensor:
-        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via a decoding cache."""
-        cache.reserve(x.shape[1])
+        """Run new inputs x [B, T, D] (valid [B, T]) through the layers via a decoding cache; the
+        slots' cache runs the compiled pass when `compile` is set."""
+        span = cache.begin(x.shape[1])
         positions = cache.lengths[: x.shape[0]].unsqueeze(1) + valid.to(torch.long).cumsum(dim=1) - 1  # [B, T]
-        return self.run_layers(x, positions, cache.attention_mask(valid), cache, cache.span(x.shape[1]) - 1)
+        mask = cache.attention_mask(valid)
+        if not (self.compile and cache is self.cache):
+            return self.run_layers(x, positions, mask, cache, span - 1)
+        cos, sin = rotary(positions.clamp_min(0), self.layers[0].head_dim, self.config.rope_theta, x.dtype, span - 1)
+        try:
+            out = capture(self._passes, _layer_pass, self.compile, x.device)(self.layers, x, cos, sin, mask, cache)
+            self.shapes.add((x.shape[0], x.shape[1], span, cache.capacity))
+            return out
+        except Exception as err:  # a step that cannot be captured runs eager (at the same lengths), and says why
+            self.fallback, self.compile = fallback_reason("draft step", err), None
+        return _layer_pass(self.layers, x, cos, sin, mask, cache)
 
-    def new_cache(self, batch: int, capacity: int, like: torch.Tensor) -> DrafterCache:
-        heads = self.config.num_heads
-        return DrafterCache(
-            len(self.layers), batch, heads, self.config.hidden_size // heads, capacity, like.dtype, like.device
-        )
+    def new_cache(self, batch: int, capacity: int, like: torch.Tensor, span_step: int = 1) -> DrafterCache:
+        heads, dim = self.config.num_heads, self.config.hidden_size
+        return DrafterCache(len(self.layers), batch, heads, dim // heads, capacity, like.dtype, like.device, span_step)
 
     def slot_hidden(self, h: torch.Tensor, previous_tokens: torch.Tensor) -> torch.Tensor:
         """Refine slot states h [..., D] from the embedding of the token drafted just before each."""
@@ -457,6 +483,8 @@ class FlashDrafter(nn.Module):
         k = block_size or self.config.block_size
         batch = rows.shape[0]
         cache = self.cache if cache is None else cache
+        if self.compile and cache is self.cache:  # a captured step: the rows' width is a power of two
+            rows, valid = _pad_width(rows, valid)
         slots = self.slots[: k - 1].unsqueeze(0).expand(batch, -1, -1)
         x = torch.cat([rows, slots], dim=1)
         all_valid = torch.cat([valid, torch.ones(batch, k - 1, dtype=torch.bool, device=rows.device)], dim=1)
@@ -503,12 +531,14 @@ class FlashDrafter(nn.Module):
         join: bool = False,
         slots: list[int] | None = None,
         num_slots: int | None = None,
+        compile: str | None = None,
     ) -> Block:
         """Read the prompt (latents + text rows) into the cache and draft the first block.
 
         first_tokens [B]: the token the target chose after the prompt. The rows take `slots`
         (default 0..B-1) of a cache of `num_slots` (default B); join: the cache's other slots keep
-        the rows decoding (continuous batching), else a fresh cache replaces it.
+        the rows decoding (continuous batching), else a fresh cache replaces it. compile: the
+        torch.compile backend of the draft steps that follow (None: eager); the prompt is read eager.
         """
         ids, mask, features = prefill.input_ids, prefill.attention_mask.bool(), prefill.features
         batch, length, dim = features.shape
@@ -532,7 +562,9 @@ class FlashDrafter(nn.Module):
         block = self._draft(rows, valid, n_real, lengths, params, generator, block_size, seen, prompt_cache)
         slots = list(range(batch)) if slots is None else slots
         if not join or self.cache is None:
-            self.cache = self.new_cache(num_slots or batch, prompt_cache.capacity, features)
+            self.compile, self.fallback = compile, None
+            step = SPAN_STEP if compile else 1
+            self.cache = self.new_cache(num_slots or batch, prompt_cache.capacity, features, step)
         elif num_slots and num_slots > self.cache.num_slots:
             self.cache.add_slots(num_slots)
         self.cache.load(slots, prompt_cache)
@@ -568,3 +600,14 @@ class FlashDrafter(nn.Module):
     def move(self, src: list[int], dst: list[int]) -> None:
         """Rows in slots `src` move to the free slots `dst`."""
         self.cache.move(src, dst)
+
+
+def _pad_width(rows: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [B, R, D] and valid [B, R] padded (invalid, zero) to the next power-of-two width: a
+    captured draft step sees few widths."""
+    width = rows.shape[1]
+    target = 1 << max(0, (width - 1).bit_length())
+    if target == width:
+        return rows, valid
+    rows = torch.cat([rows, rows.new_zeros(rows.shape[0], target - width, rows.shape[2])], dim=1)
+    return rows, torch.cat([valid, valid.new_zeros(valid.shape[0], target - width)], dim=1)

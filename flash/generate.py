@@ -33,7 +33,8 @@ class Drafter(Protocol):
     """What the loop needs of a drafter (FlashDrafter, prompt lookup, or a test's oracle). Rows live
     in slots: `start` reads new rows into `slots` (of `num_slots`), `step` drafts for the first
     `bucket` slots (a free slot reads nothing, its block is never read), `release` frees slots,
-    `move` takes rows to lower free slots."""
+    `move` takes rows to lower free slots. A drafter that compiles its steps may say in `fallback`
+    why they run eager."""
 
     block_size: int
 
@@ -48,6 +49,7 @@ class Drafter(Protocol):
         join: bool = False,  # the other slots keep the rows decoding (else they are all reset)
         slots: list[int] | None = None,
         num_slots: int | None = None,
+        compile: str | None = None,  # a torch.compile backend for the draft steps (None: eager)
     ) -> Block: ...
 
     def step(
@@ -284,11 +286,14 @@ class Engine:
 
     @property
     def compile_status(self) -> dict:
-        """{"active": verify passes run compiled, "fallback": why not, when compiling was asked}."""
+        """{"active": verify passes and draft steps run compiled, "fallback": why not, when compiling
+        was asked}."""
         session = self._slots.session if self._slots is not None else None
         if session is None:
             return {"active": bool(self.compile), "fallback": None}
-        return {"active": session.compile is not None, "fallback": session.fallback}
+        drafter_fallback = getattr(self.drafter, "fallback", None)
+        fallback = session.fallback or (f"draft step: {drafter_fallback}" if drafter_fallback else None)
+        return {"active": session.compile is not None and not drafter_fallback, "fallback": fallback}
 
     @torch.inference_mode()
     def admit(self, inputs) -> list[int]:
@@ -341,8 +346,9 @@ class Engine:
             k = state.block.tokens.shape[1] if state.block is not None else 0
         plain = k == 0  # a plain cycle next: the drafter reads the prompt now, drafts later
         block = self.drafter.start(
-            prefill, last, self.params, self.generator, 1 if plain else k, seen, running, slots, len(state.keys)
-        )
+            prefill, last, self.params, self.generator, 1 if plain else k, seen, running, slots, len(state.keys),
+            self.compile,
+        )  # fmt: skip
         if not plain:
             state.place_block(slots, block)
         draft_s = _clock(self.device) - t1

@@ -21,10 +21,9 @@ are `_SlotLayer`s, and the model takes the 4-D mask as given.
 from __future__ import annotations
 
 import torch
-import torch._dynamo
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from flash.cache import SlotLengths, write_at_lengths
+from flash.cache import SlotLengths, span_bucket, static, write_at_lengths
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -34,7 +33,7 @@ class _SlotLayer(CacheLayerMixin):
 
     def __init__(self, owner: TargetCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
-        self.owner, self.keys, self.values = owner, _static(keys), _static(values)  # [S, H, C, D]
+        self.owner, self.keys, self.values = owner, static(keys), static(values)  # [S, H, C, D]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -57,23 +56,7 @@ class _SlotLayer(CacheLayerMixin):
             buf = getattr(self, name)
             grown = buf.new_zeros(num_slots or buf.shape[0], buf.shape[1], capacity, buf.shape[3])
             grown[: buf.shape[0], :, : buf.shape[2]] = buf
-            setattr(self, name, _static(grown))
-
-
-def _static(buffer: torch.Tensor) -> torch.Tensor:
-    """Mark a buffer that a captured pass writes in place: CUDA graphs then keep its address
-    instead of copying it in and out of every replay."""
-    torch._dynamo.mark_static_address(buffer)
-    return buffer
-
-
-def span_bucket(n: int, smallest: int) -> int:
-    """The least of smallest x {1, 1.5, 2, 3, 4, 6, ...} that holds n columns: two spans an octave,
-    so a captured engine has few graphs, and at most a third of the columns a pass reads are masked."""
-    span = smallest
-    while span < n:
-        span = span * 3 // 2 if span & (span - 1) == 0 else span * 4 // 3
-    return span
+            setattr(self, name, static(grown))
 
 
 class TargetCache(SlotLengths, Cache):

@@ -73,6 +73,7 @@ class PromptLookupDrafter:
         join: bool = False,
         slots: list[int] | None = None,
         num_slots: int | None = None,
+        compile: str | None = None,  # nothing to capture: lookup is host-side
     ) -> Block:
         ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
         keep = prefill.attention_mask.bool()

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,12 +34,12 @@ from torch import nn
 from transformers import AutoConfig, AutoProcessor, BatchFeature
 from transformers.cache_utils import DynamicCache
 
+from flash.capture import capture, fallback_reason
 from flash.hybrid import LinearStates, linear_layers
 from flash.kv import TargetCache
 
 # A compiled engine's spans are `flash.kv.span_bucket`s from this size up: few shapes, few graphs.
 SPAN_STEP = 64
-MAX_GRAPHS = 512  # compiled pass shapes per target before dynamo gives up (then: eager, with the reason)
 UNCAPTURABLE_HYBRID = "linear-attention rollback records each position's state in Python: decoding eager"
 
 # model_type -> (family, model class name in transformers)
@@ -81,9 +79,6 @@ class Prefill:
 
     def select_rows(self, rows: torch.Tensor) -> Prefill:
         return Prefill(*(getattr(self, f.name)[rows] for f in fields(self)))
-
-
-_COMPILE_LOCK = threading.Lock()
 
 
 def _verify_pass(
@@ -134,17 +129,7 @@ class Target:
         One compiled function per target and backend, so engines share its graphs."""
         if backend is None:
             return _verify_pass
-        with _COMPILE_LOCK:
-            if backend not in self._passes:
-                # one graph per pass shape: buckets x block widths x spans, more than dynamo's default 8
-                config = torch._dynamo.config
-                config.recompile_limit = max(config.recompile_limit, MAX_GRAPHS)
-                config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * MAX_GRAPHS)
-                mode = "reduce-overhead" if backend == "inductor" and self.device.type == "cuda" else None
-                self._passes[backend] = torch.compile(
-                    _verify_pass, backend=backend, mode=mode, fullgraph=True, dynamic=False
-                )
-            return self._passes[backend]
+        return capture(self._passes, _verify_pass, backend, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -400,9 +385,8 @@ class TargetSession:
         return out
 
     def _give_up_compile(self, err: Exception) -> None:
-        self.fallback = " ".join(f"{type(err).__name__}: {err}".split())[:500]
+        self.fallback = fallback_reason("verify", err)
         self.compile = None
-        logging.getLogger("flashcap").warning("compiled verify failed, decoding eager: %s", self.fallback)
 
     @torch.inference_mode()
     def commit(self, n_kept: torch.Tensor, kept_max: int | None = None, kept: list[int] | None = None) -> None:

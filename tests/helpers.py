@@ -105,7 +105,7 @@ class FixedDistributionDrafter:
 
     def start(
         self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False, slots=None,
-        num_slots=None,
+        num_slots=None, compile=None,
     ) -> Block:  # fmt: skip
         return self._block(generator, first_tokens.shape[0])
 

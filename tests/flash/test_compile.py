@@ -62,6 +62,27 @@ def test_compiled_engine_is_lossless_and_compiles_each_shape_once(targets64, fam
     assert {shape[1] for shape in shapes} == {1, 5}  # plain cycles and blocks of 4
 
 
+def test_compiled_draft_steps_are_lossless_and_compile_each_shape_once(targets64, fresh_dynamo):
+    """A FLASH drafter's steps are captured too: with rows joining and leaving, each draft-step shape
+    (bucket, width, span, capacity) is compiled once, a second engine compiles nothing, and the
+    tokens are the target's own."""
+    target = targets64["qwen2_5_vl"]
+    requests = _requests(target, "qwen2_5_vl", 7, seed=5)
+    alone = [hf_greedy(target, r, MAX_NEW) for r in requests]
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=4))
+    for run in range(2):
+        engine = flash.Engine(target, drafter, max_new_tokens=MAX_NEW, compile="aot_eager", max_rows=8)
+        got = _run(engine, requests, ADMIT_AT)
+        assert [got[i] for i in range(len(requests))] == alone
+        assert engine.compile_status == {"active": True, "fallback": None}
+        if run == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            target_shapes = engine._slots.session.shapes
+    assert counters["graph_break"] == {}, dict(counters["graph_break"])
+    assert drafter.shapes and all(span % 64 == 0 or span in (96, 192) for _, _, span, _ in drafter.shapes)
+    assert counters["stats"]["unique_graphs"] == graphs == len(target_shapes) + len(drafter.shapes)
+
+
 def test_compiled_engine_reuses_graphs_across_engines(targets64, fresh_dynamo):
     """A second engine on the same target (the next Ray batch) compiles nothing new."""
     target = targets64["qwen2_5_vl"]
