@@ -1,11 +1,14 @@
-"""Reading and decoding one video in a CPU task: bytes from storage, decoded from memory (no
-temporary files), evenly sampled frames, downscaled so the longer side fits `max_side`. Any
-failure becomes an `error` on the row.
+"""Reading and decoding one video in a CPU task: evenly sampled frames, downscaled so the longer
+side fits `max_side`. Any failure becomes an `error` on the row. A video is read where it lies (no
+temporary files): a local file from disk, an object of up to STREAM_ABOVE bytes in one GET, a larger
+one as a stream of ranged reads (`VideoSource`), so a video of gigabytes costs its task a few
+blocks of memory, not its size.
 
 Two decoders give the same frames, pixel for pixel: decord where it is installed (it has wheels
 for x86-64 only), else PyAV; `FLASHCAP_DECODER=pyav|decord` forces one. Both count frames as
 decord does (the video stream's packets), give its average frame rate, and convert to RGB with
-the filter graph decord runs: the display rotation, then `scale=W:H` with bilinear swscale."""
+the filter graph decord runs: the display rotation, then `scale=W:H` with bilinear swscale. decord
+reads bytes or a local file; a streamed object goes to PyAV."""
 
 from __future__ import annotations
 
@@ -22,10 +25,48 @@ import pyarrow as pa
 
 from pipeline import faults
 from pipeline.ledger import Guard
-from pipeline.storage import S3Settings, read_object
+from pipeline.storage import S3Settings, open_object, read_object
 
 DECODER_ENV = "FLASHCAP_DECODER"
 DECODERS = ("decord", "pyav")
+STREAM_ABOVE = 256 << 20  # bytes: a larger object is decoded from ranged reads, not from memory
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video's bytes: in memory (`data`), a local file (`path`), or an object streamed by ranged
+    reads (`uri`, with its `size` and the job's S3 settings)."""
+
+    data: bytes | None = None
+    path: str | None = None
+    uri: str | None = None
+    size: int = 0
+    settings: S3Settings = S3Settings()
+
+    @classmethod
+    def of(cls, uri: str, settings: S3Settings, size: int = 0) -> VideoSource:
+        """The source for a listed object: a local file as it is, a small object read whole, a large
+        (or unsized) one streamed."""
+        if not uri.startswith("s3://"):
+            return cls(path=uri, size=os.path.getsize(uri))
+        if 0 < size <= STREAM_ABOVE:
+            return cls(data=read_object(uri, settings))
+        return cls(uri=uri, size=size, settings=settings)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) if self.data is not None else self.size
+
+    def open(self) -> io.BufferedIOBase:
+        """A fresh seekable stream over the bytes."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return open_object(self.path or self.uri, self.settings, self.size or None)
+
+    def for_decord(self):
+        """What decord's VideoReader can read (it copies a file object whole into memory, so a
+        streamed object is not offered), or None."""
+        return io.BytesIO(self.data) if self.data is not None else self.path
 
 
 @dataclass(frozen=True)
@@ -63,14 +104,14 @@ def _decord_available() -> bool:
     return True
 
 
-def probe(data: bytes) -> tuple[int, int]:
+def probe(source: VideoSource) -> tuple[int, int]:
     """Check with PyAV (headers only) that the bytes hold a container with a video stream, so that
     non-videos get a clear error and never reach decord (which echoes the bytes it fails on).
     Returns the video stream's coded (width, height), before any display rotation."""
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with source.open() as stream, av.open(stream, mode="r") as container:
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams}) or ["no streams"]
                 raise ValueError(f"no video stream (the file holds: {', '.join(kinds)})")
@@ -78,7 +119,9 @@ def probe(data: bytes) -> tuple[int, int]:
             return stream.codec_context.width, stream.codec_context.height
     except av.error.FFmpegError as err:
         reason = _reason(err)
-        raise ValueError(f"not a readable video: {len(data)} bytes, no container ffmpeg can open ({reason})") from None
+        raise ValueError(
+            f"not a readable video: {source.nbytes} bytes, no container ffmpeg can open ({reason})"
+        ) from None
 
 
 def _video_stream(container):
@@ -114,14 +157,18 @@ def _filters(rotation: int, width: int, height: int) -> list[tuple[str, str]]:
 
 
 def decode_video(
-    data: bytes, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
+    data: bytes | VideoSource, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
 ) -> tuple[np.ndarray, VideoInfo]:
-    """Decode video bytes and sample frames: uint8 [T, H, W, 3], and where they sit in the source.
-    `num_frames` evenly spaced frames, or with `fps` set, duration x fps of them (1..max_frames)."""
-    if not data:
+    """Decode a video (bytes or a `VideoSource`) and sample frames: uint8 [T, H, W, 3], and where they
+    sit in the source. `num_frames` evenly spaced frames, or with `fps` set, duration x fps of them
+    (1..max_frames)."""
+    source = data if isinstance(data, VideoSource) else VideoSource(data=data)
+    if not source.nbytes:
         raise ValueError("empty object (0 bytes)")
     name = decoder()
-    width, height = probe(data)
+    if source.for_decord() is None:  # a streamed object: PyAV gives decord's frames
+        name = "pyav"
+    width, height = probe(source)
 
     def plan(total: int, avg_fps: float) -> list[int]:
         if total <= 0:
@@ -133,7 +180,7 @@ def decode_video(
         return sample_indices(total, count)
 
     decode = _decode_decord if name == "decord" else _decode_pyav
-    return decode(data, width, height, max_side, plan)
+    return decode(source, width, height, max_side, plan)
 
 
 def sample_frames(
@@ -148,15 +195,15 @@ def _avg_fps(value: float | None) -> float:
     return value if math.isfinite(value) and value > 0 else 0.0
 
 
-def _decode_decord(data: bytes, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
+def _decode_decord(source: VideoSource, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
     import decord
 
     size = {}
     if max(width, height) > max_side:  # decode straight to the smaller size: 4K frames are never converted whole
-        out_width, out_height = _output_size(width, height, _first_frame_rotation(data), max_side)
+        out_width, out_height = _output_size(width, height, _first_frame_rotation(source), max_side)
         size = dict(width=out_width, height=out_height)  # decord wants the size after its rotation
     try:
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1, **size)
+        reader = decord.VideoReader(source.for_decord(), num_threads=1, **size)
         total, avg_fps = len(reader), _avg_fps(reader.get_avg_fps())
         indices = plan(total, avg_fps)
         # Only the sampled frames are kept; memory is bounded by count x the scaled frame size.
@@ -175,13 +222,13 @@ def _decord_message(err: Exception) -> str:
     return text[:300]
 
 
-def _first_frame_rotation(data: bytes) -> int:
+def _first_frame_rotation(source: VideoSource) -> int:
     """The rotation decord will apply. PyAV shows the display matrix on decoded frames only, so this
     decodes the first frame; 0 if none decodes (decord then reports why)."""
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with source.open() as raw, av.open(raw, mode="r") as container:
             stream = _video_stream(container)
             stream.codec_context.thread_count = 1
             for frame in container.decode(stream):
@@ -191,17 +238,17 @@ def _first_frame_rotation(data: bytes) -> int:
     return 0
 
 
-def _decode_pyav(data: bytes, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
+def _decode_pyav(source: VideoSource, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
     """Sequential decode (no seeking); only the sampled frames are converted and kept."""
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:  # pass 1: count packets, as decord does
+        with source.open() as raw, av.open(raw, mode="r") as container:  # pass 1: count packets, as decord does
             stream = _video_stream(container)
             avg_fps = _avg_fps(stream.average_rate)
             total = sum(1 for packet in container.demux(stream) if not _is_flush(packet))
         indices = plan(total, avg_fps)
-        with av.open(io.BytesIO(data), mode="r") as container:  # pass 2: decode up to the last sampled frame
+        with source.open() as raw, av.open(raw, mode="r") as container:  # pass 2: up to the last sampled frame
             stream = _video_stream(container)
             stream.codec_context.thread_count = 1
             frames = _sampled_rgb(container.decode(stream), stream.time_base, indices, width, height, max_side)
@@ -282,8 +329,8 @@ def _decode_one(row: dict, settings: S3Settings, num_frames, max_side, fps, max_
         faults.maybe_crash("decode", [row])
         if row["size"] > max_bytes:
             raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
-        data = read_object(row["video_uri"], settings)
-        frames, info = decode_video(data, num_frames, max_side, fps, max_frames)
+        source = VideoSource.of(row["video_uri"], settings, row["size"])
+        frames, info = decode_video(source, num_frames, max_side, fps, max_frames)
         out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
         out["video_total_frames"], out["video_fps"] = info.total_frames, info.fps
         out["frame_indices"] = list(info.indices)

@@ -197,13 +197,19 @@ def read_object(uri: str, settings: S3Settings) -> bytes:
     short read), which botocore does not retry, is fetched again here, with backoff."""
     if not is_s3(uri):
         return Path(uri).read_bytes()
+    return _get(uri, settings)
+
+
+def _get(uri: str, settings: S3Settings, first: int | None = None, last: int | None = None) -> bytes:
+    """An s3:// object's bytes, or bytes first..last (inclusive) of it, with the retries above."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
+    extra = {"Range": f"bytes={first}-{last}"} if first is not None else {}
     transient = _transient_body_errors()
     for attempt in range(settings.max_attempts):
         try:
-            return s3_client(settings).get_object(Bucket=bucket, Key=key)["Body"].read()
+            return s3_client(settings).get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
         except transient as err:
             if attempt + 1 == settings.max_attempts:
                 failure = _explain(err, f"read {uri} ({settings.max_attempts} attempts)")
@@ -213,6 +219,59 @@ def read_object(uri: str, settings: S3Settings) -> bytes:
         except (ClientError, BotoCoreError) as err:
             raise _explain(err, f"read {uri}") from None
     raise AssertionError("unreachable")
+
+
+STREAM_BLOCK = 8 << 20  # bytes a ranged read fetches: the memory a streamed object costs, per stream
+
+
+class _RangedObject(io.RawIOBase):
+    """An s3:// object as a seekable raw stream: each read is a ranged GET of at most STREAM_BLOCK
+    bytes at the position (retried as `read_object` is), nothing else is held."""
+
+    def __init__(self, uri: str, size: int, settings: S3Settings) -> None:
+        self.uri, self.size, self.settings, self.position = uri, size, settings, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self.position = base + offset
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), STREAM_BLOCK, self.size - self.position)
+        if count <= 0:
+            return 0
+        data = _get(self.uri, self.settings, self.position, self.position + count - 1)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def open_object(uri: str, settings: S3Settings, size: int | None = None) -> io.BufferedIOBase:
+    """The object as a seekable binary stream read as needed (ranged GETs on S3, the file itself
+    locally): a video of any size costs its reader a block of memory, not its bytes. `size`: the
+    object's size if known (else S3 is asked)."""
+    if not is_s3(uri):
+        return open(uri, "rb")
+    if size is None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            size = int(s3_client(settings).head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except (ClientError, BotoCoreError) as err:
+            raise _explain(err, f"read {uri}") from None
+    return io.BufferedReader(_RangedObject(uri, size, settings), buffer_size=STREAM_BLOCK)
 
 
 class OutputStore:
