@@ -57,7 +57,7 @@ def _child(way: str, decoder: str, uri: str, size: str, endpoint: str) -> None:
 
     settings, size = S3Settings(endpoint=endpoint or None), int(size)
     started = time.perf_counter()
-    if way == "whole":
+    if way == "whole":  # every object was read so before streaming
         source = read_object(uri, settings)
     else:
         source = (
@@ -87,30 +87,14 @@ def _measure(way: str, decoder: str, uri: str, size: int, endpoint: str) -> dict
     return {"way": way, "decoder": decoder, **json.loads(out.strip().splitlines()[-1])}
 
 
-def main(argv: list[str] | None = None) -> None:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return _child(*sys.argv[2:6], sys.argv[6] if len(sys.argv) > 6 else "")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mb", type=int, default=2048)
-    p.add_argument("--side", default="1920x1080")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode-memory-cpu.json"))
-    args = p.parse_args(argv)
+def _serve(video: Path):
+    """A moto S3 server holding `video` as s3://bench/<name>; returns (server, endpoint, uri)."""
+    import socket
+
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from pipeline.decode import STREAM_ABOVE, _decord_available
-
-    width, height = (int(v) for v in args.side.split("x"))
-    work = Path(tempfile.mkdtemp(prefix="flashcap-decode-memory-"))
-    video = work / "large.mkv"
-    started = time.perf_counter()
-    frame_count = write_video(video, args.mb, width, height)
-    size = video.stat().st_size
-    print(f"{size / 2**20:.0f} MB, {frame_count} frames, written in {time.perf_counter() - started:.0f} s", flush=True)
-
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -119,26 +103,61 @@ def main(argv: list[str] | None = None) -> None:
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="bench")
-    client.upload_file(str(video), "bench", "large.mkv")
-    s3_uri = "s3://bench/large.mkv"
+    client.upload_file(str(video), "bench", video.name)
+    return server, endpoint, f"s3://bench/{video.name}"
 
+
+def _video(path: Path, megabytes: int, width: int, height: int) -> dict:
+    started = time.perf_counter()
+    frames = write_video(path, megabytes, width, height)
+    info = {"bytes": path.stat().st_size, "frames": frames, "width": width, "height": height, "codec": "mjpeg"}
+    print(f"{path.name}: {info['bytes'] / 2**20:.0f} MB, {frames} frames, {time.perf_counter() - started:.0f} s")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return _child(*sys.argv[2:6], sys.argv[6] if len(sys.argv) > 6 else "")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=int, default=2048, help="the local file's size")
+    p.add_argument("--s3-mb", type=int, default=256, help="the S3 object's size (moto serves ranges slowly)")
+    p.add_argument("--side", default="1920x1080")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode-memory-cpu.json"))
+    args = p.parse_args(argv)
+    from pipeline.decode import STREAM_ABOVE, _decord_available
+
+    width, height = (int(v) for v in args.side.split("x"))
+    work = Path(tempfile.mkdtemp(prefix="flashcap-decode-memory-"))
+    local, remote = work / "large.mkv", work / "object.mkv"
+    videos = {"local": _video(local, args.mb, width, height), "s3": _video(remote, args.s3_mb, width, height)}
+    server, endpoint, s3_uri = _serve(remote)
     decoders = (["decord"] if _decord_available() else []) + ["pyav"]
     rows = []
+    plan = [
+        ("whole", s3_uri, "s3"),
+        ("s3_ranged", s3_uri, "s3"),
+        ("whole", str(local), "local"),
+        ("local", str(local), "local"),
+    ]
     for decoder in decoders:
-        for way, uri in (("whole", s3_uri), ("local", str(video)), ("s3_ranged", s3_uri)):
-            rows.append(_measure(way, decoder, uri, size, endpoint))
+        for way, uri, where in plan:
+            rows.append({"video": where, **_measure(way, decoder, uri, videos[where]["bytes"], endpoint)})
             print(json.dumps(rows[-1]), flush=True)
     server.stop()
+    same = {
+        where: len({(r["frames"], tuple(r["indices"])) for r in rows if r["video"] == where}) == 1 for where in videos
+    }
     result = {
         "date": date.today().isoformat(),
-        "video": {"bytes": size, "frames": frame_count, "width": width, "height": height, "codec": "mjpeg"},
+        "videos": videos,
         "stream_above_bytes": STREAM_ABOVE,
-        "identical_frames": len({(r["frames"], tuple(r["indices"])) for r in rows}) == 1,
+        "identical_frames": same,
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
-    video.unlink()
+    local.unlink()
+    remote.unlink()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ reads bytes or a local file; a streamed object goes to PyAV."""
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
 import math
@@ -239,52 +240,120 @@ def _first_frame_rotation(source: VideoSource) -> int:
 
 
 def _decode_pyav(source: VideoSource, width: int, height: int, max_side: int, plan) -> tuple[np.ndarray, VideoInfo]:
-    """Sequential decode (no seeking); only the sampled frames are converted and kept."""
+    """Pass 1 reads the packets (the frame count as decord counts, their times and keyframes); pass
+    2 decodes the sampled frames, by whichever decodes fewer frames: one sequential pass up to the
+    last sampled frame, or a seek to the keyframe before each sampled frame (frames of one GOP in
+    one go). Only the sampled frames are converted and kept."""
     import av
 
     try:
-        with source.open() as raw, av.open(raw, mode="r") as container:  # pass 1: count packets, as decord does
+        with source.open() as raw, av.open(raw, mode="r") as container:  # pass 1: demux only
             stream = _video_stream(container)
             avg_fps = _avg_fps(stream.average_rate)
-            total = sum(1 for packet in container.demux(stream) if not _is_flush(packet))
-        indices = plan(total, avg_fps)
-        with source.open() as raw, av.open(raw, mode="r") as container:  # pass 2: up to the last sampled frame
-            stream = _video_stream(container)
-            stream.codec_context.thread_count = 1
-            frames = _sampled_rgb(container.decode(stream), stream.time_base, indices, width, height, max_side)
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if not _is_flush(p)]
+        indices = plan(len(packets), avg_fps)
+        groups = _seek_groups(packets, indices)
+        frames = _sampled_by_seeking(source, groups, indices, width, height, max_side) if groups else None
+        if frames is None:  # one pass is cheaper, or a seek did not land where the packets said
+            with source.open() as raw, av.open(raw, mode="r") as container:
+                stream = _video_stream(container)
+                stream.codec_context.thread_count = 1
+                rgb = _Rgb(stream.time_base, len(indices), width, height, max_side)
+                _sampled_in_one_pass(container.decode(stream), indices, rgb)
+                frames = rgb.out
     except av.error.FFmpegError as err:
         raise ValueError(f"video could not be decoded: {_reason(err)}") from None
-    return frames, VideoInfo(total, avg_fps, tuple(indices))
+    return frames, VideoInfo(len(packets), avg_fps, tuple(indices))
 
 
-def _is_flush(packet) -> bool:
-    """PyAV ends demuxing with an empty packet per stream (to flush decoders): not a frame."""
-    return packet.size == 0 and packet.pts is None and packet.dts is None
+SEEK_GAIN = 2.0  # seek only when it decodes this many times fewer frames than one pass
 
 
-def _sampled_rgb(decoded, time_base, indices: list[int], width: int, height: int, max_side: int) -> np.ndarray:
-    """Frames in presentation order -> the sampled ones in RGB: uint8 [T, H, W, 3]."""
+def _seek_groups(packets: list[tuple[int | None, bool]], indices: list[int]) -> list[tuple[int, list[int]]] | None:
+    """Where seeking pays: [(a keyframe's time, the times of the sampled frames in its GOP)], or
+    None when one sequential pass decodes fewer frames (or the packets' times cannot place frames)."""
+    times = [pts for pts, _ in packets]
+    if not indices or any(t is None for t in times) or len(set(times)) != len(times):
+        return None
+    order = sorted(times)  # frame i of the presentation is the packet with the i-th time
+    keys = sorted(pts for pts, key in packets if key)
+    if not keys or keys[0] != order[0]:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i in sorted(set(indices)):
+        groups.setdefault(keys[bisect.bisect_right(keys, order[i]) - 1], []).append(i)
+    decoded = sum(group[-1] - bisect.bisect_left(order, key) + 1 for key, group in groups.items())
+    if decoded * SEEK_GAIN > max(indices) + 1:
+        return None
+    return [(key, [order[i] for i in group]) for key, group in sorted(groups.items())]
+
+
+def _sampled_by_seeking(source: VideoSource, groups, indices: list[int], width: int, height: int, max_side: int):
+    """The sampled frames, each GOP's decoded after a seek to its keyframe; None if a frame's time
+    is not where the packets put it (the caller then decodes in one pass)."""
+    import av
+
+    times = sorted(t for _, group in groups for t in group)
+    position: dict[int, list[int]] = {}  # a sampled frame's time -> its places in the output
+    for k, i in enumerate(indices):
+        position.setdefault(times[sorted(set(indices)).index(i)], []).append(k)
+    with source.open() as raw, av.open(raw, mode="r") as container:
+        stream = _video_stream(container)
+        stream.codec_context.thread_count = 1
+        rgb = _Rgb(stream.time_base, len(indices), width, height, max_side)
+        for key, wanted in groups:
+            container.seek(key, stream=stream, backward=True, any_frame=False)
+            pending = list(wanted)
+            for frame in container.decode(stream):
+                if frame.pts is None or frame.pts > pending[0]:
+                    return None
+                if frame.pts == pending[0]:
+                    rgb.put(frame, position[pending.pop(0)])
+                    if not pending:
+                        break
+            if pending:
+                return None
+        return rgb.out
+
+
+def _sampled_in_one_pass(decoded, indices: list[int], rgb) -> None:
+    """Frames in presentation order -> the sampled ones, in one sequential pass."""
     wanted: dict[int, list[int]] = {}
     for k, i in enumerate(indices):
         wanted.setdefault(i, []).append(k)
-    out, graph = None, None
     for i, frame in enumerate(decoded):
-        if i not in wanted:
-            continue
-        if graph is None:
-            rotation = _clockwise(frame.rotation)
-            out_width, out_height = _output_size(width, height, rotation, max_side)
-            graph = _rgb_graph(frame, time_base, _filters(rotation, out_width, out_height))
-            out = np.empty((len(indices), out_height, out_width, 3), dtype=np.uint8)
-        graph.vpush(frame)
-        out[wanted.pop(i)] = graph.vpull().to_ndarray()
-        if not wanted:
-            return out
+        if i in wanted:
+            rgb.put(frame, wanted.pop(i))
+            if not wanted:
+                return
     decoded_count = len(indices) - sum(len(p) for p in wanted.values())
     raise ValueError(
         f"video could not be decoded: frame {min(wanted)} never came out of the decoder "
         f"({decoded_count} of {len(indices)} sampled frames decoded)"
     )
+
+
+class _Rgb:
+    """The sampled frames in RGB, uint8 [T, H, W, 3], through decord's filter graph (built from the
+    first frame, which carries the display rotation)."""
+
+    def __init__(self, time_base, count: int, width: int, height: int, max_side: int) -> None:
+        self.time_base, self.count, self.size, self.max_side = time_base, count, (width, height), max_side
+        self.graph, self.out = None, None
+
+    def put(self, frame, positions: list[int]) -> None:
+        if self.graph is None:
+            rotation = _clockwise(frame.rotation)
+            out_width, out_height = _output_size(*self.size, rotation, self.max_side)
+            self.graph = _rgb_graph(frame, self.time_base, _filters(rotation, out_width, out_height))
+            self.out = np.empty((self.count, out_height, out_width, 3), dtype=np.uint8)
+        self.graph.vpush(frame)
+        self.out[positions] = self.graph.vpull().to_ndarray()
+
+
+def _is_flush(packet) -> bool:
+    """PyAV ends demuxing with an empty packet per stream (to flush decoders): not a frame."""
+    return packet.size == 0 and packet.pts is None and packet.dts is None
 
 
 def _rgb_graph(frame, time_base, filters: list[tuple[str, str]]):

@@ -45,6 +45,7 @@ def encode(
     rate: int = 8,
     pts_ms: list[int] | None = None,
     in_format: str = "rgb24",
+    options: dict[str, str] | None = None,
 ) -> bytes:
     import av
 
@@ -54,7 +55,7 @@ def encode(
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast"}
+            stream.options = {"preset": "ultrafast", **(options or {})}
         if pts_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         for i, frame in enumerate(frames):

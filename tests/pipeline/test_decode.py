@@ -211,3 +211,23 @@ def test_error_rows_carry_empty_metadata(tmp_path, clips):
         assert (out["video_total_frames"], out["video_fps"], out["frame_indices"]) == (0, 0.0, [])
         assert video_metadata_of(out) == {"total_num_frames": 0, "fps": None, "frames_indices": []}
         VideoMetadata(**video_metadata_of(out))  # an unknown fps is None, which processors read as 24
+
+
+@pytest.mark.parametrize("gop", [12, 50])
+def test_pyav_seeks_to_keyframes_when_that_decodes_less_and_gives_the_same_frames(gop, monkeypatch):
+    """A long clip with frequent keyframes, 6 frames sampled: PyAV seeks to the keyframe before each
+    (decoding a few GOPs, not the whole clip), and the frames equal one sequential pass and decord."""
+    from tests.pipeline.hostile import encode, moving_square
+
+    data = encode(moving_square(600, 96, 128), rate=30, options={"g": str(gop), "bf": "2"})
+    seeks = []
+    real = decode._sampled_by_seeking
+    monkeypatch.setattr(decode, "_sampled_by_seeking", lambda *a: seeks.append(1) or real(*a))
+    seeking = decoded("pyav", data, num_frames=6, max_side=64)
+    assert seeks  # the seek strategy was chosen
+    monkeypatch.setattr(decode, "SEEK_GAIN", 1e9)  # one sequential pass
+    one_pass = decoded("pyav", data, num_frames=6, max_side=64)
+    assert np.array_equal(seeking[0], one_pass[0]) and seeking[1] == one_pass[1]
+    if HAS_DECORD:
+        by_decord = decoded("decord", data, num_frames=6, max_side=64)
+        assert np.array_equal(seeking[0], by_decord[0]) and seeking[1] == by_decord[1]
