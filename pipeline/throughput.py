@@ -31,6 +31,7 @@ FIRST_BUCKET_S = 1.0
 MIN_WINDOW_S = 30.0  # rolling rate window: the larger of this and WINDOW_FRACTION of the run
 WINDOW_FRACTION = 0.05
 RSS_POINTS = 1024  # per actor; beyond this, neighbouring batches' memory merges (max)
+BUSY_BOUND = 0.8  # an actor busy this share of its time or more: the model bounded the run
 CHART_NODES = 7  # with more nodes than this (+1), the rest are drawn alike in grey
 NODE_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
 FOOTNOTE = (
@@ -98,6 +99,7 @@ class Batch:
     accept_sum: float = 0.0  # over captions with an acceptance length
     accept_n: int = 0
     busy_s: float = 0.0
+    decode_s: float = 0.0
     rss_mb: float | None = None
     compile: str = ""  # "" (eager, as configured), "active" or "fallback: why"
 
@@ -112,6 +114,7 @@ def _by_batch(rows: list[dict]) -> dict[tuple, Batch]:
             b = batches[key] = Batch(rss_mb=r.get("rss_mb"), compile=r.get("compile") or "")
         b.clips += 1
         b.busy_s += r.get("busy_s", 0.0)
+        b.decode_s += r.get("decode_s", 0.0)
         if r["error"]:
             b.errors += 1
             continue
@@ -159,6 +162,9 @@ class Throughput:
         self._rss_last: dict[str, float] = {}
         self.compile: dict[str, str] = {}  # actor -> how its last batch's passes ran
         self._first_add: list[float] | None = None  # [arrival, clips, tokens] of the first captions
+        # actor -> [first batch finished (s), that batch's model seconds, last batch finished, model seconds]
+        self._actor_time: dict[str, list[float]] = {}
+        self.decode_s = 0.0  # decode seconds of every row (one core each)
         self._last_add = 0.0
         self._last_line = 0.0
 
@@ -188,6 +194,11 @@ class Throughput:
                 self.rss_mb.setdefault(actor, PeakSeries()).add(b.rss_mb)
             # node clocks may be off: never before the start, nor after the block arrived
             t = min(max(_epoch_s(finished_at, self.started + now) - self.started, 0.0), now)
+            self.decode_s += b.decode_s
+            times = self._actor_time.setdefault(actor, [t, b.busy_s, t, 0.0])
+            if t < times[0]:
+                times[0], times[1] = t, b.busy_s
+            times[2], times[3] = max(times[2], t), times[3] + b.busy_s
             for metric, value in (("clips", b.clips), ("tokens", b.tokens), ("errors", b.errors)):
                 self.history.add(t, metric, node, value)
             if b.accept_n:
@@ -251,8 +262,23 @@ class Throughput:
             "per_node": {node: dict(entry) for node, entry in sorted(self.per_node.items())},
             "memory": self.memory(),
             "compile": self.compile_report(),
+            "bound": self.bound(),
             **extra,
         }
+
+    def bound(self) -> dict:
+        """Which stage held the run back. Each caption actor's share of its time busy on the model,
+        from the start of its first batch (that batch's finish less its model seconds) to its last
+        finish: at BUSY_BOUND or more the model bounded the run (more GPUs go faster); below it the
+        actors waited for decoded frames (more decode CPUs go faster). `decode_core_s`: the rows'
+        decode seconds, one core each."""
+        span = busy = 0.0
+        for first, first_busy, last, total in self._actor_time.values():
+            span += max(last - (first - first_busy), 1e-9)
+            busy += total
+        fraction = min(1.0, busy / span) if span else None
+        stage = None if fraction is None else "model" if fraction >= BUSY_BOUND else "decode"
+        return {"stage": stage, "actor_busy_fraction": fraction, "decode_core_s": self.decode_s}
 
     def compile_report(self) -> dict:
         """{"active": every actor's passes ran compiled, "fallback": why one ran eager, or None}."""

@@ -251,3 +251,21 @@ def test_chart_renders_an_empty_run_and_many_nodes():
     shown, others = tracker._chart_nodes()
     assert [n for n, _ in shown][:2] == ["node9", "node4"] and len(shown) == 7 and len(others) == 5
     assert tracker.chart_png().startswith(PNG)
+
+
+def test_report_says_which_stage_bounded_the_run():
+    """An actor that finishes a batch every time its model is free was bound by the model; one that
+    waits between batches was fed too slowly (decode)."""
+
+    def run(finishes: list[float]) -> dict:
+        clock = Clock()
+        tracker = Throughput(24, clock=clock)
+        for t in finishes:  # 8 rows of 0.5 model seconds and 0.25 decode seconds a batch
+            clock.now = T0 + t + 1
+            tracker.add([{**row("node0", "a", t), "decode_s": 0.25}] * 8)
+        return tracker.report()["bound"]
+
+    assert run([4.0, 8.0, 12.0]) == {"stage": "model", "actor_busy_fraction": 1.0, "decode_core_s": 6.0}
+    waited = run([9.0, 19.0, 29.0])  # busy 12 s of the 24 s from its first batch's start
+    assert waited["stage"] == "decode" and waited["actor_busy_fraction"] == 0.5
+    assert Throughput(1, clock=Clock()).report()["bound"]["stage"] is None
