@@ -177,31 +177,3 @@ def test_compile_gives_the_same_captions_and_says_so_in_each_row(tmp_path, chat_
     assert set(table.column("compile").to_pylist()) == {"active"}
     assert set(eager(pa.Table.from_pylist([dict(r) for r in rows])).column("compile").to_pylist()) == {""}
 
-
-def test_rows_with_a_death_on_record_are_captioned_alone_or_given_up(tmp_path, chat_model, ray_local):
-    """The crash ledger (a real Ray actor): a row whose earlier attempt died with its worker is held
-    out of the shared engine and captioned alone; one charged max_worker_crashes deaths becomes an
-    error row without being tried; the others decode in the engine; every row leaves the ledger."""
-    import pyarrow as pa
-
-    from pipeline.ledger import start_ledger
-
-    clips = {f"c{i}.mp4": _moving_clip(20 + 5 * i, 30, 112, 112, seed=i) for i in range(3)}
-    rows = _rows(tmp_path, clips, num_frames=4)
-    alone = [_actor(tmp_path, *chat_model, max_new_tokens=8)._generate([r])[0][0] for r in rows]
-    ledger = start_ledger()
-    keys = [("caption", r["video_uri"], r["etag"]) for r in rows]
-    for key, attempts in ((keys[0], 1), (keys[1], 3)):  # attempts that never finished (their worker died)
-        for _ in range(attempts):
-            ray_local.get(ledger.begin.remote([key], "/gone-host:1"))
-    config = load_config(input=str(tmp_path), output=str(tmp_path / "out"), model=chat_model[0],
-                         drafter=chat_model[1], dtype="float64", max_new_tokens=8, max_worker_crashes=3)  # fmt: skip
-    actor = CaptionActor(config.model_dump(), ledger)
-    alone_calls = []
-    generate = actor._generate
-    actor._generate = lambda group: alone_calls.append([r["video_uri"] for r in group]) or generate(group)
-    out = actor(pa.Table.from_pylist(rows)).to_pylist()
-    assert [out[0]["caption"], out[2]["caption"]] == [alone[0], alone[2]] and not out[0]["error"]
-    assert out[1]["error"].startswith("caption failed: the worker process died 3 times") and not out[1]["caption"]
-    assert alone_calls == [[rows[0]["video_uri"]]]  # only the row with a death on record ran alone
-    assert ray_local.get(ledger.begin.remote(keys, "w")) == [1, 3, 0]  # nothing left in flight, no new charge

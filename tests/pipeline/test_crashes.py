@@ -11,9 +11,13 @@ from pathlib import Path
 import pytest
 
 import pipeline.run
+from actors.caption import CaptionActor
+from pipeline.config import load_config
 from pipeline.faults import ENV
 from pipeline.run import JobIncomplete, run_job
+from tests.actors.test_caption import _rows
 from tests.pipeline.common import config_for, direct_caption, new_bucket, read_output, s3_client, upload_clips
+from tests.pipeline.test_real_checkpoint import _moving_clip
 
 
 @pytest.fixture
@@ -128,3 +132,47 @@ def test_a_device_failure_restarts_the_actor_and_charges_no_video(s3_server, ray
     assert len(rows) == 4 and report["missing"] == 0
     assert all(r["error"] == "" and r["caption"] for r in rows), [r["error"] for r in rows]
     assert report["videos_in_flight_at_a_crash"] == 0  # the exits charged no video
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """A tiny Qwen2.5-VL with its chat template, and an untrained FLASH drafter for it."""
+    import flash
+    from demo.tiny_models import QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
+
+    root = tmp_path_factory.mktemp("chat")
+    model = build_qwen2_5_vl(root / "model", chat_template=QWEN_CHAT_TEMPLATE, seed=1)
+    flash.FlashDrafter.for_target(flash.load_target(model)).save_pretrained(root / "drafter")
+    return str(model), str(root / "drafter")
+
+
+def test_rows_with_a_death_on_record_are_captioned_alone_or_given_up(tmp_path, chat_checkpoint, ray_local):
+    """The crash ledger (a real Ray actor): a row whose earlier attempt died with its worker is held
+    out of the shared engine and captioned alone; one charged max_worker_crashes deaths becomes an
+    error row without being tried; the others decode in the engine; every row leaves the ledger."""
+    import pyarrow as pa
+
+    from pipeline.ledger import start_ledger
+
+    clips = {f"c{i}.mp4": _moving_clip(20 + 5 * i, 30, 112, 112, seed=i) for i in range(3)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    ledger = start_ledger()
+    keys = [("caption", r["video_uri"], r["etag"]) for r in rows]
+    for key, attempts in ((keys[0], 1), (keys[1], 3)):  # attempts that never finished (their worker died)
+        for _ in range(attempts):
+            ray_local.get(ledger.begin.remote([key], "/gone-host:1"))
+    model, drafter = chat_checkpoint
+    config = load_config(
+        input=str(tmp_path), output=str(tmp_path / "out"), model=model, drafter=drafter, dtype="float64",
+        max_new_tokens=8, max_worker_crashes=3,
+    )  # fmt: skip
+    actor = CaptionActor(config.model_dump(), ledger)
+    alone = [actor._generate([r])[0][0] for r in rows]  # each caption on an engine of its own
+    alone_calls = []
+    generate = actor._generate
+    actor._generate = lambda group: alone_calls.append([r["video_uri"] for r in group]) or generate(group)
+    out = actor(pa.Table.from_pylist(rows)).to_pylist()
+    assert [out[0]["caption"], out[2]["caption"]] == [alone[0], alone[2]] and not out[0]["error"]
+    assert out[1]["error"].startswith("caption failed: the worker process died 3 times") and not out[1]["caption"]
+    assert alone_calls == [[rows[0]["video_uri"]]]  # only the row with a death on record ran alone
+    assert ray_local.get(ledger.begin.remote(keys, "w")) == [1, 3, 0]  # nothing left in flight, no new charge
