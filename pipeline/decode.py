@@ -293,10 +293,10 @@ def _sampled_by_seeking(source: VideoSource, groups, indices: list[int], width: 
     is not where the packets put it (the caller then decodes in one pass)."""
     import av
 
-    times = sorted(t for _, group in groups for t in group)
+    time_of = dict(zip(sorted(set(indices)), sorted(t for _, group in groups for t in group)))
     position: dict[int, list[int]] = {}  # a sampled frame's time -> its places in the output
     for k, i in enumerate(indices):
-        position.setdefault(times[sorted(set(indices)).index(i)], []).append(k)
+        position.setdefault(time_of[i], []).append(k)
     with source.open() as raw, av.open(raw, mode="r") as container:
         stream = _video_stream(container)
         stream.codec_context.thread_count = 1
