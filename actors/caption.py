@@ -267,6 +267,7 @@ class CaptionActor:
                     "video_uri": str(r["video_uri"]),
                     "etag": str(r["etag"]),
                     "size": int(r["size"]),
+                    **{c: r.get(c, default) for c, default in CARRIED.items()},
                     "caption": r["caption"],
                     "num_tokens": int(r["num_tokens"]),
                     "acceptance_length": float(r["acceptance_length"]),
@@ -287,6 +288,10 @@ class CaptionActor:
             )
         self._metrics.record(out, sum(row["busy_s"] for row in out))
         return pa.Table.from_pylist(out)
+
+
+# Columns of a decoded row that its output row keeps as they are (and their value in rows without them).
+CARRIED = {"clip_start_s": 0.0, "clip_end_s": 0.0, "shard_uri": "", "source_meta": "", "object_rows": 1}
 
 
 def _fill(r: dict, caption: str, num_tokens: int, acceptance_length: float, seconds: float) -> None:

@@ -46,7 +46,8 @@ class CaptionConfig(BaseModel):
     include: tuple[str, ...] = Field(
         default=VIDEO_PATTERNS,
         description="Glob patterns on object names (basename, any case) that count as videos, in a listing of "
-        "input and in a manifest's rows alike (the rest are skipped, not made error rows); '*' keeps every object.",
+        "input and in a manifest's rows alike (the rest are skipped, not made error rows); '*' keeps every object. "
+        "A .tar object is always a WebDataset shard, whose members matching these are the videos.",
     )
     s3_endpoint: str | None = Field(
         default=None, description="Endpoint URL of an S3-compatible store (MinIO, R2, ...); None: AWS."
@@ -90,6 +91,19 @@ class CaptionConfig(BaseModel):
         le=4096,
         description="Upper bound on frames per video when fps is set. "
         f"None: the checkpoint's, else {DEFAULT_MAX_FRAMES}.",
+    )
+    window_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Caption each video in windows of this many seconds: [start, start + window_s) for start = 0, "
+        "window_stride_s, 2 x window_stride_s, ... (frame sampling applies within each window; one row per window). "
+        "None: one caption per video.",
+    )
+    window_stride_s: float | None = Field(
+        default=None, gt=0, description="Seconds between window starts (needs window_s). None: window_s."
+    )
+    min_window_s: float = Field(
+        default=1.0, gt=0, description="A trailing window shorter than this is skipped (with window_s)."
     )
     max_side: int = Field(default=448, ge=28, le=4096, description="Frames are downscaled so the longer side fits.")
     max_video_bytes: int = Field(
@@ -203,6 +217,13 @@ class CaptionConfig(BaseModel):
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         if self.num_frames is not None and self.fps is not None:
             raise ValueError("set num_frames or fps, not both")
+        if self.window_s is None and self.window_stride_s is not None:
+            raise ValueError("window_stride_s needs window_s")
+        if self.window_s is not None and self.window_s < self.min_window_s:
+            raise ValueError(
+                f"window_s ({self.window_s}) is shorter than min_window_s ({self.min_window_s}): every window "
+                "would be skipped; lower min_window_s"
+            )
         if not self.input and not self.manifest:
             raise ValueError("give the videos to caption: an input (s3:// prefix or directory) or a manifest")
         if self.input and not self.input.startswith("s3://") and not Path(self.input).is_dir():

@@ -19,14 +19,17 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import faults
+from pipeline.config import VIDEO_PATTERNS
+from pipeline.inputs import is_shard, name_matches
 from pipeline.ledger import Guard
-from pipeline.storage import S3Settings, open_object, read_object
+from pipeline.storage import S3Settings, open_object, read_object, row_key
 
 DECODER_ENV = "FLASHCAP_DECODER"
 DECODERS = ("decord", "pyav")
@@ -157,11 +160,57 @@ def _filters(rotation: int, width: int, height: int) -> list[tuple[str, str]]:
     return [("transpose", t) for t in turns] + [("scale", f"{width}:{height}:flags=bilinear")]
 
 
-def decode_video(
-    data: bytes | VideoSource, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
-) -> tuple[np.ndarray, VideoInfo]:
-    """Decode a video (bytes or a `VideoSource`) and sample frames: uint8 [T, H, W, 3], and where they
-    sit in the source. `num_frames` evenly spaced frames, or with `fps` set, duration x fps of them
+@dataclass(frozen=True)
+class Windows:
+    """Captioning a video in windows: [start, start + length_s) for start = 0, stride_s, 2 x stride_s,
+    ... while start < the duration, each cut at the duration; a trailing window shorter than min_s
+    is skipped. Frame i sits at i / fps seconds (the time the processor gives it)."""
+
+    length_s: float
+    stride_s: float
+    min_s: float = 1.0
+
+    def spans(self, total: int, rate: float) -> list[tuple[int, int, float, float]]:
+        """(first frame, end frame, start s, end s) of each window of a video of `total` frames at
+        `rate` frames a second: the frames i with start <= i / rate < end."""
+        duration, out, k = total / rate, [], 0
+        while (start := k * self.stride_s) < duration:
+            k += 1
+            end = min(start + self.length_s, duration)
+            if end - start < self.min_s:
+                continue
+            first, last = math.ceil(start * rate - 1e-6), min(total, math.ceil(end * rate - 1e-6))
+            if last > first:
+                out.append((first, last, start, end))
+        return out
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Sampled frames of a clip of a video (the whole of it, or a window) and the metadata the
+    processor gets for it: the clip as a video of its own, its frames and times counted from 0."""
+
+    frames: np.ndarray
+    info: VideoInfo
+    start_s: float
+    end_s: float
+
+
+def frame_rate(avg_fps: float) -> float:
+    """The rate frames are placed in time by: the container's, else 24 (what processors assume)."""
+    return avg_fps if avg_fps > 0 else 24.0
+
+
+def decode_clips(
+    data: bytes | VideoSource,
+    num_frames: int = 8,
+    max_side: int = 448,
+    fps: float | None = None,
+    max_frames: int = 64,
+    windows: Windows | None = None,
+) -> list[Clip]:
+    """Decode a video once and sample frames per clip: the whole video, or each of its `windows`.
+    Within a clip: `num_frames` evenly spaced frames, or with `fps` set, its duration x fps of them
     (1..max_frames)."""
     source = data if isinstance(data, VideoSource) else VideoSource(data=data)
     if not source.nbytes:
@@ -170,18 +219,49 @@ def decode_video(
     if source.for_decord() is None:  # a streamed object: PyAV gives decord's frames
         name = "pyav"
     width, height = probe(source)
+    spans: list[tuple[int, int, float, float, list[int]]] = []
 
     def plan(total: int, avg_fps: float) -> list[int]:
         if total <= 0:
             raise ValueError("the video has no frames")
-        count = num_frames
-        if fps is not None:
-            duration = total / max(avg_fps, 1e-6)
-            count = max(1, min(max_frames, int(duration * fps)))
-        return sample_indices(total, count)
+        rate = frame_rate(avg_fps)
+        cuts = windows.spans(total, rate) if windows else [(0, total, 0.0, total / rate)]
+        if not cuts:
+            raise ValueError(
+                f"the video lasts {total / rate:.3f} s: no window of at least min_window_s={windows.min_s} s in it"
+            )
+        for first, last, start, end in cuts:
+            count = num_frames
+            if fps is not None:
+                duration = (last - first) / max(avg_fps, 1e-6)
+                count = max(1, min(max_frames, int(duration * fps)))
+            spans.append((first, last, start, end, [first + i for i in sample_indices(last - first, count)]))
+        return sorted({i for *_, indices in spans for i in indices})
 
     decode = _decode_decord if name == "decord" else _decode_pyav
-    return decode(source, width, height, max_side, plan)
+    frames, info = decode(source, width, height, max_side, plan)
+    if len(spans) == 1 and list(info.indices) == spans[0][4]:  # the whole video: no copy
+        return [Clip(frames, info, spans[0][2], spans[0][3])]
+    where = {i: k for k, i in enumerate(info.indices)}
+    return [
+        Clip(
+            frames[[where[i] for i in indices]],
+            VideoInfo(last - first, info.fps, tuple(i - first for i in indices)),
+            start,
+            end,
+        )
+        for first, last, start, end, indices in spans
+    ]
+
+
+def decode_video(
+    data: bytes | VideoSource, num_frames: int = 8, max_side: int = 448, fps: float | None = None, max_frames: int = 64
+) -> tuple[np.ndarray, VideoInfo]:
+    """Decode a video (bytes or a `VideoSource`) and sample frames: uint8 [T, H, W, 3], and where they
+    sit in the source. `num_frames` evenly spaced frames, or with `fps` set, duration x fps of them
+    (1..max_frames)."""
+    (clip,) = decode_clips(data, num_frames, max_side, fps, max_frames)
+    return clip.frames, clip.info
 
 
 def sample_frames(
@@ -369,8 +449,16 @@ def _rgb_graph(frame, time_base, filters: list[tuple[str, str]]):
     return graph
 
 
-DECODED_COLUMNS = pa.schema(
+DECODED_SCHEMA = pa.schema(
     [
+        ("video_uri", pa.string()),
+        ("etag", pa.string()),
+        ("size", pa.int64()),
+        ("clip_start_s", pa.float64()),
+        ("clip_end_s", pa.float64()),
+        ("shard_uri", pa.string()),
+        ("source_meta", pa.string()),
+        ("object_rows", pa.int64()),
         ("frames", pa.binary()),
         ("frames_shape", pa.list_(pa.int64())),
         ("error", pa.string()),
@@ -381,74 +469,218 @@ DECODED_COLUMNS = pa.schema(
         ("decode_s", pa.float64()),
     ]
 )
+BLOCK_ROWS = 8  # decoded rows per output block of a decode task
+SIDECAR_BYTES = 1 << 20  # the most of a sample's .json kept as source_meta
 
 
-def _undecoded(row: dict) -> dict:
-    out = dict(row, frames=b"", frames_shape=[0, 0, 0, 0], error="", error_kind="", decode_s=0.0)
-    out.update(video_total_frames=0, video_fps=0.0, frame_indices=[])  # where the frames sit in the source
-    return out
+@dataclass(frozen=True)
+class Sampling:
+    """How a decode task samples: the job's frame settings, the largest video it reads, its windows
+    and which members of a shard are videos."""
+
+    num_frames: int = 8
+    max_side: int = 448
+    fps: float | None = None
+    max_frames: int = 64
+    max_bytes: int = 2 << 30
+    windows: Windows | None = None
+    include: tuple[str, ...] = VIDEO_PATTERNS
 
 
-def _decode_one(row: dict, settings: S3Settings, num_frames, max_side, fps, max_frames, max_bytes) -> dict:
-    """A listed object -> the same row with frames (bytes + shape) and where they sit in the source
-    (video_total_frames, video_fps, frame_indices), or an error."""
+def _row(video_uri: str, etag: str, size: int, **fields) -> dict:
+    """A decoded row with nothing decoded yet."""
+    row = dict(video_uri=video_uri, etag=etag, size=int(size), clip_start_s=0.0, clip_end_s=0.0, shard_uri="")
+    row.update(source_meta="", object_rows=0, frames=b"", frames_shape=[0, 0, 0, 0], error="", error_kind="")
+    row.update(video_total_frames=0, video_fps=0.0, frame_indices=[], decode_s=0.0)
+    row.update(fields)
+    return row
+
+
+def _failed(row: dict, err: BaseException, stage: str = "decode failed") -> dict:
+    row["error"] = f"{stage}: {type(err).__name__}: {err}"[:2000]
+    row["error_kind"] = "transient" if getattr(err, "transient", False) else "permanent"
+    return row
+
+
+def _video_rows(base: dict, source, sampling: Sampling, skip: set[str], seen: list[int]) -> Iterator[dict]:
+    """One video's rows: a row per clip (the whole video, or each window) not in `skip`, or one error
+    row. `source()` gives its VideoSource; `seen[0]` counts every row the video makes, skipped too."""
     started = time.perf_counter()
-    out = _undecoded(row)
     try:
-        faults.maybe_crash("decode", [row])
-        if row["size"] > max_bytes:
-            raise ValueError(f"object is {row['size']} bytes, over max_video_bytes={max_bytes}")
-        source = VideoSource.of(row["video_uri"], settings, row["size"])
-        frames, info = decode_video(source, num_frames, max_side, fps, max_frames)
-        out["frames"], out["frames_shape"] = frames.tobytes(), list(frames.shape)
-        out["video_total_frames"], out["video_fps"] = info.total_frames, info.fps
-        out["frame_indices"] = list(info.indices)
+        if base["size"] > sampling.max_bytes:
+            raise ValueError(f"object is {base['size']} bytes, over max_video_bytes={sampling.max_bytes}")
+        s = sampling
+        clips = decode_clips(source(), s.num_frames, s.max_side, s.fps, s.max_frames, s.windows)
     except Exception as err:  # any failure on one input must become that input's error row
-        out["error"] = f"decode failed: {type(err).__name__}: {err}"[:2000]
-        out["error_kind"] = "transient" if getattr(err, "transient", False) else "permanent"
-    out["decode_s"] = time.perf_counter() - started
-    return out
+        seen[0] += 1
+        if row_key(base["video_uri"], 0.0) not in skip:
+            yield _failed(dict(base, decode_s=time.perf_counter() - started), err)
+        return
+    seen[0] += len(clips)
+    kept = [c for c in clips if row_key(base["video_uri"], c.start_s) not in skip]
+    seconds = (time.perf_counter() - started) / max(1, len(kept))
+    for clip in kept:
+        yield dict(
+            base,
+            clip_start_s=clip.start_s,
+            clip_end_s=clip.end_s,
+            frames=clip.frames.tobytes(),
+            frames_shape=list(clip.frames.shape),
+            video_total_frames=clip.info.total_frames,
+            video_fps=clip.info.fps,
+            frame_indices=list(clip.info.indices),
+            decode_s=seconds,
+        )
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """WebDataset's (sample key, extension) of a member: the key is its path up to the first "." of
+    its base name (`a/000123.mp4` and `a/000123.json` are one sample, `a/000123`)."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (extension if dot else "")
+
+
+class ShardBroken(ValueError):
+    """A shard that stops being a readable tar archive partway: truncated, or not a tar at all."""
+
+
+def _shard_samples(uri: str, settings: S3Settings, size: int, sampling: Sampling) -> Iterator[tuple[list, str]]:
+    """A shard's samples in order, read as a stream (one sample's members in memory at a time):
+    ([(member name, member size, its bytes, or None when over max_video_bytes)], the sample's .json
+    text). Raises ShardBroken where the archive breaks, after the samples complete before it."""
+    import tarfile
+
+    sample: list = []
+    meta, key, current, complete = "", None, None, 0
+    try:
+        with open_object(uri, settings, size or None) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                current = member
+                if not member.isfile():
+                    continue
+                member_key, extension = _sample_key(member.name)
+                if member_key != key:
+                    if sample:
+                        yield sample, meta
+                    sample, meta, key = [], "", member_key
+                if name_matches(member.name, sampling.include):
+                    small = member.size <= sampling.max_bytes
+                    sample.append((member.name, member.size, tar.extractfile(member).read() if small else None))
+                elif extension.lower() == "json":
+                    meta = tar.extractfile(member).read(SIDECAR_BYTES).decode("utf-8", errors="replace")
+                complete += 1
+                current = None
+    except (tarfile.TarError, EOFError) as err:
+        if sample:
+            yield sample, meta
+        where = (
+            f"inside member {current.name!r} (its header at byte {current.offset})"
+            if current is not None
+            else f"after {complete} complete members"
+        )
+        raise ShardBroken(
+            f"not a readable tar archive: it breaks {where} ({err}); the members before it have rows"
+        ) from None
+    if sample:
+        yield sample, meta
+
+
+def _shard_rows(
+    shard: dict, settings: S3Settings, sampling: Sampling, skip: set[str], seen: list[int]
+) -> Iterator[dict]:
+    """A WebDataset shard's rows: one per video member (per window with windows), each member a
+    video decoded from memory; where the shard breaks, one error row for the shard itself."""
+    uri, etag = shard["video_uri"], shard["etag"]
+    videos = 0
+    samples = _shard_samples(uri, settings, int(shard["size"]), sampling)
+    while True:
+        started = time.perf_counter()
+        try:
+            members, meta = next(samples)
+        except StopIteration:
+            break
+        except Exception as err:  # a broken archive, or storage that failed for good mid-shard
+            seen[0] += 1
+            if row_key(uri, 0.0) not in skip:
+                yield _failed(
+                    _row(uri, etag, shard["size"], shard_uri=uri, decode_s=time.perf_counter() - started), err
+                )
+            return
+        for name, size, data in members:
+            videos += 1
+            base = _row(f"{uri}#{name}", etag, size, shard_uri=uri, source_meta=meta)
+            yield from _video_rows(base, lambda data=data: VideoSource(data=data), sampling, skip, seen)
+    if not videos:
+        seen[0] += 1
+        if row_key(uri, 0.0) not in skip:
+            wanted = ", ".join(sampling.include)
+            yield _row(
+                uri,
+                etag,
+                shard["size"],
+                shard_uri=uri,
+                error=f"decode failed: the shard holds no member matching {wanted}",
+                error_kind="permanent",
+            )
+
+
+def object_rows(row: dict, settings: S3Settings, sampling: Sampling) -> Iterator[dict]:
+    """A listed object (video_uri, etag, size; `skip`: keys of its rows already written) -> its
+    decoded rows, the last carrying `object_rows`, the count of rows the object makes in all."""
+    faults.maybe_crash("decode", [row])
+    skip, seen = set(row.get("skip") or ()), [0]
+    if is_shard(row["video_uri"]):
+        rows = _shard_rows(row, settings, sampling, skip, seen)
+    else:
+        base = _row(row["video_uri"], row["etag"], row["size"])
+        rows = _video_rows(base, lambda: VideoSource.of(row["video_uri"], settings, row["size"]), sampling, skip, seen)
+    last = None
+    for r in rows:
+        if last is not None:
+            yield last
+        last = r
+    if last is not None:
+        last["object_rows"] = seen[0]
+        yield last
 
 
 def decode_rows(
-    rows: list[dict],
-    settings: S3Settings,
-    num_frames: int,
-    max_side: int,
-    fps: float | None,
-    max_frames: int,
-    max_bytes: int,
-    ledger=None,
-    max_crashes: int = 3,
-) -> list[dict]:
-    """Decode a block of listed objects (one ledger call each way for the block; see pipeline/ledger.py)."""
-    args = (settings, num_frames, max_side, fps, max_frames, max_bytes)
-    out: dict[int, dict] = {}
+    rows: list[dict], settings: S3Settings, sampling: Sampling, ledger=None, max_crashes: int = 3
+) -> Iterator[dict]:
+    """The decoded rows of a block of listed objects (one ledger call each way for the block; see
+    pipeline/ledger.py), as they come."""
     guard = Guard(ledger, "decode", max_crashes)
 
-    def work(block: list[dict]) -> None:
-        for r in block:
-            out[id(r)] = _decode_one(r, *args)
+    def give_up(r: dict, crashes: int) -> Iterator[dict]:
+        yield _row(
+            r["video_uri"],
+            r["etag"],
+            r["size"],
+            shard_uri=r["video_uri"] if is_shard(r["video_uri"]) else "",
+            object_rows=1,
+            error=guard.message(crashes),
+            error_kind="permanent",
+        )
 
-    def give_up(r: dict, crashes: int) -> None:
-        out[id(r)] = dict(_undecoded(r), error=guard.message(crashes), error_kind="permanent")
-
-    guard.run(rows, work, give_up)
-    return [out[id(r)] for r in rows]
-
-
-def decode_row(row: dict, *args, **kwargs) -> dict:
-    """`decode_rows` of one row."""
-    return decode_rows([row], *args, **kwargs)[0]
+    yield from guard.stream(rows, lambda r: object_rows(r, settings, sampling), give_up)
 
 
-def decode_block(batch: pa.Table, **kwargs) -> pa.Table:
-    """Ray Data map_batches over listed objects (pyarrow blocks) -> decoded rows."""
-    rows = decode_rows(batch.to_pylist(), **kwargs)
-    schema = pa.schema([batch.schema.field(n) for n in batch.column_names if n not in DECODED_COLUMNS.names])
-    for field in DECODED_COLUMNS:
-        schema = schema.append(field)
-    return pa.Table.from_pylist(rows, schema=schema)
+def decode_row(row: dict, settings: S3Settings, sampling: Sampling | None = None) -> dict:
+    """The first decoded row of one listed object (a video's, without windows: its only row)."""
+    return next(decode_rows([row], settings, sampling or Sampling()))
+
+
+def decode_block(batch: pa.Table, settings: S3Settings, sampling: Sampling, ledger=None, max_crashes: int = 3):
+    """Ray Data map_batches over listed objects (pyarrow blocks) -> decoded rows, BLOCK_ROWS a block."""
+    out: list[dict] = []
+    for row in decode_rows(batch.to_pylist(), settings, sampling, ledger, max_crashes):
+        out.append(row)
+        if len(out) == BLOCK_ROWS:
+            yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
+            out = []
+    if out:
+        yield pa.Table.from_pylist(out, schema=DECODED_SCHEMA)
 
 
 def frames_of(row: dict) -> np.ndarray:

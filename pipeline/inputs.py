@@ -24,10 +24,20 @@ LISTING_SCHEMA = pa.schema([("video_uri", pa.string()), ("etag", pa.string()), (
 LIST_PAGE = 1000  # objects a listing page holds: S3's most keys a request; local files alike
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether the name's last part (after the last "/") matches one of the globs, in any case: the
-    rule for listings and manifests alike."""
+    rule for listings, manifests and the members of shards alike."""
     return bool(patterns) and _globs(tuple(patterns)).match(name.rsplit("/", 1)[-1].lower()) is not None
+
+
+def is_shard(name: str) -> bool:
+    """A WebDataset shard: a .tar object, whose members are the videos."""
+    return name.lower().endswith(".tar")
+
+
+def _listed(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a listing or a manifest keeps the object: a video by `include`, or a shard."""
+    return is_shard(name) or name_matches(name, patterns)
 
 
 @lru_cache(maxsize=64)
@@ -53,7 +63,7 @@ def _page_videos(bucket: str, page: dict, patterns: tuple[str, ...]) -> list[Vid
     return [
         VideoObject(f"s3://{bucket}/{o['Key']}", int(o["Size"]), o["ETag"].strip('"'))
         for o in page.get("Contents", [])
-        if _matches(o["Key"], patterns)
+        if _listed(o["Key"], patterns)
     ]
 
 
@@ -75,7 +85,7 @@ def _local_files(root: Path) -> Iterator[Path]:
 def _local_pages(root: Path, patterns: tuple[str, ...]) -> Iterator[list[VideoObject]]:
     page: list[VideoObject] = []
     for path in _local_files(root):
-        if _matches(path.name, patterns):
+        if _listed(path.name, patterns):
             st = path.stat()
             page.append(VideoObject(str(path.resolve()), st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}"))
             if len(page) == LIST_PAGE:
@@ -236,7 +246,7 @@ def _normalise_manifest(table: pa.Table, patterns: tuple[str, ...]) -> pa.Table:
     etag = table.column(etag_column).cast(pa.string()) if etag_column else pa.array([""] * n, pa.string())
     etag = pa.array([(e or "").strip('"') for e in etag.to_pylist()], pa.string())
     size = table.column("size").cast(pa.int64()) if "size" in names else pa.array([0] * n, pa.int64())
-    keep = pa.array([_matches(u or "", patterns) for u in uri.to_pylist()], pa.bool_())
+    keep = pa.array([_listed(u or "", patterns) for u in uri.to_pylist()], pa.bool_())
     return pa.table({"video_uri": uri, "etag": etag, "size": size}, schema=LISTING_SCHEMA).filter(keep)
 
 

@@ -21,9 +21,17 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
-Key = tuple[str, str, str]  # (stage, video_uri, etag)
+Key = tuple[str, str, str]  # (stage, clip_name, etag)
+T = TypeVar("T")
+
+
+def clip_name(row: dict) -> str:
+    """A row's video, and the clip of it when it is a window (as a media fragment, "#t=<start>")."""
+    start = float(row.get("clip_start_s") or 0.0)
+    return str(row["video_uri"]) + (f"#t={start:g}" if start else "")
 
 
 def _live_nodes() -> set[str]:
@@ -134,8 +142,29 @@ class Guard:
             finally:
                 self.done([r])
 
+    def stream(
+        self, rows: list[dict], work: Callable[[dict], Iterator[T]], give_up: Callable[[dict, int], Iterator[T]]
+    ) -> Iterator[T]:
+        """`run` for work that yields as it goes (one row's work at a time): what each row's work
+        yields, the rows of the block staying in flight on the ledger until the block's work ends."""
+        crashes = self.begin(rows)
+        if not any(crashes):
+            try:
+                for r in rows:
+                    yield from work(r)
+            finally:
+                self.done(rows)
+            return
+        self.done(rows)
+        for r in rows:
+            (count,) = self.begin([r])
+            try:
+                yield from give_up(r, count) if self.gave_up(count) else work(r)
+            finally:
+                self.done([r])
+
     def _keys(self, rows: Sequence[dict]) -> list[Key]:
-        return [(self.stage, str(r["video_uri"]), str(r["etag"])) for r in rows]
+        return [(self.stage, clip_name(r), str(r["etag"])) for r in rows]
 
     def begin(self, rows: Sequence[dict]) -> list[int]:
         if self.ledger is None or not rows:

@@ -1,11 +1,16 @@
-"""What a run captions: the objects to caption (a listing or a manifest) less the keys the output
-already holds, keyed by (video_uri, etag). Storage (pipeline/storage.py) says what is there; this
-module composes it: done keys, the anti-join, the counts.
+"""What a run captions: the objects to caption (a listing or a manifest) less those the output
+already holds whole. Storage (pipeline/storage.py) says what is there; this module composes it:
+the objects done, the anti-join, the counts.
 
-A key is done when the output has a row for it that is final: a caption, or an error that is not
-`transient`. With `retry_errors`, keys whose rows are all transient errors are planned again; the
-newest row per key is the current one (the retry's row is newer). Outputs written before the
-`error_kind` column existed count every row as final.
+A listed object (video_uri, etag) makes one row, or several: a WebDataset shard a row per video
+member (video_uri "<shard>#<member>", shard_uri the shard), a video in windows a row per window
+(keyed by clip_start_s). Each row carries `object_rows`, the rows its object makes, where that was
+known (a shard's last row). An object is done when its final rows number object_rows: a row is
+final when it is a caption, or an error that is not `transient`. With `retry_errors`, rows that are
+only transient errors are not final. An object partly in the output (a run that crashed mid-shard,
+rows to retry) is planned again with the keys of its final rows to skip. Outputs written before
+these columns existed read as one whole-video row per object; before `error_kind`, every row is
+final.
 
 Small plans (at most 200,000 listed objects and 64 MB of output) are made on the driver. Larger
 ones are a Ray Data job: the listing is a Dataset written by listing tasks, the output's key columns
@@ -15,12 +20,12 @@ so no set of keys is ever held on the driver.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
 from pipeline.inputs import LISTING_SCHEMA, list_input, listing_table, manifest_bytes, read_manifest
-from pipeline.storage import PART_KEYS_SCHEMA, OutputStore, S3Settings, VideoObject
+from pipeline.storage import PART_KEYS_SCHEMA, OutputStore, S3Settings, VideoObject, row_key
 
 DRIVER_PLAN_LIMIT = 200_000  # listed objects
 DRIVER_PLAN_OUTPUT_BYTES = 64 << 20  # Parquet bytes of output (a few hundred thousand rows)
@@ -44,27 +49,47 @@ class Plan:
         }
 
 
-def _split_done(keys: pa.Table, retry_errors: bool) -> tuple[set, set]:
-    """(done keys, keys whose every row is a transient error) from part keys, on the driver."""
-    final, transient = set(), set()
-    for uri, etag, is_transient in zip(*(keys.column(c).to_pylist() for c in ("video_uri", "etag", "transient"))):
-        (transient if is_transient and retry_errors else final).add((uri, etag))
-    return final, transient - final
+def object_progress(keys: pa.Table, retry_errors: bool) -> dict[tuple[str, str], tuple[set[str], set[str], int]]:
+    """Per listed object (its uri: the row's shard, else its video; its etag), from part keys on the
+    driver: (the row keys that are final, the row keys that are only transient errors, the rows the
+    object makes). With `retry_errors` off every row is final."""
+    out: dict[tuple[str, str], tuple[set[str], set[str], int]] = {}
+    columns = (
+        keys.column(c).to_pylist()
+        for c in ("video_uri", "etag", "clip_start_s", "shard_uri", "object_rows", "transient")
+    )
+    for uri, etag, start, shard, total, transient in zip(*columns):
+        final, retry, most = out.get((shard or uri, etag), (set(), set(), 0))
+        (retry if transient and retry_errors else final).add(row_key(uri, start))
+        out[(shard or uri, etag)] = (final, retry, max(most, total))
+    return out
+
+
+def is_whole(final: set[str], total: int) -> bool:
+    """An object whose rows are all in the output (and final)."""
+    return total > 0 and len(final) >= total
 
 
 def plan_on_driver(
     objects: list[VideoObject], store: OutputStore, retry_errors: bool, parts: list[str] | None = None
 ) -> Plan:
-    """`parts`: the output's parts if the caller listed them already."""
+    """`parts`: the output's parts if the caller listed them already. An object partly in the output
+    (a crash mid-shard, errors to retry) is planned with the keys of its final rows to skip."""
     tables = [store.read_keys(p) for p in (store.parts() if parts is None else parts)]
     keys = pa.concat_tables(tables) if tables else PART_KEYS_SCHEMA.empty_table()
-    done, retry = _split_done(keys, retry_errors)
-    todo = [o for o in objects if (o.uri, o.etag) not in done]
+    progress = object_progress(keys, retry_errors)
+    todo, to_retry = [], 0
+    for o in objects:
+        final, retry, total = progress.get((o.uri, o.etag), (set(), set(), 0))
+        if is_whole(final, total):
+            continue
+        to_retry += bool(retry - final)
+        todo.append(replace(o, skip=tuple(sorted(final))) if final else o)
     return Plan(
         listed=len(objects),
         already_done=len(objects) - len(todo),
         to_caption=len(todo),
-        to_retry=sum((o.uri, o.etag) in retry for o in todo),
+        to_retry=to_retry,
         todo=todo,
     )
 
@@ -77,16 +102,25 @@ def unique_keys(inputs, partitions: int):
     return grouped.select_columns(LISTING_SCHEMA.names)
 
 
-def _keys_where(table: pa.Table, final: bool, retry_errors: bool) -> pa.Table:
-    """The (uri, etag) columns of the rows that are final (or, final=False, transient errors)."""
+def _row_keys(table: pa.Table, retry_errors: bool) -> pa.Table:
+    """Part keys -> (video_uri = the object's uri, etag, key = the row's key, final 0/1, total)."""
     import pyarrow.compute as pc
 
-    transient = table.column("transient")
-    if final:
-        mask = pc.invert(transient) if retry_errors else pa.array([True] * table.num_rows, pa.bool_())
-    else:
-        mask = transient
-    return table.filter(mask).select(KEY_COLUMNS)
+    shard = table.column("shard_uri")
+    objects = pc.if_else(pc.not_equal(shard, ""), shard, table.column("video_uri"))
+    keys = [
+        row_key(u, s) for u, s in zip(table.column("video_uri").to_pylist(), table.column("clip_start_s").to_pylist())
+    ]
+    final = pc.invert(table.column("transient")) if retry_errors else pa.array([True] * table.num_rows)
+    return pa.table(
+        {
+            "video_uri": objects,
+            "etag": table.column("etag"),
+            "key": pa.array(keys, pa.string()),
+            "final": pc.cast(final, pa.int64()),
+            "total": table.column("object_rows"),
+        }
+    )
 
 
 def _output_keys(store: OutputStore, parts: list[str]):
@@ -101,35 +135,75 @@ def _output_keys(store: OutputStore, parts: list[str]):
     )
 
 
+def _skip_lists(group: pa.Table) -> pa.Table:
+    """One object's final row keys (a group of `_row_keys` rows) as its skip list."""
+    final = group.filter(pa.compute.greater(group.column("final"), 0))
+    return pa.table(
+        {
+            "video_uri": group.column("video_uri").slice(0, 1),
+            "etag": group.column("etag").slice(0, 1),
+            "skip": pa.array([sorted(set(final.column("key").to_pylist()))], pa.list_(pa.string())),
+        }
+    )
+
+
+def _object_states(table: pa.Table) -> pa.Table:
+    """Objects' row counts -> whether each is whole, partly done (rows to skip) or has rows to retry."""
+    import pyarrow.compute as pc
+
+    final, keys, total = (table.column(c) for c in ("final", "keys", "total"))
+    whole = pc.and_(pc.greater(total, 0), pc.greater_equal(final, total))
+    return pa.table(
+        {
+            "video_uri": table.column("video_uri"),
+            "etag": table.column("etag"),
+            "whole": whole,
+            "partial": pc.and_(pc.invert(whole), pc.greater(final, 0)),
+            "retry": pc.less(final, keys),
+        }
+    )
+
+
 def plan_with_ray(
     inputs, store: OutputStore, retry_errors: bool, partitions: int = 0, parts: list[str] | None = None
 ) -> Plan:
     """The plan as a Ray Data job. `inputs`: a Dataset of video_uri, etag, size; `parts`: the output's
-    parts if the caller listed them already."""
+    parts if the caller listed them already. The output's rows are grouped by object (a shard's
+    members, a video's windows): an object is left out when its rows are all there; one partly there
+    gets the keys of its final rows to skip (a `skip` column)."""
+    from ray.data.aggregate import Count, Max, Sum
+
     parts = store.parts() if parts is None else parts
     partitions = partitions or max(2, min(256, len(parts) // 4 + 2))
     inputs = inputs.materialize()  # computed once: joined, then counted
-    if parts:
-        keys = _output_keys(store, parts)
-        if retry_errors:  # read once, joined twice (final keys, then transient ones)
-            keys = keys.materialize()
-        # map_batches, not filter: an empty result keeps its columns (the join needs them in every block)
-        final = keys.map_batches(
-            lambda t: _keys_where(t, final=True, retry_errors=retry_errors), batch_format="pyarrow"
-        )
-        todo = inputs.join(final, join_type="left_anti", num_partitions=partitions, on=tuple(KEY_COLUMNS))
-        todo = todo.materialize()
-        to_retry = 0
-        if retry_errors:
-            transient = keys.map_batches(
-                lambda t: _keys_where(t, final=False, retry_errors=True), batch_format="pyarrow"
-            )
-            to_retry = todo.join(
-                transient, join_type="left_semi", num_partitions=partitions, on=tuple(KEY_COLUMNS)
-            ).count()
-    else:
-        todo, to_retry = inputs, 0
+    if not parts:
+        listed = inputs.count()
+        return Plan(listed, 0, listed, 0, inputs)
+    on = tuple(KEY_COLUMNS)
+    rows = _output_keys(store, parts).map_batches(
+        _row_keys, fn_kwargs={"retry_errors": retry_errors}, batch_format="pyarrow"
+    )
+    per_key = (
+        rows.groupby(["video_uri", "etag", "key"], num_partitions=partitions)
+        .aggregate(Max("final", alias_name="final"), Max("total", alias_name="total"))
+        .materialize()
+    )
+    per_object = per_key.groupby(list(KEY_COLUMNS), num_partitions=partitions).aggregate(
+        Sum("final", alias_name="final"), Count(alias_name="keys"), Max("total", alias_name="total")
+    )
+    states = per_object.map_batches(_object_states, batch_format="pyarrow").materialize()
+    whole = states.map_batches(lambda t: t.filter(t.column("whole")).select(KEY_COLUMNS), batch_format="pyarrow")
+    todo = inputs.join(whole, join_type="left_anti", num_partitions=partitions, on=on).materialize()
     listed, to_caption = inputs.count(), todo.count()
+    partial = states.map_batches(lambda t: t.filter(t.column("partial")).select(KEY_COLUMNS), batch_format="pyarrow")
+    if partial.count():
+        final_keys = per_key.join(partial, join_type="left_semi", num_partitions=partitions, on=on)
+        skip = final_keys.groupby(list(KEY_COLUMNS)).map_groups(_skip_lists, batch_format="pyarrow")
+        todo = todo.join(skip, join_type="left_outer", num_partitions=partitions, on=on).materialize()
+    to_retry = 0
+    if retry_errors:
+        retry = states.map_batches(lambda t: t.filter(t.column("retry")).select(KEY_COLUMNS), batch_format="pyarrow")
+        to_retry = todo.join(retry, join_type="left_semi", num_partitions=partitions, on=on).count()
     return Plan(listed, listed - to_caption, to_caption, to_retry, todo)
 
 

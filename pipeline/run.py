@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.config import DEFAULT_MAX_FRAMES, DEFAULT_NUM_FRAMES, CaptionConfig, redact
 from pipeline.plan import Plan, make_plan
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, row_key
 from pipeline.throughput import Throughput
 
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_SCHEMA]
@@ -52,9 +52,10 @@ class JobIncomplete(RuntimeError):
 
 
 class KeySet:
-    """A set of (uri, etag) keys held as 16-byte BLAKE2b digests: a sorted numpy array plus a small
-    recent set merged into it, about 16 bytes a key (160 MB for 10 million keys, against ~230 bytes
-    a key as Python tuples). A false match needs a 128-bit collision."""
+    """A set of keys (tuples of strings: a row's video_uri, etag and clip) held as 16-byte BLAKE2b
+    digests: a sorted numpy array plus a small recent set merged into it, about 16 bytes a key (160
+    MB for 10 million keys, against ~230 bytes a key as Python tuples). A false match needs a 128-bit
+    collision."""
 
     MERGE_AT = 1 << 16
 
@@ -63,13 +64,13 @@ class KeySet:
         self._recent: set[bytes] = set()
 
     @staticmethod
-    def digest(key: tuple[str, str]) -> bytes:
-        return hashlib.blake2b(f"{key[0]}\x00{key[1]}".encode(), digest_size=16).digest()
+    def digest(key: tuple[str, ...]) -> bytes:
+        return hashlib.blake2b("\x00".join(key).encode(), digest_size=16).digest()
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
 
-    def __contains__(self, key: tuple[str, str]) -> bool:
+    def __contains__(self, key: tuple[str, ...]) -> bool:
         return self._has(self.digest(key))
 
     def _has(self, d: bytes) -> bool:
@@ -79,7 +80,7 @@ class KeySet:
         # numpy hands "S16" items back without their trailing zero bytes
         return i < len(self._sorted) and self._sorted[i] == d.rstrip(b"\x00")
 
-    def add(self, key: tuple[str, str]) -> bool:
+    def add(self, key: tuple[str, ...]) -> bool:
         """Add the key; False if it was there already."""
         d = self.digest(key)
         if self._has(d):
@@ -92,14 +93,29 @@ class KeySet:
         return True
 
 
+def writer_key(row: dict) -> tuple[str, str, str]:
+    """A row's key: (video_uri, etag, where its clip starts)."""
+    return str(row["video_uri"]), str(row["etag"]), repr(float(row.get("clip_start_s") or 0.0))
+
+
+@dataclass
+class ObjectRows:
+    """The rows this run wrote of a listed object that makes several (a shard, windows)."""
+
+    keys: set[str] = field(default_factory=set)  # row_key of each
+    total: int = 0  # rows the object makes in all, once a row has said it
+
+
 class PartWriter:
-    """Buffers rows and writes them as Parquet parts; never writes a (uri, etag) key twice. Rows are
-    written when `flush_rows` are buffered or `flush_seconds` after the oldest of them arrived."""
+    """Buffers rows and writes them as Parquet parts; never writes a (video_uri, etag, clip_start_s)
+    key twice. Rows are written when `flush_rows` are buffered or `flush_seconds` after the oldest
+    of them arrived. Keeps count of the rows of objects that make several, to tell when one is whole."""
 
     def __init__(self, store: OutputStore, run_id: str, flush_rows: int, flush_seconds: float) -> None:
         self.store, self.run_id = store, run_id
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.known = KeySet()  # keys written by this run (the plan left out the ones already there)
+        self.objects: dict[tuple[str, str], ObjectRows] = {}  # (object uri, etag) -> rows written
         self.buffer: list[dict] = []
         self.parts: list[str] = []
         self.rows_written = 0
@@ -108,9 +124,13 @@ class PartWriter:
 
     def add(self, rows: list[dict]) -> None:
         for r in rows:
-            if not self.known.add((r["video_uri"], r["etag"])):
+            if not self.known.add(writer_key(r)):
                 self.duplicates_dropped += 1
                 continue
+            if r.get("shard_uri") or int(r.get("object_rows", 1)) != 1:
+                entry = self.objects.setdefault((r.get("shard_uri") or r["video_uri"], r["etag"]), ObjectRows())
+                entry.keys.add(row_key(r["video_uri"], r.get("clip_start_s") or 0.0))
+                entry.total = max(entry.total, int(r.get("object_rows") or 0))
             row = {c: r[c] for c in OUTPUT_COLUMNS}
             if row["error"]:  # errors quote what failed: URLs, with credentials if the input had any
                 row["error"] = redact(row["error"])
@@ -121,6 +141,13 @@ class PartWriter:
             self.flush()
         else:
             self.flush_if_due()
+
+    def whole(self, o: VideoObject) -> bool:
+        """Whether the object has all its rows: those the plan found (`o.skip`) and this run's."""
+        entry = self.objects.get((o.uri, o.etag))
+        if entry is None:  # none of several rows written: whole if it made one row, and that was written
+            return (o.uri, o.etag, repr(0.0)) in self.known
+        return entry.total > 0 and len(set(o.skip) | entry.keys) >= entry.total
 
     def wait_s(self) -> float | None:
         """Seconds until the buffered rows are due to be written; None with nothing buffered."""
@@ -194,7 +221,7 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
 
     # ~8 objects per read/decode task: fewer, larger tasks cut Ray overhead; frames stay small per block.
     if isinstance(todo, list):
-        items = [{"video_uri": o.uri, "size": o.size, "etag": o.etag} for o in todo]
+        items = [{"video_uri": o.uri, "size": o.size, "etag": o.etag, "skip": list(o.skip)} for o in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // 8)))
     else:  # a Ray Data plan (manifest or a large listing)
         ds = todo.repartition(target_num_rows_per_block=8)
@@ -203,14 +230,7 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
         batch_format="pyarrow",
         batch_size=None,  # a block (~8 objects) per call: one ledger call each way
         fn_kwargs=dict(
-            settings=settings,
-            num_frames=config.num_frames,
-            max_side=config.max_side,
-            fps=config.fps,
-            max_frames=config.max_frames,
-            max_bytes=config.max_video_bytes,
-            ledger=ledger,
-            max_crashes=config.max_worker_crashes,
+            settings=settings, sampling=sampling_of(config), ledger=ledger, max_crashes=config.max_worker_crashes
         ),
         num_cpus=config.cpus_per_decode,
     )
@@ -229,6 +249,24 @@ def _build_dataset(config: CaptionConfig, todo: list[VideoObject], settings: S3S
         ),
         num_gpus=config.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
+    )
+
+
+def sampling_of(config: CaptionConfig):
+    """What the decode tasks sample, from the job's configuration."""
+    from pipeline.decode import Sampling, Windows
+
+    windows = None
+    if config.window_s is not None:
+        windows = Windows(config.window_s, config.window_stride_s or config.window_s, config.min_window_s)
+    return Sampling(
+        num_frames=config.num_frames,
+        max_side=config.max_side,
+        fps=config.fps,
+        max_frames=config.max_frames,
+        max_bytes=config.max_video_bytes,
+        windows=windows,
+        include=tuple(config.include),
     )
 
 
@@ -372,7 +410,11 @@ def _run_round(dataset, writer: PartWriter, tracker: Throughput, log: Callable[[
 def _still_missing(config: CaptionConfig, settings: S3Settings, remaining, writer: PartWriter) -> tuple[object, int]:
     """(what is still without a row, how many) after a round."""
     if isinstance(remaining, list):
-        remaining = [o for o in remaining if (o.uri, o.etag) not in writer.known]
+        remaining = [o for o in remaining if not writer.whole(o)]
+        for i, o in enumerate(remaining):  # a partly written object: its rows written so far are skipped
+            entry = writer.objects.get((o.uri, o.etag))
+            if entry is not None:
+                remaining[i] = replace(o, skip=tuple(sorted(set(o.skip) | entry.keys)))
         return remaining, len(remaining)
     # a Ray Data plan: plan again against the output as it is now
     again = make_plan(config.model_copy(update={"retry_errors": False}), settings)

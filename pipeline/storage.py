@@ -34,6 +34,17 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("video_uri", pa.string(), nullable=False),
         pa.field("etag", pa.string(), nullable=False),
         pa.field("size", pa.int64(), nullable=False),
+        # The clip of the video this row captions, in seconds: a window, or 0 and the video's duration.
+        pa.field("clip_start_s", pa.float64(), nullable=True),
+        pa.field("clip_end_s", pa.float64(), nullable=True),
+        # A WebDataset shard's member: the shard (video_uri is "<shard_uri>#<member>") and the sample's
+        # .json member as found; "" for a video that is an object of its own.
+        pa.field("shard_uri", pa.string(), nullable=True),
+        pa.field("source_meta", pa.string(), nullable=True),
+        # The rows the listed object (video or shard) makes in all, on the rows that knew it when they
+        # were made (every window of a video; a shard's last row), else 0: a rerun tells a complete
+        # object from one a crash left partly written.
+        pa.field("object_rows", pa.int64(), nullable=True),
         pa.field("caption", pa.string(), nullable=False),
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("acceptance_length", pa.float64(), nullable=False),
@@ -49,9 +60,24 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
-# What a listing or a manifest gives: the objects to caption.
-# What the output holds, per row: its key, and whether it is an error that may pass.
-PART_KEYS_SCHEMA = pa.schema([("video_uri", pa.string()), ("etag", pa.string()), ("transient", pa.bool_())])
+# Parts written before a column existed read with these values: one row per video, whole.
+LEGACY_VALUES = {"clip_start_s": 0.0, "shard_uri": "", "source_meta": "", "object_rows": 1}
+# What the output holds, per row: its key, its object, and whether it is an error that may pass.
+PART_KEYS_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("etag", pa.string()),
+        ("clip_start_s", pa.float64()),
+        ("shard_uri", pa.string()),
+        ("object_rows", pa.int64()),
+        ("transient", pa.bool_()),
+    ]
+)
+
+
+def row_key(video_uri: str, clip_start_s: float) -> str:
+    """A row's key within its (video_uri, etag): the clip it captions, by where it starts."""
+    return f"{video_uri}\x00{float(clip_start_s)!r}"
 
 
 class StorageError(RuntimeError):
@@ -100,14 +126,21 @@ class VideoObject:
     uri: str
     size: int
     etag: str  # S3 ETag, or mtime-size for local files: changes when the object does
+    skip: tuple[str, ...] = ()  # row_key of its rows already written (an object a run left partly done)
 
 
 def _with_output_schema(table: pa.Table) -> pa.Table:
-    """A part in today's schema: columns added since it was written are null (parts written before
-    `error_kind` existed read with no kind: every row final)."""
+    """A part in today's schema: columns added since it was written hold LEGACY_VALUES, else null
+    (parts written before `error_kind` existed read with no kind: every row final)."""
     for field in OUTPUT_SCHEMA:
         if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+            value = LEGACY_VALUES.get(field.name)
+            column = (
+                pa.nulls(table.num_rows, field.type)
+                if value is None
+                else pa.array([value] * table.num_rows, field.type)
+            )
+            table = table.append_column(field, column)
     return table.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
 
 
@@ -177,19 +210,24 @@ def _backoff(attempt: int) -> float:
 
 def part_keys(table: pa.Table) -> pa.Table:
     """An output part's rows as PART_KEYS_SCHEMA: transient = an error row of kind `transient` (parts
-    written before `error_kind` existed have no kind: every row is final)."""
+    written before `error_kind` existed have no kind: every row is final); columns a part predates
+    hold LEGACY_VALUES."""
     n = table.num_rows
     error = table.column("error").to_pylist() if "error" in table.column_names else [""] * n
     kind = table.column("error_kind").to_pylist() if "error_kind" in table.column_names else [""] * n
     transient = [bool(e) and k == "transient" for e, k in zip(error, kind)]
-    return pa.table(
-        {
-            "video_uri": table.column("video_uri").cast(pa.string()),
-            "etag": table.column("etag").cast(pa.string()),
-            "transient": pa.array(transient, pa.bool_()),
-        },
-        schema=PART_KEYS_SCHEMA,
-    )
+    columns = {
+        "video_uri": table.column("video_uri").cast(pa.string()),
+        "etag": table.column("etag").cast(pa.string()),
+        "transient": pa.array(transient, pa.bool_()),
+    }
+    for name in ("clip_start_s", "shard_uri", "object_rows"):
+        field = PART_KEYS_SCHEMA.field(name)
+        if name in table.column_names:
+            columns[name] = table.column(name).cast(field.type).fill_null(LEGACY_VALUES[name])
+        else:
+            columns[name] = pa.array([LEGACY_VALUES[name]] * n, field.type)
+    return pa.table({name: columns[name] for name in PART_KEYS_SCHEMA.names}, schema=PART_KEYS_SCHEMA)
 
 
 def read_object(uri: str, settings: S3Settings) -> bytes:
@@ -318,7 +356,8 @@ class OutputStore:
         """A part's keys (see `part_keys`): only its key and error columns are decoded."""
         data = read_object(path, self.settings)
         names = pq.read_schema(io.BytesIO(data)).names
-        columns = [c for c in ("video_uri", "etag", "error", "error_kind") if c in names]
+        wanted = ("video_uri", "etag", "error", "error_kind", "clip_start_s", "shard_uri", "object_rows")
+        columns = [c for c in wanted if c in names]
         return part_keys(pq.read_table(io.BytesIO(data), columns=columns))
 
     def read_table(self) -> pa.Table:

@@ -12,7 +12,7 @@ from actors.caption import CaptionActor
 from demo.tiny_models import QWEN_CHAT_TEMPLATE, build_qwen2_5_vl
 from demo.world import FPS, FRAMES, encode_mp4, render, scene_for_seed
 from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, load_config
-from pipeline.decode import decode_row
+from pipeline.decode import Sampling, decode_row
 from pipeline.storage import S3Settings
 from tests.pipeline.test_real_checkpoint import _moving_clip
 
@@ -32,7 +32,7 @@ def _rows(tmp_path, clips: dict[str, bytes], num_frames: int) -> list[dict]:
         path = tmp_path / name
         path.write_bytes(data)
         row = {"video_uri": str(path), "size": len(data), "etag": "e"}
-        rows.append(decode_row(row, S3Settings(), num_frames, 448, None, 64, 1 << 30))
+        rows.append(decode_row(row, S3Settings(), Sampling(num_frames=num_frames, max_bytes=1 << 30)))
     assert not any(r["error"] for r in rows)
     return rows
 
@@ -176,4 +176,3 @@ def test_compile_gives_the_same_captions_and_says_so_in_each_row(tmp_path, chat_
     table = compiled(pa.Table.from_pylist([dict(r) for r in rows]))
     assert set(table.column("compile").to_pylist()) == {"active"}
     assert set(eager(pa.Table.from_pylist([dict(r) for r in rows])).column("compile").to_pylist()) == {""}
-

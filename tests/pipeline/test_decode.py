@@ -17,6 +17,7 @@ from transformers.video_utils import VideoMetadata
 from demo.world import FPS, FRAMES, SIDE, write_videos
 from pipeline import decode
 from pipeline.decode import (
+    Sampling,
     VideoInfo,
     decode_row,
     decode_video,
@@ -184,7 +185,7 @@ def row_for(path: Path, size: int | None = None) -> dict:
 
 
 def decode_one(row: dict, fps: float | None = None) -> dict:
-    return decode_row(row, S3Settings(), num_frames=4, max_side=448, fps=fps, max_frames=64, max_bytes=10**8)
+    return decode_row(row, S3Settings(), Sampling(num_frames=4, fps=fps, max_bytes=10**8))
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

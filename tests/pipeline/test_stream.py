@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import decode, storage
-from pipeline.decode import VideoSource, decode_row, decode_video
+from pipeline.decode import Sampling, VideoSource, decode_row, decode_video
 from pipeline.storage import S3Settings, open_object
 from tests.pipeline.common import new_bucket, s3_client
 from tests.pipeline.hostile import generate
@@ -84,7 +84,7 @@ def test_an_object_over_the_stream_size_is_never_read_whole(s3_server, hostile, 
         storage, "_get", lambda uri, s, first=None, last=None: ranges.append(first) or real(uri, s, first, last)
     )
     uri = f"s3://{bucket}/big.mp4"
-    row = decode_row({"video_uri": uri, "size": len(good.data), "etag": "e"}, settings, 6, 224, None, 64, 1 << 30)
+    row = decode_row({"video_uri": uri, "size": len(good.data), "etag": "e"}, settings, Sampling(6, 224))
     assert row["error"] == "" and ranges and None not in ranges  # every read was ranged
     frames, info = decode_video(good.data, num_frames=6, max_side=224)
     assert row["frames"] == frames.tobytes() and row["frame_indices"] == list(info.indices)
