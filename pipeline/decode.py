@@ -519,9 +519,12 @@ def _video_rows(base: dict, source, sampling: Sampling, skip: set[str], seen: li
     seen[0] += len(clips)
     kept = [c for c in clips if row_key(base["video_uri"], c.start_s) not in skip]
     seconds = (time.perf_counter() - started) / max(1, len(kept))
+    # A video of its own knows its row count now; a shard's member leaves it to the shard's last row.
+    count = 0 if base["shard_uri"] else len(clips)
     for clip in kept:
         yield dict(
             base,
+            object_rows=count,
             clip_start_s=clip.start_s,
             clip_end_s=clip.end_s,
             frames=clip.frames.tobytes(),

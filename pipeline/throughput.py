@@ -222,7 +222,7 @@ class Throughput:
 
     def line(self) -> str:
         return (
-            f"[flashcap] {self.clips}/{self.total} clips ({self.errors} errors) | "
+            f"[flashcap] {self.clips} clips ({self.errors} errors) from {self.total} objects | "
             f"{self.clips / self.elapsed:.2f} clips/s | {self.tokens / self.elapsed:.1f} tokens/s | "
             f"acceptance {self.acceptance_length:.2f} | actors {len(self.actors)} | nodes {len(self.nodes)}"
         )
@@ -418,7 +418,8 @@ class Throughput:
     def _chart_title(self) -> str:
         s = self.elapsed
         return (
-            f"flashcap: {self.clips:,}/{self.total:,} clips ({self.errors:,} errors), {_count(self.tokens)} tokens "
+            f"flashcap: {self.clips:,} clips ({self.errors:,} errors) from {self.total:,} objects, "
+            f"{_count(self.tokens)} tokens "
             f"in {_duration(s)}\n{self.clips / s:.2f} clips/s, {self.tokens / s:,.1f} tokens/s overall | "
             f"acceptance length {self.acceptance_length:.2f} | {_plural(len(self.nodes), 'node')}, "
             f"{_plural(len(self.actors), 'actor')}"

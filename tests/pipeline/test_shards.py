@@ -185,6 +185,14 @@ def test_shards_on_s3_through_the_ray_job(s3_server, ray_local, pipeline_models)
     assert again["rows_written"] == 0 and again["listed"] == 3 and again["already_done"] == 3
     assert len(read_output(s3_server, bucket)[0]) == 8
 
+    # In 1 s windows: two rows a 2 s clip, members of shards alike; a rerun writes nothing.
+    windowed = config.model_copy(update={"output": f"s3://{bucket}/windows/", "window_s": 1.0})
+    assert run_job(windowed)["rows_written"] == 2 * 5 + 2 + 1  # 5 clips, 2 bad members, 1 broken shard
+    rows, _ = read_output(s3_server, bucket, "windows/")
+    first_member = sorted((r["clip_start_s"], r["clip_end_s"]) for r in rows if r["video_uri"] == members[0])
+    assert first_member == [(0.0, 1.0), (1.0, 2.0)]
+    assert run_job(windowed)["rows_written"] == 0
+
 
 @pytest.mark.parametrize("name", ["a.TAR", "b.tar"])
 def test_a_listing_keeps_shards_whatever_include_says(tmp_path, name):

@@ -211,7 +211,8 @@ def test_report_and_live_line_keep_their_fields():
     assert report["memory"] == {"actor_rss_mb_start": 0.0, "actor_rss_mb_end": 0.0, "actor_rss_growth_mb": 0.0}
     assert report["nodes"] == ["node0"] and report["actors"] == 1 and report["actor_busy_s"] == 24 * 0.5
     assert tracker.line() == (
-        "[flashcap] 24/24 clips (0 errors) | 0.60 clips/s | 60.0 tokens/s | acceptance 3.00 | actors 1 | nodes 1"
+        "[flashcap] 24 clips (0 errors) from 24 objects | 0.60 clips/s | 60.0 tokens/s | acceptance 3.00 | "
+        "actors 1 | nodes 1"
     )
     assert report["compile"] == {"active": False, "fallback": None}  # eager, as configured
 
