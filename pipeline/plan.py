@@ -102,24 +102,77 @@ def unique_keys(inputs, partitions: int):
     return grouped.select_columns(LISTING_SCHEMA.names)
 
 
-def _row_keys(table: pa.Table, retry_errors: bool) -> pa.Table:
-    """Part keys -> (video_uri = the object's uri, etag, key = the row's key, final 0/1, total)."""
+def _keys_where(table: pa.Table, final: bool, retry_errors: bool) -> pa.Table:
+    """The (uri, etag) columns of the rows that are final (or, final=False, transient errors)."""
+    import pyarrow.compute as pc
+
+    transient = table.column("transient")
+    if final:
+        mask = pc.invert(transient) if retry_errors else pa.array([True] * table.num_rows, pa.bool_())
+    else:
+        mask = transient
+    return table.filter(mask).select(KEY_COLUMNS)
+
+
+def _one_row_objects(table: pa.Table) -> pa.Table:
+    """Part keys of objects that make one row (a video, whole): planned by key, as they always were."""
+    import pyarrow.compute as pc
+
+    one = pc.and_(pc.equal(table.column("shard_uri"), ""), pc.equal(table.column("object_rows"), 1))
+    return table.filter(one)
+
+
+def _several_row_objects(table: pa.Table) -> pa.Table:
+    """Part keys of the rows of objects that make several (shards, windows), by object: video_uri
+    is the object's uri."""
     import pyarrow.compute as pc
 
     shard = table.column("shard_uri")
-    objects = pc.if_else(pc.not_equal(shard, ""), shard, table.column("video_uri"))
+    several = table.filter(pc.invert(pc.and_(pc.equal(shard, ""), pc.equal(table.column("object_rows"), 1))))
+    shard = several.column("shard_uri")
+    objects = pc.if_else(pc.not_equal(shard, ""), shard, several.column("video_uri"))
     keys = [
-        row_key(u, s) for u, s in zip(table.column("video_uri").to_pylist(), table.column("clip_start_s").to_pylist())
+        row_key(u, t)
+        for u, t in zip(several.column("video_uri").to_pylist(), several.column("clip_start_s").to_pylist())
     ]
-    final = pc.invert(table.column("transient")) if retry_errors else pa.array([True] * table.num_rows)
     return pa.table(
         {
             "video_uri": objects,
-            "etag": table.column("etag"),
+            "etag": several.column("etag"),
             "key": pa.array(keys, pa.string()),
-            "final": pc.cast(final, pa.int64()),
-            "total": table.column("object_rows"),
+            "object_rows": several.column("object_rows"),
+            "transient": several.column("transient"),
         }
+    )
+
+
+STATE_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("etag", pa.string()),
+        ("whole", pa.bool_()),
+        ("skip", pa.list_(pa.string())),
+        ("retry", pa.bool_()),
+    ]
+)
+
+
+def _object_state(group: pa.Table, retry_errors: bool) -> pa.Table:
+    """One object's rows (a group of `_several_row_objects`) -> whether it is whole, its final row
+    keys to skip, whether some of its rows are only transient errors."""
+    final, retry = set(), set()
+    for key, transient in zip(group.column("key").to_pylist(), group.column("transient").to_pylist()):
+        (retry if transient and retry_errors else final).add(key)
+    whole = is_whole(final, max(group.column("object_rows").to_pylist()))
+    return pa.table(
+        {
+            "video_uri": group.column("video_uri").slice(0, 1),
+            "etag": group.column("etag").slice(0, 1),
+            "whole": [whole],
+            "skip": [[] if whole else sorted(final)],
+            "retry": [bool(retry - final)],
+        },
+        schema=STATE_SCHEMA,
     )
 
 
@@ -135,44 +188,29 @@ def _output_keys(store: OutputStore, parts: list[str]):
     )
 
 
-def _skip_lists(group: pa.Table) -> pa.Table:
-    """One object's final row keys (a group of `_row_keys` rows) as its skip list."""
-    final = group.filter(pa.compute.greater(group.column("final"), 0))
-    return pa.table(
-        {
-            "video_uri": group.column("video_uri").slice(0, 1),
-            "etag": group.column("etag").slice(0, 1),
-            "skip": pa.array([sorted(set(final.column("key").to_pylist()))], pa.list_(pa.string())),
-        }
-    )
+def _with_columns(ds, schema: pa.Schema):
+    """The dataset with `schema`'s columns in every block: an empty block of a join or a group may
+    have none, and a join needs its keys in every block."""
+    return ds.map_batches(lambda t: t if t.num_columns else schema.empty_table(), batch_format="pyarrow")
 
 
-def _object_states(table: pa.Table) -> pa.Table:
-    """Objects' row counts -> whether each is whole, partly done (rows to skip) or has rows to retry."""
+def _not_whole(table: pa.Table) -> pa.Table:
+    """Planned objects joined with their states, less the whole ones; `skip` kept, `whole` dropped."""
     import pyarrow.compute as pc
 
-    final, keys, total = (table.column(c) for c in ("final", "keys", "total"))
-    whole = pc.and_(pc.greater(total, 0), pc.greater_equal(final, total))
-    return pa.table(
-        {
-            "video_uri": table.column("video_uri"),
-            "etag": table.column("etag"),
-            "whole": whole,
-            "partial": pc.and_(pc.invert(whole), pc.greater(final, 0)),
-            "retry": pc.less(final, keys),
-        }
-    )
+    whole = pc.fill_null(table.column("whole"), False)
+    table = table.filter(pc.invert(whole))
+    return table.drop_columns(["whole"])
 
 
 def plan_with_ray(
     inputs, store: OutputStore, retry_errors: bool, partitions: int = 0, parts: list[str] | None = None
 ) -> Plan:
     """The plan as a Ray Data job. `inputs`: a Dataset of video_uri, etag, size; `parts`: the output's
-    parts if the caller listed them already. The output's rows are grouped by object (a shard's
-    members, a video's windows): an object is left out when its rows are all there; one partly there
-    gets the keys of its final rows to skip (a `skip` column)."""
-    from ray.data.aggregate import Count, Max, Sum
-
+    parts if the caller listed them already. Objects of one row (the many) are left out by a
+    hash-partitioned anti-join on their keys; the rows of objects that make several are grouped by
+    object, and the plan joined with their states: a whole one left out, one partly there given the
+    keys of its final rows to skip (a `skip` column)."""
     parts = store.parts() if parts is None else parts
     partitions = partitions or max(2, min(256, len(parts) // 4 + 2))
     inputs = inputs.materialize()  # computed once: joined, then counted
@@ -180,30 +218,30 @@ def plan_with_ray(
         listed = inputs.count()
         return Plan(listed, 0, listed, 0, inputs)
     on = tuple(KEY_COLUMNS)
-    rows = _output_keys(store, parts).map_batches(
-        _row_keys, fn_kwargs={"retry_errors": retry_errors}, batch_format="pyarrow"
-    )
-    per_key = (
-        rows.groupby(["video_uri", "etag", "key"], num_partitions=partitions)
-        .aggregate(Max("final", alias_name="final"), Max("total", alias_name="total"))
-        .materialize()
-    )
-    per_object = per_key.groupby(list(KEY_COLUMNS), num_partitions=partitions).aggregate(
-        Sum("final", alias_name="final"), Count(alias_name="keys"), Max("total", alias_name="total")
-    )
-    states = per_object.map_batches(_object_states, batch_format="pyarrow").materialize()
-    whole = states.map_batches(lambda t: t.filter(t.column("whole")).select(KEY_COLUMNS), batch_format="pyarrow")
-    todo = inputs.join(whole, join_type="left_anti", num_partitions=partitions, on=on).materialize()
-    listed, to_caption = inputs.count(), todo.count()
-    partial = states.map_batches(lambda t: t.filter(t.column("partial")).select(KEY_COLUMNS), batch_format="pyarrow")
-    if partial.count():
-        final_keys = per_key.join(partial, join_type="left_semi", num_partitions=partitions, on=on)
-        skip = final_keys.groupby(list(KEY_COLUMNS)).map_groups(_skip_lists, batch_format="pyarrow")
-        todo = todo.join(skip, join_type="left_outer", num_partitions=partitions, on=on).materialize()
+    keys = _output_keys(store, parts).materialize()  # read once, filtered several ways
+    one = keys.map_batches(_one_row_objects, batch_format="pyarrow")
+    # map_batches, not filter: an empty result keeps its columns (the join needs them in every block)
+    final = one.map_batches(lambda t: _keys_where(t, final=True, retry_errors=retry_errors), batch_format="pyarrow")
+    # a join whose one side is empty fails in Ray Data (its reduce sees no columns): joined only with rows
+    todo = inputs.join(final, join_type="left_anti", num_partitions=partitions, on=on) if final.count() else inputs
+    several = keys.map_batches(_several_row_objects, batch_format="pyarrow").materialize()
     to_retry = 0
+    if several.count():
+        states = several.groupby(list(KEY_COLUMNS)).map_groups(
+            _object_state, fn_kwargs={"retry_errors": retry_errors}, batch_format="pyarrow"
+        )
+        states = _with_columns(states, STATE_SCHEMA)
+        todo = _with_columns(todo, LISTING_SCHEMA)
+        todo = todo.join(states, join_type="left_outer", num_partitions=partitions, on=on)
+        todo = todo.map_batches(_not_whole, batch_format="pyarrow").materialize()
+        if retry_errors:
+            to_retry += todo.filter(lambda r: bool(r["retry"])).count()
+    todo = todo.materialize()
     if retry_errors:
-        retry = states.map_batches(lambda t: t.filter(t.column("retry")).select(KEY_COLUMNS), batch_format="pyarrow")
-        to_retry = todo.join(retry, join_type="left_semi", num_partitions=partitions, on=on).count()
+        transient = one.map_batches(lambda t: _keys_where(t, final=False, retry_errors=True), batch_format="pyarrow")
+        if transient.count():
+            to_retry += todo.join(transient, join_type="left_semi", num_partitions=partitions, on=on).count()
+    listed, to_caption = inputs.count(), todo.count()
     return Plan(listed, listed - to_caption, to_caption, to_retry, todo)
 
 

@@ -18,14 +18,15 @@ import pytest
 from pipeline.config import VIDEO_PATTERNS, load_config
 from pipeline.inputs import list_videos, read_manifest
 from pipeline.plan import make_plan, plan_on_driver, plan_with_ray
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject
+from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, VideoObject, row_key
 
 
-def _row(uri: str, etag: str, error: str = "", kind: str | None = None) -> dict:
+def _row(uri: str, etag: str, error: str = "", kind: str | None = None, **clip) -> dict:
     return {
         "video_uri": uri,
         "etag": etag,
         "size": 1,
+        **clip,
         "caption": "" if error else "a caption",
         "num_tokens": 3,
         "acceptance_length": 1.0,
@@ -67,17 +68,51 @@ def test_driver_plan(world):
     assert retry.summary() == {"listed": 20, "already_done": 9, "to_caption": 11, "to_retry": 2}  # 7 and 8
 
 
-def test_ray_plan_equals_the_driver_plan(ray_local, world):
+@pytest.fixture
+def shard_world(tmp_path):
+    """Objects that make several rows. Shards: s0 whole (its last row says 3), s1 partly written (a
+    crash after 2 members), s2 a member and then a transient failure of the shard (whole, unless
+    retrying errors), s3 not started; a video in windows with 2 of its 3 windows written."""
+    shards = [f"s3://b/s{i}.tar" for i in range(4)]
+    objects = [VideoObject(uri, 1, f"e{i}") for i, uri in enumerate(shards)] + [VideoObject("s3://b/long.mp4", 1, "el")]
+    s0, s1, s2, _ = shards
+    rows = [_row(f"{s0}#m{j}.mp4", "e0", shard_uri=s0, object_rows=3 if j == 2 else 0) for j in range(3)]
+    rows += [_row(f"{s1}#m{j}.mp4", "e1", shard_uri=s1, object_rows=0) for j in range(2)]
+    rows += [_row(f"{s2}#m0.mp4", "e2", shard_uri=s2, object_rows=0)]
+    rows += [_row(s2, "e2", "decode failed: SlowDown", "transient", shard_uri=s2, object_rows=2)]
+    rows += [_row("s3://b/long.mp4", "el", clip_start_s=t, clip_end_s=t + 2, object_rows=3) for t in (0.0, 2.0)]
+    store = OutputStore(str(tmp_path / "shard-out"), S3Settings())
+    store.write_part(rows, "part-a.parquet")
+    return objects, store
+
+
+def test_driver_plan_of_objects_that_make_several_rows(shard_world):
+    objects, store = shard_world
+    plan = plan_on_driver(objects, store, retry_errors=False)
+    assert plan.summary() == {"listed": 5, "already_done": 2, "to_caption": 3, "to_retry": 0}
+    skips = {o.uri: o.skip for o in plan.todo}
+    assert skips == {
+        "s3://b/s1.tar": (row_key("s3://b/s1.tar#m0.mp4", 0), row_key("s3://b/s1.tar#m1.mp4", 0)),
+        "s3://b/s3.tar": (),
+        "s3://b/long.mp4": (row_key("s3://b/long.mp4", 0.0), row_key("s3://b/long.mp4", 2.0)),
+    }
+    retry = plan_on_driver(objects, store, retry_errors=True)
+    assert retry.summary() == {"listed": 5, "already_done": 1, "to_caption": 4, "to_retry": 1}
+    assert {o.uri: o.skip for o in retry.todo}["s3://b/s2.tar"] == (row_key("s3://b/s2.tar#m0.mp4", 0),)
+
+
+@pytest.mark.parametrize("fixture", ["world", "shard_world"])
+def test_ray_plan_equals_the_driver_plan(ray_local, fixture, request):
     import ray.data
 
-    objects, store = world
+    objects, store = request.getfixturevalue(fixture)
     items = ray.data.from_items([{"video_uri": o.uri, "etag": o.etag, "size": o.size} for o in objects])
     for retry_errors in (False, True):
         driver = plan_on_driver(objects, store, retry_errors)
         ray_plan = plan_with_ray(items, store, retry_errors, partitions=3)
         assert ray_plan.summary() == driver.summary()
-        got = sorted((r["video_uri"], r["etag"]) for r in ray_plan.todo.take_all())
-        assert got == sorted((o.uri, o.etag) for o in driver.todo)
+        got = sorted((r["video_uri"], r["etag"], tuple(r.get("skip") or ())) for r in ray_plan.todo.take_all())
+        assert got == sorted((o.uri, o.etag, o.skip) for o in driver.todo)
 
 
 def test_manifests_in_every_layout(ray_local, world, tmp_path):
