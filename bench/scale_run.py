@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         "run_s": run_s,
         **{k: report[k] for k in ("rows_written", "errors", "missing", "clips_per_s", "steady_clips_per_s")},
         "parts": len(report["parts"]),
-        "rerun_expected_rows": again["expected_rows"],
+        "rerun_expected_rows": again["to_caption"],
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "driver_rss_mb_before_run": rss_before_run,
         "driver_rss_mb_peak_first_quarter": max(r for _, r in samples[:quarter]),

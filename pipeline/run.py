@@ -334,7 +334,7 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     if rounds.missing:
         last = f"last: {rounds.errors[-1]}" if rounds.errors else "no round reported an error"
         raise JobIncomplete(
-            f"{rounds.missing} of {plan.to_caption} videos have no row after {rounds.count} rounds ({last}); "
+            f"{rounds.missing} of {plan.to_caption} objects lack rows after {rounds.count} rounds ({last}); "
             "rerun the same command to finish them: rows already written are kept and never duplicated"
         )
     return report
@@ -377,7 +377,7 @@ def _run_rounds(
             writer.flush()
             remaining, rounds.missing = _still_missing(config, settings, remaining, writer)
             if rounds.missing and rounds.count < config.max_rounds:
-                log(f"[flashcap] {rounds.missing} videos without a row; round {rounds.count + 1} starts")
+                log(f"[flashcap] {rounds.missing} objects lack rows; round {rounds.count + 1} starts")
         if ledger is not None:
             rounds.crashes = ray.get(ledger.summary.remote())
     finally:
@@ -432,7 +432,7 @@ def _report(
             output=config.output,
             listed=plan.listed,
             already_done=plan.already_done,
-            expected_rows=plan.to_caption,
+            to_caption=plan.to_caption,  # objects: a shard or a video in windows makes several rows
             retried=plan.to_retry,
             rows_written=writer.rows_written,
             missing=rounds.missing,

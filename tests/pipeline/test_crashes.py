@@ -108,7 +108,7 @@ def test_job_incomplete_after_max_rounds_and_a_rerun_finishes(s3_server, ray_loc
     upload_clips(s3_server, bucket, range(740, 756))
     _lossy_first_round(monkeypatch, fail_rounds=1)
     config = config_for(s3_server, bucket, pipeline_models, max_rounds=1)
-    with pytest.raises(JobIncomplete, match=r"of 16 videos have no row after 1 rounds .*rerun the same command"):
+    with pytest.raises(JobIncomplete, match=r"of 16 objects lack rows after 1 rounds .*rerun the same command"):
         run_job(config)
     partial, _ = read_output(s3_server, bucket)
     assert 0 < len(partial) < 16

@@ -45,7 +45,7 @@ def _row(uri: str, etag: str, error: str = "", kind: str | None = None, **clip) 
 def world(tmp_path):
     """20 objects; the output holds: 0-5 captioned, 6 a permanent error, 7-8 transient errors, 9 a
     transient error then a caption, 10 captioned at an older etag, and a part written before
-    error_kind existed (11, an error: final), plus a key no longer listed."""
+    error_kind and the clip columns existed (11, an error: final), plus a key no longer listed."""
     objects = [VideoObject(f"s3://b/v{i:02d}.mp4", 1, f"e{i}") for i in range(20)]
     out = tmp_path / "out"
     store = OutputStore(str(out), S3Settings())
@@ -55,12 +55,17 @@ def world(tmp_path):
     rows += [_row(objects[9].uri, "e9"), _row(objects[10].uri, "old-etag"), _row("s3://b/gone.mp4", "x")]
     store.write_part(rows, "part-a.parquet")
     legacy = pa.Table.from_pylist([_row(objects[11].uri, "e11", "decode failed: x")], schema=OUTPUT_SCHEMA)
-    pq.write_table(legacy.drop(["error_kind"]), out / "part-legacy.parquet")
+    newer = ["error_kind", "clip_start_s", "clip_end_s", "shard_uri", "source_meta", "object_rows"]
+    pq.write_table(legacy.drop(newer), out / "part-legacy.parquet")
     return objects, store
 
 
 def test_driver_plan(world):
     objects, store = world
+    legacy = [r for r in store.read_table().to_pylist() if r["video_uri"] == objects[11].uri]
+    assert [(r["clip_start_s"], r["shard_uri"], r["source_meta"], r["object_rows"]) for r in legacy] == [
+        (0.0, "", "", 1)
+    ]
     plan = plan_on_driver(objects, store, retry_errors=False)
     assert plan.summary() == {"listed": 20, "already_done": 11, "to_caption": 9, "to_retry": 0}
     assert sorted(o.uri[-7:-4] for o in plan.todo) == [f"v{i}" for i in (10, 12, 13, 14, 15, 16, 17, 18, 19)]

@@ -184,6 +184,6 @@ def test_rows_lost_without_an_error_still_end_in_job_incomplete(job):
     after max_rounds the job says how many are missing, instead of failing on the empty error list."""
     config, rounds, out = job
     rounds.append(lambda todo: StandIn([_rows(todo[:1])]))
-    with pytest.raises(JobIncomplete, match=r"2 of 3 videos have no row after 1 rounds \(no round reported an error\)"):
+    with pytest.raises(JobIncomplete, match=r"2 of 3 objects lack rows after 1 rounds \(no round reported an error\)"):
         run_job(config(max_rounds=1, report=False), log=lambda line: None)
     assert [Path(r["video_uri"]).name for r in _parts(out)] == ["a.mp4"]

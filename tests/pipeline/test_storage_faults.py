@@ -97,7 +97,7 @@ def test_job_under_faults_writes_every_row_once(s3_server, ray_local, pipeline_m
     report = run_job(config)
 
     rows, _ = read_output(s3_server, bucket)
-    assert report["expected_rows"] == report["rows_written"] == len(rows) == 9 and report["missing"] == 0
+    assert report["to_caption"] == report["rows_written"] == len(rows) == 9 and report["missing"] == 0
     assert len({r["video_uri"] for r in rows}) == 9
     by_name = {r["video_uri"].rsplit("/", 1)[1]: r for r in rows}
     assert all(by_name[f"clip_{s:06d}.mp4"]["error"] == "" for s in range(600, 608))
@@ -110,13 +110,13 @@ def test_job_under_faults_writes_every_row_once(s3_server, ray_local, pipeline_m
     # The store recovers: a rerun plans nothing; with --retry-errors it tries the transient row again,
     # whose new row (the object is not a video: a permanent error) is the current one.
     proxy.clear()
-    assert run_job(config)["expected_rows"] == 0
+    assert run_job(config)["to_caption"] == 0
     again = run_job(config.model_copy(update={"retry_errors": True}))
-    assert again["expected_rows"] == again["retried"] == again["rows_written"] == 1
+    assert again["to_caption"] == again["retried"] == again["rows_written"] == 1
     rows, _ = read_output(s3_server, bucket)
     newest = max((r for r in rows if r["video_uri"].endswith("throttled.mp4")), key=lambda r: r["finished_at"])
     assert newest["error_kind"] == "permanent" and "decode failed" in newest["error"]
-    assert run_job(config.model_copy(update={"retry_errors": True}))["expected_rows"] == 0
+    assert run_job(config.model_copy(update={"retry_errors": True}))["to_caption"] == 0
 
 
 def test_permanent_error_fails_before_any_model_loads(s3_server, ray_local, pipeline_models, proxy, monkeypatch):
