@@ -201,3 +201,33 @@ def test_a_listing_keeps_shards_whatever_include_says(tmp_path, name):
     (tmp_path / name).write_bytes(make_shard([("x.mp4", b"")]))
     (tmp_path / "c.txt").write_text("no")
     assert [o.uri for o in list_videos(str(tmp_path), ("*.mp4",), S3Settings())] == [str(tmp_path / name)]
+
+
+def test_a_shard_on_s3_is_read_in_ranged_blocks(s3_server, tmp_path, monkeypatch):
+    """A shard is streamed: every read is a ranged GET of at most a block, never the whole object,
+    and its rows are those of the same shard read from disk."""
+    from pipeline import storage
+
+    data = make_shard(sample_members())
+    block = 16 << 10
+    monkeypatch.setattr(storage, "STREAM_BLOCK", block)
+    bucket, settings = new_bucket(s3_server), S3Settings(endpoint=s3_server)
+    s3_client(s3_server).put_object(Bucket=bucket, Key="s.tar", Body=data)
+    ranges: list[tuple] = []
+    real = storage._get
+
+    def counted(uri, s, first=None, last=None):
+        ranges.append((first, last))
+        return real(uri, s, first, last)
+
+    monkeypatch.setattr(storage, "_get", counted)
+    row = {"video_uri": f"s3://{bucket}/s.tar", "etag": "e1", "size": len(data)}
+    streamed = list(decode_rows([row], settings, Sampling(num_frames=4)))
+    assert len(ranges) > 1 and all(first is not None and last - first < block for first, last in ranges)
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    local = _rows(path)
+    drop = ("video_uri", "shard_uri", "decode_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in streamed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in local
+    ]
