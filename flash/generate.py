@@ -34,7 +34,8 @@ class Drafter(Protocol):
     in slots: `start` reads new rows into `slots` (of `num_slots`), `step` drafts for the first
     `bucket` slots (a free slot reads nothing, its block is never read), `release` frees slots,
     `move` takes rows to lower free slots. A drafter that compiles its steps may say in `fallback`
-    why they run eager."""
+    why they run eager; one that has `learn(sequences)` is handed the new tokens of rows as they
+    finish."""
 
     block_size: int
 
@@ -462,6 +463,8 @@ class Engine:
             state.session.release(slots)
             if self.drafter is not None:
                 self.drafter.release(slots)
+                if hasattr(self.drafter, "learn"):  # a drafter that drafts from finished text (suffix)
+                    self.drafter.learn([self.sequences[key] for key in done])
         return done
 
     def _draft(self, state: _Slots, features, emitted, n_emit, counts: list[int], t_draft: float) -> None:

@@ -10,6 +10,8 @@ import torch
 import flash
 from bench.oracle import OracleDrafter
 from flash.lookup import PromptLookupDrafter
+from flash.suffix import SuffixDrafter
+from tests.flash.test_suffix import warm_store
 from tests.helpers import PROMPT_TEXTS, chat, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
@@ -51,6 +53,8 @@ def test_batched_rows_equal_rows_alone(targets64, family, seed):
         OracleDrafter(alone, target.vocab_size, K, right_for=1),
         OracleDrafter(alone, target.vocab_size, K, right_for=3),
         PromptLookupDrafter(K),
+        SuffixDrafter(block_size=K),  # cold: matches only the rows' own text
+        SuffixDrafter(warm_store(alone), block_size=K),  # right up to where the rows differ
     ]
     for drafter in drafters:
         out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)

@@ -15,7 +15,9 @@ import flash
 from bench.oracle import OracleDrafter
 from flash.lookup import PromptLookupDrafter
 from flash.sampling import SamplingParams, choose, mark_seen, penalize, seen_ids
+from flash.suffix import SuffixDrafter
 from tests.flash.test_batched import _batch
+from tests.flash.test_suffix import warm_store
 from tests.helpers import cases
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_5"]
@@ -81,6 +83,7 @@ def test_penalized_decoding_equals_hf_generate(penalized, targets64, family):
             OracleDrafter([ref], target.vocab_size, K),
             OracleDrafter([ref], target.vocab_size, K, right_for=2),
             PromptLookupDrafter(K),
+            SuffixDrafter(warm_store([ref, unpenalized]), block_size=K),
         ]
         for drafter in drafters:
             out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)

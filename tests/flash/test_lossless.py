@@ -9,6 +9,8 @@ import torch
 import flash
 from bench.oracle import OracleDrafter
 from flash.lookup import PromptLookupDrafter
+from flash.suffix import SuffixDrafter
+from tests.flash.test_suffix import warm_store
 from tests.helpers import cases, hf_greedy
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
@@ -68,6 +70,20 @@ def test_prompt_lookup_drafter_is_exact(targets64, references, family):
     for case, inputs, ref in references[family]:
         out = flash.generate(target, PromptLookupDrafter(K), inputs, max_new_tokens=MAX_NEW)
         assert out.sequences == [ref], case.name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_suffix_drafter_is_exact(targets64, references, family):
+    """Warmed with every other case's reference: proposals right for a while, then wrong."""
+    target = targets64[family]
+    refs = [ref for _, _, ref in references[family]]
+    accepted = 0
+    for i, (case, inputs, ref) in enumerate(references[family]):
+        drafter = SuffixDrafter(warm_store(refs[:i] + refs[i + 1 :]), block_size=K)
+        out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)
+        assert out.sequences == [ref], case.name
+        accepted += out.stats.accepted
+    assert accepted > 0  # some proposals were right: the acceptance path ran
 
 
 @pytest.mark.parametrize("family", FAMILIES)

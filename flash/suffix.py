@@ -1,0 +1,242 @@
+"""Suffix decoding (Oliaro et al. 2024, arXiv 2411.04975; vLLM's `method: "suffix"`): draft with no
+model and no training, from the text the job has already produced.
+
+Two tries of token paths, counted: one over the captions already finished (a `SuffixStore`, shared
+by every engine of an actor, bounded, the oldest caption evicted first) and one per row over its own
+prompt text and tokens so far. Each cycle, per row, the longest suffix of its text (at most
+`max_match` tokens) that occurred before and was followed by something is found in each trie;
+from there the proposal follows the most frequent continuation, token by token, while the
+estimated probability of the whole path (counts over counts) stays at least `min_prob`, and for at
+most `factor` x the match length tokens (a longer match earns a longer guess) and the block size.
+Of the two tries' proposals the one with more expected accepted tokens (the sum of its path
+probabilities) is drafted. A row with no match drafts nothing: its block is padded with its last
+token, which the target rejects unless it repeats, so it decodes plainly.
+
+Proposals are deterministic: for sampling the draft distribution is one-hot and speculative
+sampling stays exact. The defaults are vLLM's (tree depth 24, factor 1.0, min_prob 0.1, 10,000
+cached requests).
+
+A trie node is [count, {token: child}]: count = the occurrences of its path (within the depth
+limit), so count(child) / count(node) estimates how often the path went on with that token.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from flash.drafter import Block
+from flash.sampling import SamplingParams
+from flash.target import Prefill
+
+_NO_TOKEN = -1  # a visual placeholder: breaks a match, never proposed
+
+
+class SuffixTrie:
+    """Every substring (up to `depth` tokens) of the sequences added, with its count."""
+
+    def __init__(self, depth: int = 24) -> None:
+        self.depth = depth
+        self.root: list = [0, {}]
+        self.nodes = 0
+
+    def add(self, tokens: list[int], sign: int = 1, open_nodes: list | None = None) -> list:
+        """Count the substrings of `tokens` (sign -1: uncount them, dropping nodes that reach 0).
+        `open_nodes`: where a sequence added before left off, to extend it; returns the new ones."""
+        open_nodes = [] if open_nodes is None else open_nodes
+        for t in tokens:
+            if t == _NO_TOKEN:
+                open_nodes = []
+                continue
+            nxt = []
+            for node in open_nodes + [self.root]:
+                child = node[1].get(t)
+                if child is None:
+                    if sign < 0:
+                        continue
+                    child = node[1][t] = [0, {}]
+                    self.nodes += 1
+                child[0] += sign
+                if child[0] <= 0:
+                    del node[1][t]
+                    self.nodes -= 1 + _count_nodes(child)
+                    continue
+                nxt.append(child)
+            open_nodes = nxt[1:] if len(nxt) >= self.depth else nxt
+        return open_nodes
+
+    def match(self, context: list[int], longest: int) -> tuple[int, list | None]:
+        """The longest suffix of `context` (at most `longest` tokens) found with a continuation:
+        (its length, its node); (0, None) if none."""
+        for m in range(min(longest, len(context), self.depth - 1), 0, -1):
+            node = self.root
+            for t in context[len(context) - m :]:
+                node = node[1].get(t)
+                if node is None:
+                    break
+            else:
+                if node[1]:
+                    return m, node
+        return 0, None
+
+    @staticmethod
+    def follow(node: list, limit: int, min_prob: float) -> tuple[list[int], float]:
+        """The most frequent continuation from `node`: at most `limit` tokens while the path's
+        estimated probability stays >= min_prob; (tokens, expected accepted tokens)."""
+        tokens, prob, expected = [], 1.0, 0.0
+        while len(tokens) < limit and node[1]:
+            token, child = max(node[1].items(), key=lambda item: item[1][0])
+            prob *= child[0] / node[0]
+            if prob < min_prob:
+                break
+            tokens.append(token)
+            expected += prob
+            node = child
+        return tokens, expected
+
+
+def _count_nodes(node: list) -> int:
+    stack, n = [node], 0
+    while stack:
+        children = stack.pop()[1]
+        n += len(children)
+        stack.extend(children.values())
+    return n
+
+
+class SuffixStore:
+    """The captions an actor has produced, as a `SuffixTrie`, bounded: past `max_sequences`
+    captions or `max_nodes` trie nodes the oldest are uncounted."""
+
+    def __init__(self, depth: int = 24, max_sequences: int = 10_000, max_nodes: int = 2_000_000) -> None:
+        self.trie = SuffixTrie(depth)
+        self.max_sequences, self.max_nodes = max_sequences, max_nodes
+        self.sequences: deque[list[int]] = deque()
+        self.added = 0  # captions ever added (the cold start is measured against it)
+
+    def add(self, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        self.trie.add(tokens)
+        self.sequences.append(list(tokens))
+        self.added += 1
+        while self.sequences and (len(self.sequences) > self.max_sequences or self.trie.nodes > self.max_nodes):
+            self.trie.add(self.sequences.popleft(), sign=-1)
+
+
+class SuffixDrafter:
+    """The drafter protocol of flash.generate over suffix tries (see the module's docstring).
+    `store`: the finished captions to draft from (an actor keeps one for its life); each row's
+    tokens are added to it when the row finishes (`learn`)."""
+
+    def __init__(
+        self,
+        store: SuffixStore | None = None,
+        block_size: int = 8,
+        max_match: int = 16,
+        factor: float = 1.0,
+        min_prob: float = 0.1,
+    ) -> None:
+        if block_size < 1 or max_match < 1 or factor <= 0 or not 0 <= min_prob <= 1:
+            raise ValueError("need block_size >= 1, max_match >= 1, factor > 0 and 0 <= min_prob <= 1")
+        self.store = store if store is not None else SuffixStore()
+        self.block_size, self.max_match, self.factor, self.min_prob = block_size, max_match, factor, min_prob
+        self.rows: list[_Row | None] = []  # per slot
+        self.vocab_size, self.dtype = 0, torch.float32
+
+    def propose(self, row: _Row, k: int) -> tuple[list[int], float]:
+        """The row's proposal of at most k tokens and its expected accepted tokens."""
+        best: tuple[list[int], float] = ([], 0.0)
+        for trie in (self.store.trie, row.trie):
+            m, node = trie.match(row.tokens, self.max_match)
+            if node is None:
+                continue
+            limit = min(k, max(1, int(self.factor * m)))
+            tokens, expected = SuffixTrie.follow(node, limit, self.min_prob)
+            if expected > best[1]:
+                best = (tokens, expected)
+        return best
+
+    def _block(self, params: SamplingParams, block_size: int | None, device: torch.device, rows: list) -> Block:
+        k = block_size or self.block_size
+        proposals = [self.propose(row, k)[0] if row is not None else [] for row in rows]
+        width = max(1, max(len(p) for p in proposals))
+        fill = [
+            p[-1] if p else (row.tokens[-1] if row is not None and row.tokens else 0) for p, row in zip(proposals, rows)
+        ]
+        padded = [p + [f] * (width - len(p)) for p, f in zip(proposals, fill)]
+        tokens = torch.tensor(padded, dtype=torch.long, device=device)
+        probs = None
+        if not params.greedy:
+            probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(self.dtype)
+        return Block(tokens=tokens, probs=probs, features=tokens.new_zeros(tokens.shape[0], width, 0).float())
+
+    def start(
+        self,
+        prefill: Prefill,
+        first_tokens: torch.Tensor,
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
+        seen: torch.Tensor | None = None,
+        join: bool = False,
+        slots: list[int] | None = None,
+        num_slots: int | None = None,
+        compile: str | None = None,  # nothing to capture: proposals are made on the host
+    ) -> Block:
+        ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
+        keep = prefill.attention_mask.bool()
+        self.vocab_size, self.dtype = prefill.last_logits.shape[-1], prefill.last_logits.dtype
+        new = [_Row(row[m].tolist(), int(t), self.store.trie.depth) for row, m, t in zip(ids, keep, first_tokens)]
+        slots = list(range(len(new))) if slots is None else slots
+        if not join:
+            self.rows = []
+        self.rows += [None] * (max(num_slots or 0, max(slots) + 1) - len(self.rows))
+        for slot, row in zip(slots, new):
+            self.rows[slot] = row
+        return self._block(params, block_size, first_tokens.device, new)
+
+    def step(
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        n_new: torch.Tensor,
+        n_new_max: int | list[int],
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        block_size: int | None = None,
+        seen: torch.Tensor | None = None,
+    ) -> Block:
+        bucket = next_tokens.shape[0]
+        for row, tokens, n in zip(self.rows[:bucket], next_tokens.tolist(), n_new.tolist()):
+            if row is not None and n:
+                row.extend(tokens[:n])
+        return self._block(params, block_size, next_tokens.device, self.rows[:bucket])
+
+    def learn(self, sequences: list[list[int]]) -> None:
+        """Finished rows' new tokens, for the store."""
+        for tokens in sequences:
+            self.store.add(tokens)
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.rows[slot] = None
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        for s, d in zip(src, dst):
+            self.rows[d], self.rows[s] = self.rows[s], None
+
+
+class _Row:
+    """A row's text so far (prompt with visual placeholders as _NO_TOKEN, then its tokens) and its own trie."""
+
+    def __init__(self, prompt: list[int], first: int, depth: int) -> None:
+        self.trie = SuffixTrie(min(depth, 12))
+        self.tokens: list[int] = []
+        self._open: list = []
+        self.extend(prompt + [first])
+
+    def extend(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+        self._open = self.trie.add(tokens, open_nodes=self._open)
