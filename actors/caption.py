@@ -44,15 +44,17 @@ import torch
 
 import flash
 from flash.shared import SharedEngine
+from flash.suffix import SuffixDrafter, SuffixStore
 from pipeline import faults
 from pipeline.checkpoints import resolve_checkpoint
-from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, CaptionConfig
+from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, SUFFIX, CaptionConfig
 from pipeline.decode import frames_of, video_metadata_of
 from pipeline.ledger import Guard
 from pipeline.storage import S3Settings
 
 PROCESSED = "_processed"  # a row's processor output, made ahead of the model
 DEVICE_FAILURE_EXIT = 75
+SUFFIX_BLOCK = 8  # the most tokens suffix decoding proposes a cycle (it proposes fewer when unsure)
 _DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert", "NCCL error")
 
 
@@ -84,11 +86,12 @@ class CaptionActor:
         self.target = flash.load_target(
             resolve_checkpoint(cfg.model, settings), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code
         )
-        self.drafter = (
-            flash.FlashDrafter.from_pretrained(resolve_checkpoint(cfg.drafter, settings), self.target)
-            if cfg.drafter
-            else None
-        )
+        if cfg.drafter == SUFFIX:  # what it drafts from, the actor's captions, outlives every engine
+            self.drafter = SuffixDrafter(SuffixStore(), block_size=SUFFIX_BLOCK)
+        elif cfg.drafter:
+            self.drafter = flash.FlashDrafter.from_pretrained(resolve_checkpoint(cfg.drafter, settings), self.target)
+        else:
+            self.drafter = None
         instruction = cfg.prompt or (DEFAULT_INSTRUCTION if self.target.has_chat_template else RAW_PROMPT)
         self.prompt = self.target.video_prompt(instruction)
         # The decoding settings are checked once, here: a generation config flashcap cannot follow stops the actor.
@@ -140,9 +143,11 @@ class CaptionActor:
         return self.target.collate([r[PROCESSED] if PROCESSED in r else self.process(r) for r in rows])
 
     def _engine(self, max_rows: int | None = None) -> flash.Engine:
+        # a drafter that keeps its rows on the host drafts for each engine apart (one per engine)
+        fork = getattr(self.drafter, "fork", None)
         return flash.Engine(
             self.target,
-            self.drafter,
+            fork() if fork else self.drafter,
             max_new_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
             block_size=self.policy,  # None: the drafter's fixed block

@@ -145,6 +145,10 @@ class SuffixDrafter:
         self.rows: list[_Row | None] = []  # per slot
         self.vocab_size, self.dtype = 0, torch.float32
 
+    def fork(self) -> SuffixDrafter:
+        """A drafter for another engine: its own rows, the same store."""
+        return SuffixDrafter(self.store, self.block_size, self.max_match, self.factor, self.min_prob)
+
     def propose(self, row: _Row, k: int) -> tuple[list[int], float]:
         """The row's proposal of at most k tokens and its expected accepted tokens."""
         best: tuple[list[int], float] = ([], 0.0)
@@ -172,6 +176,33 @@ class SuffixDrafter:
             probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(self.dtype)
         return Block(tokens=tokens, probs=probs, features=tokens.new_zeros(tokens.shape[0], width, 0).float())
 
+    def admit(
+        self,
+        prefill: Prefill,
+        first_tokens: torch.Tensor,
+        join: bool = False,
+        slots: list[int] | None = None,
+        num_slots: int | None = None,
+    ) -> list[int]:
+        """New rows' text into their slots (all others reset unless `join`); returns the slots."""
+        ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
+        keep = prefill.attention_mask.bool()
+        self.vocab_size, self.dtype = prefill.last_logits.shape[-1], prefill.last_logits.dtype
+        new = [_Row(row[m].tolist(), int(t), self.store.trie.depth) for row, m, t in zip(ids, keep, first_tokens)]
+        slots = list(range(len(new))) if slots is None else slots
+        if not join:
+            self.rows = []
+        self.rows += [None] * (max(num_slots or 0, max(slots) + 1) - len(self.rows))
+        for slot, row in zip(slots, new):
+            self.rows[slot] = row
+        return slots
+
+    def observe(self, next_tokens: torch.Tensor, n_new: torch.Tensor) -> None:
+        """The tokens verified since the last step, per slot of the bucket."""
+        for row, tokens, n in zip(self.rows, next_tokens.tolist(), n_new.tolist()):
+            if row is not None and n:
+                row.extend(tokens[:n])
+
     def start(
         self,
         prefill: Prefill,
@@ -185,17 +216,8 @@ class SuffixDrafter:
         num_slots: int | None = None,
         compile: str | None = None,  # nothing to capture: proposals are made on the host
     ) -> Block:
-        ids = prefill.input_ids.masked_fill(prefill.visual_mask, _NO_TOKEN)
-        keep = prefill.attention_mask.bool()
-        self.vocab_size, self.dtype = prefill.last_logits.shape[-1], prefill.last_logits.dtype
-        new = [_Row(row[m].tolist(), int(t), self.store.trie.depth) for row, m, t in zip(ids, keep, first_tokens)]
-        slots = list(range(len(new))) if slots is None else slots
-        if not join:
-            self.rows = []
-        self.rows += [None] * (max(num_slots or 0, max(slots) + 1) - len(self.rows))
-        for slot, row in zip(slots, new):
-            self.rows[slot] = row
-        return self._block(params, block_size, first_tokens.device, new)
+        slots = self.admit(prefill, first_tokens, join, slots, num_slots)
+        return self._block(params, block_size, first_tokens.device, [self.rows[s] for s in slots])
 
     def step(
         self,
@@ -208,11 +230,8 @@ class SuffixDrafter:
         block_size: int | None = None,
         seen: torch.Tensor | None = None,
     ) -> Block:
-        bucket = next_tokens.shape[0]
-        for row, tokens, n in zip(self.rows[:bucket], next_tokens.tolist(), n_new.tolist()):
-            if row is not None and n:
-                row.extend(tokens[:n])
-        return self._block(params, block_size, next_tokens.device, self.rows[:bucket])
+        self.observe(next_tokens, n_new)
+        return self._block(params, block_size, next_tokens.device, self.rows[: next_tokens.shape[0]])
 
     def learn(self, sequences: list[list[int]]) -> None:
         """Finished rows' new tokens, for the store."""
@@ -240,3 +259,113 @@ class _Row:
     def extend(self, tokens: list[int]) -> None:
         self.tokens += tokens
         self._open = self.trie.add(tokens, open_nodes=self._open)
+
+
+def _agreed(proposal: list[int], tokens: list[int]) -> int:
+    """How many of `proposal` the target's tokens agree with, from the first."""
+    n = 0
+    for p, t in zip(proposal, tokens):
+        if p != t:
+            break
+        n += 1
+    return n
+
+
+class WithSuffix:
+    """A drafter (FLASH) and suffix decoding together: per row and cycle, the block verified is the
+    drafter's, or the suffix proposal where that is expected to be accepted further. Both
+    proposals are scored every cycle against the tokens the target then produced (greedy
+    acceptance is their common prefix), so each proposer's record grows whichever was verified:
+    the drafter's mean accepted tokens, and how far suffix proposals go against what their path
+    probabilities promised. A suffix proposal is chosen when promise x that ratio beats the
+    drafter's mean. Lossless either way: only the target decides."""
+
+    def __init__(self, drafter, suffix: SuffixDrafter, decay: float = 0.99) -> None:
+        self.drafter, self.suffix, self.decay = drafter, suffix, decay
+        self.block_size = drafter.block_size
+        self.record = {"drafter": [1.0, 1.0], "suffix": [1.0, 1.0]}  # [accepted, drafter blocks | promised]
+        self.last: list = []  # per slot: (drafter tokens, suffix tokens, promise, chosen) of the last block
+        self.accepted_by_suffix: list[int] = []  # per slot: accepted tokens that suffix proposals drafted
+
+    @property
+    def fallback(self):
+        return getattr(self.drafter, "fallback", None)
+
+    def fork(self) -> WithSuffix:
+        twin = WithSuffix(self.drafter, self.suffix.fork(), self.decay)
+        twin.record = self.record  # what is learnt about the proposers is the actor's
+        return twin
+
+    def _mix(self, block: Block, rows: list, slots: list[int], params: SamplingParams) -> Block:
+        width = block.tokens.shape[1]
+        tokens = block.tokens.clone()
+        probs = block.probs.clone() if block.probs is not None else None
+        drafter_rate = self.record["drafter"][0] / self.record["drafter"][1]
+        suffix_rate = self.record["suffix"][0] / self.record["suffix"][1]
+        ours = block.tokens.tolist()
+        for i, (slot, row) in enumerate(zip(slots, rows)):
+            proposal, promise = self.suffix.propose(row, width) if row is not None else ([], 0.0)
+            chosen = bool(proposal) and promise * suffix_rate > drafter_rate
+            if chosen:
+                padded = proposal + [proposal[-1]] * (width - len(proposal))
+                tokens[i] = torch.tensor(padded, dtype=tokens.dtype, device=tokens.device)
+                if probs is not None:
+                    probs[i] = torch.nn.functional.one_hot(tokens[i], probs.shape[-1]).to(probs.dtype)
+            self.last[slot] = (ours[i], proposal, promise, chosen)
+        return Block(tokens=tokens, probs=probs, features=block.features)
+
+    def _score(self, slot: int, new: list[int]) -> None:
+        """The last block's proposals against the tokens the target produced after it."""
+        if self.last[slot] is None or not new:
+            return
+        ours, proposal, promise, chosen = self.last[slot]
+        self.last[slot] = None
+        for name, got, tried in (("drafter", _agreed(ours, new), 1.0), ("suffix", _agreed(proposal, new), promise)):
+            if tried > 0:
+                record = self.record[name]
+                record[0] = self.decay * record[0] + got
+                record[1] = self.decay * record[1] + tried
+        if chosen:
+            self.accepted_by_suffix[slot] += min(_agreed(proposal, new), len(new) - 1)
+
+    def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False,
+              slots=None, num_slots=None, compile=None) -> Block:  # fmt: skip
+        block = self.drafter.start(
+            prefill, first_tokens, params, generator, block_size, seen, join, slots, num_slots, compile
+        )
+        self.suffix.start(prefill, first_tokens, params, generator, block_size, seen, join, slots, num_slots)
+        slots = list(range(first_tokens.shape[0])) if slots is None else slots
+        size = len(self.suffix.rows)
+        if not join:
+            self.last, self.accepted_by_suffix = [], []
+        self.last += [None] * (size - len(self.last))
+        self.accepted_by_suffix += [0] * (size - len(self.accepted_by_suffix))
+        for slot in slots:
+            self.last[slot], self.accepted_by_suffix[slot] = None, 0
+        return self._mix(block, [self.suffix.rows[s] for s in slots], slots, params)
+
+    def step(self, features, next_tokens, n_new, n_new_max, params, generator=None, block_size=None,
+             seen=None) -> Block:  # fmt: skip
+        bucket = next_tokens.shape[0]
+        for slot, (tokens, n) in enumerate(zip(next_tokens.tolist(), n_new.tolist())):
+            if n:
+                self._score(slot, tokens[:n])
+        block = self.drafter.step(features, next_tokens, n_new, n_new_max, params, generator, block_size, seen)
+        self.suffix.observe(next_tokens, n_new)
+        return self._mix(block, self.suffix.rows[:bucket], list(range(bucket)), params)
+
+    def learn(self, sequences: list[list[int]]) -> None:
+        self.suffix.learn(sequences)
+
+    def release(self, slots: list[int]) -> None:
+        self.drafter.release(slots)
+        self.suffix.release(slots)
+        for slot in slots:
+            self.last[slot] = None
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        self.drafter.move(src, dst)
+        self.suffix.move(src, dst)
+        for s, d in zip(src, dst):
+            self.last[d], self.last[s] = self.last[s], None
+            self.accepted_by_suffix[d], self.accepted_by_suffix[s] = self.accepted_by_suffix[s], 0

@@ -17,6 +17,7 @@ DEFAULT_INSTRUCTION = "Describe this video in detail."
 RAW_PROMPT = (
     "<|im_start|>user <|vision_start|><|video_pad|><|vision_end|> describe the video .<|im_end|><|im_start|>assistant"
 )
+SUFFIX = "suffix"  # the drafter that is no checkpoint: suffix decoding (flash/suffix.py)
 DEFAULT_NUM_FRAMES = 8
 DEFAULT_MAX_FRAMES = 64
 
@@ -63,7 +64,8 @@ class CaptionConfig(BaseModel):
     )
     drafter: str | None = Field(
         default=None,
-        description="FLASH drafter: a local directory, an s3:// prefix or a Hub id, like model; None: plain decoding.",
+        description="FLASH drafter: a local directory, an s3:// prefix or a Hub id, like model; 'suffix': suffix "
+        "decoding, drafting from the captions the actor already wrote (no model, no training); None: plain decoding.",
     )
     trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
@@ -200,6 +202,8 @@ class CaptionConfig(BaseModel):
         """A local checkpoint as an absolute path: Ray Train's workers run in another directory."""
         from pipeline.checkpoints import reference_kind  # here: config stays importable without boto3/pyarrow
 
+        if info.field_name == "drafter" and value == SUFFIX:
+            return value
         if value is not None and reference_kind(value, what=info.field_name) == "local":
             return str(Path(value).expanduser().absolute())
         return value

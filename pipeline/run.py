@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.config import DEFAULT_MAX_FRAMES, DEFAULT_NUM_FRAMES, CaptionConfig, redact
 from pipeline.plan import Plan, make_plan
-from pipeline.storage import OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, row_key
+from pipeline.storage import LEGACY_VALUES, OUTPUT_SCHEMA, OutputStore, S3Settings, StorageError, VideoObject, row_key
 from pipeline.throughput import Throughput
 
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_SCHEMA]
@@ -131,7 +131,7 @@ class PartWriter:
                 entry = self.objects.setdefault((r.get("shard_uri") or r["video_uri"], r["etag"]), ObjectRows())
                 entry.keys.add(row_key(r["video_uri"], r.get("clip_start_s") or 0.0))
                 entry.total = max(entry.total, int(r.get("object_rows") or 0))
-            row = {c: r[c] for c in OUTPUT_COLUMNS}
+            row = {c: r[c] if c in r else LEGACY_VALUES.get(c) for c in OUTPUT_COLUMNS}
             if row["error"]:  # errors quote what failed: URLs, with credentials if the input had any
                 row["error"] = redact(row["error"])
             self.buffer.append(row)

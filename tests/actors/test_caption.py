@@ -176,3 +176,21 @@ def test_compile_gives_the_same_captions_and_says_so_in_each_row(tmp_path, chat_
     table = compiled(pa.Table.from_pylist([dict(r) for r in rows]))
     assert set(table.column("compile").to_pylist()) == {"active"}
     assert set(eager(pa.Table.from_pylist([dict(r) for r in rows])).column("compile").to_pylist()) == {""}
+
+
+def test_suffix_decoding_learns_across_batches_and_keeps_the_captions(tmp_path):
+    """`--drafter suffix`: the actor's store grows with every caption it writes, so later batches
+    accept more; captions equal plain decoding's."""
+    import pyarrow as pa
+
+    clips = {f"c{s}.mp4": encode_mp4(render(scene_for_seed(s))) for s in range(100, 116)}
+    rows = _rows(tmp_path, clips, num_frames=4)
+    suffix = _actor(tmp_path, "models/demo-target", "suffix", max_new_tokens=64)
+    plain = _actor(tmp_path, "models/demo-target", None, max_new_tokens=64)
+    first = suffix(pa.Table.from_pylist(rows[:8])).to_pylist()
+    second = suffix(pa.Table.from_pylist(rows[8:])).to_pylist()
+    want = plain(pa.Table.from_pylist(rows)).to_pylist()
+    assert [r["caption"] for r in first + second] == [r["caption"] for r in want]
+    assert all(r["drafter"] == "suffix" for r in first) and suffix.drafter.store.added == 16
+    mean = [sum(r["acceptance_length"] for r in rs) / len(rs) for rs in (first, second)]
+    assert mean[1] > mean[0] > 1.0

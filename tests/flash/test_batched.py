@@ -10,7 +10,7 @@ import torch
 import flash
 from bench.oracle import OracleDrafter
 from flash.lookup import PromptLookupDrafter
-from flash.suffix import SuffixDrafter
+from flash.suffix import SuffixDrafter, WithSuffix
 from tests.flash.test_suffix import warm_store
 from tests.helpers import PROMPT_TEXTS, chat, hf_greedy
 
@@ -55,6 +55,10 @@ def test_batched_rows_equal_rows_alone(targets64, family, seed):
         PromptLookupDrafter(K),
         SuffixDrafter(block_size=K),  # cold: matches only the rows' own text
         SuffixDrafter(warm_store(alone), block_size=K),  # right up to where the rows differ
+        WithSuffix(
+            flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K)),
+            SuffixDrafter(warm_store(alone[:3])),
+        ),
     ]
     for drafter in drafters:
         out = flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW)

@@ -12,7 +12,7 @@ import torch
 
 import flash
 from demo.world import PROMPT, decode_frames, encode_mp4, model_inputs, render, scene_for_seed
-from flash.suffix import _NO_TOKEN, SuffixDrafter, SuffixStore, SuffixTrie, _Row
+from flash.suffix import _NO_TOKEN, SuffixDrafter, SuffixStore, SuffixTrie, WithSuffix, _Row
 
 TARGET = Path(__file__).resolve().parents[2] / "models" / "demo-target"
 
@@ -112,3 +112,22 @@ def test_a_row_with_nothing_to_match_decodes_plainly():
     assert out.sequences == plain.sequences
     # min_prob 1.0 proposes only continuations that never varied: few, in one caption's own text
     assert out.stats.drafted <= out.stats.cycles and out.stats.acceptance_length < 1.5
+
+
+def test_flash_with_suffix_is_lossless_and_accepts_at_least_what_flash_does():
+    target = flash.load_target(TARGET, dtype=torch.float64)
+    drafter = flash.FlashDrafter.from_pretrained(TARGET.parent / "demo-drafter", target)
+    warm, seeds = list(range(200, 232)), list(range(80, 88))
+    store = warm_store(flash.generate(target, None, _inputs(target, warm), max_new_tokens=64).sequences)
+    plain = flash.generate(target, None, _inputs(target, seeds), max_new_tokens=64)
+    alone = flash.generate(target, drafter, _inputs(target, seeds), max_new_tokens=64)
+    both = WithSuffix(drafter, SuffixDrafter(store))
+    out = flash.generate(target, both, _inputs(target, seeds), max_new_tokens=64)
+    assert out.sequences == alone.sequences == plain.sequences
+    assert out.stats.acceptance_length >= alone.stats.acceptance_length
+    assert both.record["suffix"][1] > 1.0 and both.record["drafter"][1] > 1.0  # both were scored
+    sampled = flash.generate(
+        target, both, _inputs(target, seeds[:2]), max_new_tokens=64, temperature=0.7,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert all(len(s) > 0 for s in sampled.sequences)

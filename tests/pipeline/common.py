@@ -50,7 +50,7 @@ def config_for(endpoint, bucket, models, output="captions/", use_drafter=True, *
         output=f"s3://{bucket}/{output}",
         s3_endpoint=endpoint,
         model=models["model"],
-        drafter=models["drafter"],
+        drafter=extra.pop("drafter", models["drafter"]),
         prompt=PROMPT,
         max_new_tokens=MAX_NEW,
         dtype="float64",

@@ -35,6 +35,12 @@ def test_bucket_to_parquet_end_to_end(s3_server, ray_local, pipeline_models):
     assert {r["video_uri"]: r["caption"] for r in plain} == {r["video_uri"]: r["caption"] for r in rows}
     assert all(r["drafter"] == "" for r in plain)
 
+    # Suffix decoding (no drafter model) gives them too.
+    run_job(config_for(s3_server, bucket, pipeline_models, output="suffix/", drafter="suffix"))
+    suffix, _ = read_output(s3_server, bucket, "suffix/")
+    assert {r["video_uri"]: r["caption"] for r in suffix} == {r["video_uri"]: r["caption"] for r in rows}
+    assert all(r["drafter"] == "suffix" and r["acceptance_length"] >= 1.0 for r in suffix)
+
 
 def test_bad_objects_become_error_rows(s3_server, ray_local, pipeline_models):
     bucket = new_bucket(s3_server)
