@@ -44,7 +44,7 @@ import torch
 
 import flash
 from flash.shared import SharedEngine
-from flash.suffix import SuffixDrafter, SuffixStore
+from flash.suffix import SuffixDrafter, SuffixStore, WithSuffix
 from pipeline import faults
 from pipeline.checkpoints import resolve_checkpoint
 from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, SUFFIX, CaptionConfig
@@ -90,6 +90,8 @@ class CaptionActor:
             self.drafter = SuffixDrafter(SuffixStore(), block_size=SUFFIX_BLOCK)
         elif cfg.drafter:
             self.drafter = flash.FlashDrafter.from_pretrained(resolve_checkpoint(cfg.drafter, settings), self.target)
+            if cfg.suffix:
+                self.drafter = WithSuffix(self.drafter, SuffixDrafter(SuffixStore()))
         else:
             self.drafter = None
         instruction = cfg.prompt or (DEFAULT_INSTRUCTION if self.target.has_chat_template else RAW_PROMPT)
@@ -172,6 +174,8 @@ class CaptionActor:
         elapsed = time.perf_counter() - started
         sequences = [engine.sequences[k] for k in keys]
         lengths = [engine.stats.row_acceptance_length(k) for k in keys]
+        for r, k in zip(rows, keys):
+            r["suffix_tokens"] = engine.stats.row_suffix.get(k, 0)
         self.compile_status = engine.compile_status
         return [self.text(s) for s in sequences], [len(s) for s in sequences], lengths, elapsed
 
@@ -187,6 +191,7 @@ class CaptionActor:
             for q in requests:
                 if q.tokens is not None:
                     _fill(q.item, self.text(q.tokens), len(q.tokens), q.acceptance_length, q.seconds)
+                    q.item["suffix_tokens"] = q.suffix_tokens
             failed = [q.item for q in requests if q.error is not None]
             if failed:  # the engine failed with them in it: each alone, so a bad input costs only its row
                 with self._model_lock:
@@ -261,7 +266,7 @@ class CaptionActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for r in rows:
-            r.update(caption="", num_tokens=0, acceptance_length=0.0, generate_s=0.0)
+            r.update(caption="", num_tokens=0, acceptance_length=0.0, generate_s=0.0, suffix_tokens=0)
         self.prepare(rows)  # outside the model lock: beside the other calls' decoding
         self._caption(rows)
         now = datetime.now(UTC)
@@ -276,6 +281,7 @@ class CaptionActor:
                     "caption": r["caption"],
                     "num_tokens": int(r["num_tokens"]),
                     "acceptance_length": float(r["acceptance_length"]),
+                    "suffix_tokens": int(r["suffix_tokens"]),
                     "decode_s": float(r["decode_s"]),
                     "generate_s": float(r["generate_s"]),
                     "model": self.config.model,

@@ -83,6 +83,8 @@ class DecodeStats:
     accepted_per_cycle: list[list[int]] = field(default_factory=list)  # per cycle, per active row
     row_accepted: dict[int, int] = field(default_factory=dict)  # per request key: drafted tokens accepted
     row_cycle_count: dict[int, int] = field(default_factory=dict)  # per request key: cycles it took part in
+    # per request key: accepted tokens that suffix decoding drafted (a drafter with `suffix_accepted`)
+    row_suffix: dict[int, int] = field(default_factory=dict)
     record_cycles: bool = True  # keep accepted_per_cycle (a long-lived engine turns it off)
 
     @property
@@ -267,6 +269,7 @@ class Engine:
         stats = self.stats
         length = stats.row_acceptance_length(key)
         del stats.row_accepted[key], stats.row_cycle_count[key]
+        stats.row_suffix.pop(key, None)
         return self.sequences.pop(key), length
 
     def _add_slots(self, state: _Slots, need: int) -> None:
@@ -462,6 +465,9 @@ class Engine:
             state.pending.clear(slots, where)
             state.session.release(slots)
             if self.drafter is not None:
+                suffix_accepted = getattr(self.drafter, "suffix_accepted", None)
+                if suffix_accepted is not None:
+                    self.stats.row_suffix.update((key, suffix_accepted(slot)) for key, slot in zip(done, slots))
                 self.drafter.release(slots)
                 if hasattr(self.drafter, "learn"):  # a drafter that drafts from finished text (suffix)
                     self.drafter.learn([self.sequences[key] for key in done])

@@ -62,9 +62,7 @@ class _SlotLayer(CacheLayerMixin):
 class TargetCache(SlotLengths, Cache):
     """The slots' KV cache (see the module docstring). Buffers are allocated by the first `load`."""
 
-    def __init__(
-        self, num_slots: int, linear: list[int], device: torch.device, span_step: int = 1, extra: int = 256
-    ):
+    def __init__(self, num_slots: int, linear: list[int], device: torch.device, span_step: int = 1, extra: int = 256):
         """`extra`: columns a slot holds past its prompt (the engine's token budget and a block)."""
         self.linear, self.span_step, self.extra = set(linear), span_step, extra
         self._init_lengths(num_slots, device)

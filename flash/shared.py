@@ -30,6 +30,7 @@ class Request:
     item: Any  # the caller's (a row)
     tokens: list[int] | None = None  # new tokens, once decoded
     acceptance_length: float = 0.0
+    suffix_tokens: int = 0  # accepted tokens that suffix decoding drafted
     seconds: float = 0.0  # its share of the engine's time
     error: BaseException | None = None  # the engine failed while it was admitted
     held: bool = False  # refused at admission (`admit` hook): not decoded here
@@ -121,6 +122,7 @@ class SharedEngine:
                 r.seconds += share
             for key in done:
                 r = self._running.pop(key)
+                r.suffix_tokens = engine.stats.row_suffix.get(key, 0)
                 r.tokens, r.acceptance_length = engine.pop(key)
         except Exception as err:  # the engine's state is unknown: every request in it fails
             self._fail(err, group)

@@ -165,6 +165,9 @@ class SuffixDrafter:
     def _block(self, params: SamplingParams, block_size: int | None, device: torch.device, rows: list) -> Block:
         k = block_size or self.block_size
         proposals = [self.propose(row, k)[0] if row is not None else [] for row in rows]
+        for row, proposal in zip(rows, proposals):
+            if row is not None:
+                row.proposal = proposal
         width = max(1, max(len(p) for p in proposals))
         fill = [
             p[-1] if p else (row.tokens[-1] if row is not None and row.tokens else 0) for p, row in zip(proposals, rows)
@@ -201,7 +204,15 @@ class SuffixDrafter:
         """The tokens verified since the last step, per slot of the bucket."""
         for row, tokens, n in zip(self.rows, next_tokens.tolist(), n_new.tolist()):
             if row is not None and n:
+                if row.proposal:  # greedy acceptance took the part the target agreed with
+                    row.accepted += min(_agreed(row.proposal, tokens[:n]), n - 1)
+                    row.proposal = []
                 row.extend(tokens[:n])
+
+    def suffix_accepted(self, slot: int) -> int:
+        """Accepted tokens this drafter proposed for the row in `slot`."""
+        row = self.rows[slot]
+        return row.accepted if row is not None else 0
 
     def start(
         self,
@@ -252,6 +263,8 @@ class _Row:
 
     def __init__(self, prompt: list[int], first: int, depth: int) -> None:
         self.trie = SuffixTrie(min(depth, 12))
+        self.proposal: list[int] = []  # the last block drafted for it, unpadded
+        self.accepted = 0  # drafted tokens accepted so far
         self.tokens: list[int] = []
         self._open: list = []
         self.extend(prompt + [first])
@@ -273,18 +286,21 @@ def _agreed(proposal: list[int], tokens: list[int]) -> int:
 
 class WithSuffix:
     """A drafter (FLASH) and suffix decoding together: per row and cycle, the block verified is the
-    drafter's, or the suffix proposal where that is expected to be accepted further. Both
-    proposals are scored every cycle against the tokens the target then produced (greedy
-    acceptance is their common prefix), so each proposer's record grows whichever was verified:
-    the drafter's mean accepted tokens, and how far suffix proposals go against what their path
-    probabilities promised. A suffix proposal is chosen when promise x that ratio beats the
-    drafter's mean. Lossless either way: only the target decides."""
+    drafter's, or the suffix proposal where that is expected to be accepted further. Both proposals
+    are scored every cycle against the tokens the target then produced (greedy acceptance is their
+    common prefix), whichever was verified, by how much the suffix proposal promised (the sum of
+    its path probabilities, in half-token buckets): the suffix proposal is verified where, at its
+    promise, suffix proposals have agreed with the target further than the drafter's blocks on
+    the same cycles. Lossless either way: only the target decides."""
 
-    def __init__(self, drafter, suffix: SuffixDrafter, decay: float = 0.99) -> None:
+    BUCKETS = 16
+
+    def __init__(self, drafter, suffix: SuffixDrafter, decay: float = 0.995) -> None:
         self.drafter, self.suffix, self.decay = drafter, suffix, decay
         self.block_size = drafter.block_size
-        self.record = {"drafter": [1.0, 1.0], "suffix": [1.0, 1.0]}  # [accepted, drafter blocks | promised]
-        self.last: list = []  # per slot: (drafter tokens, suffix tokens, promise, chosen) of the last block
+        # per promise bucket: [tokens agreed by suffix proposals, by the drafter's blocks] (decayed)
+        self.record = [[0.0, 0.0] for _ in range(self.BUCKETS + 1)]
+        self.last: list = []  # per slot: (drafter tokens, suffix tokens, promise bucket, chosen) of the last block
         self.accepted_by_suffix: list[int] = []  # per slot: accepted tokens that suffix proposals drafted
 
     @property
@@ -296,37 +312,40 @@ class WithSuffix:
         twin.record = self.record  # what is learnt about the proposers is the actor's
         return twin
 
+    def _bucket(self, promise: float) -> int:
+        return min(self.BUCKETS, int(promise * 2))
+
     def _mix(self, block: Block, rows: list, slots: list[int], params: SamplingParams) -> Block:
         width = block.tokens.shape[1]
         tokens = block.tokens.clone()
         probs = block.probs.clone() if block.probs is not None else None
-        drafter_rate = self.record["drafter"][0] / self.record["drafter"][1]
-        suffix_rate = self.record["suffix"][0] / self.record["suffix"][1]
         ours = block.tokens.tolist()
         for i, (slot, row) in enumerate(zip(slots, rows)):
             proposal, promise = self.suffix.propose(row, width) if row is not None else ([], 0.0)
-            chosen = bool(proposal) and promise * suffix_rate > drafter_rate
+            bucket = self._bucket(promise)
+            suffix_agreed, drafter_agreed = self.record[bucket]
+            chosen = bool(proposal) and suffix_agreed > drafter_agreed
             if chosen:
                 padded = proposal + [proposal[-1]] * (width - len(proposal))
                 tokens[i] = torch.tensor(padded, dtype=tokens.dtype, device=tokens.device)
                 if probs is not None:
                     probs[i] = torch.nn.functional.one_hot(tokens[i], probs.shape[-1]).to(probs.dtype)
-            self.last[slot] = (ours[i], proposal, promise, chosen)
+            self.last[slot] = (ours[i], proposal, bucket if proposal else None, chosen)
         return Block(tokens=tokens, probs=probs, features=block.features)
 
     def _score(self, slot: int, new: list[int]) -> None:
         """The last block's proposals against the tokens the target produced after it."""
         if self.last[slot] is None or not new:
             return
-        ours, proposal, promise, chosen = self.last[slot]
+        ours, proposal, bucket, chosen = self.last[slot]
         self.last[slot] = None
-        for name, got, tried in (("drafter", _agreed(ours, new), 1.0), ("suffix", _agreed(proposal, new), promise)):
-            if tried > 0:
-                record = self.record[name]
-                record[0] = self.decay * record[0] + got
-                record[1] = self.decay * record[1] + tried
+        agreed = _agreed(proposal, new)
+        if bucket is not None:
+            record = self.record[bucket]
+            record[0] = self.decay * record[0] + agreed
+            record[1] = self.decay * record[1] + _agreed(ours, new)
         if chosen:
-            self.accepted_by_suffix[slot] += min(_agreed(proposal, new), len(new) - 1)
+            self.accepted_by_suffix[slot] += min(agreed, len(new) - 1)
 
     def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False,
               slots=None, num_slots=None, compile=None) -> Block:  # fmt: skip
@@ -356,6 +375,9 @@ class WithSuffix:
 
     def learn(self, sequences: list[list[int]]) -> None:
         self.suffix.learn(sequences)
+
+    def suffix_accepted(self, slot: int) -> int:
+        return self.accepted_by_suffix[slot]
 
     def release(self, slots: list[int]) -> None:
         self.drafter.release(slots)

@@ -144,9 +144,10 @@ def build_config(args: argparse.Namespace) -> tuple[CaptionConfig, bool]:
         overrides["cpus_per_decode"] = overrides["cpus_per_decode"] or 0.5
     if args.no_drafter:
         overrides["drafter"] = None
+        overrides["suffix"] = False
     config = load_config(args.config, **overrides)
     if args.no_drafter and config.drafter is not None:
-        config = config.model_copy(update={"drafter": None})
+        config = config.model_copy(update={"drafter": None, "suffix": False})
     return config, embedded
 
 

@@ -67,6 +67,11 @@ class CaptionConfig(BaseModel):
         description="FLASH drafter: a local directory, an s3:// prefix or a Hub id, like model; 'suffix': suffix "
         "decoding, drafting from the captions the actor already wrote (no model, no training); None: plain decoding.",
     )
+    suffix: bool = Field(
+        default=False,
+        description="Beside a FLASH drafter, suffix decoding's proposals too (from the captions the actor already "
+        "wrote): per row and cycle the proposal expected to be accepted further is verified.",
+    )
     trust_remote_code: bool = Field(default=False, description="Allow model code from the checkpoint to run.")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
         default="auto", description="Model dtype; auto: bfloat16 on GPU, float32 on CPU."
@@ -221,6 +226,10 @@ class CaptionConfig(BaseModel):
             raise ValueError(f"max_actors ({self.max_actors}) < min_actors ({self.min_actors})")
         if self.num_frames is not None and self.fps is not None:
             raise ValueError("set num_frames or fps, not both")
+        if self.suffix and (self.drafter is None or self.drafter == SUFFIX):
+            raise ValueError(
+                "suffix adds suffix proposals to a FLASH drafter: give one (or use --drafter suffix alone)"
+            )
         if self.window_s is None and self.window_stride_s is not None:
             raise ValueError("window_stride_s needs window_s")
         if self.window_s is not None and self.window_s < self.min_window_s:

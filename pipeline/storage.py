@@ -48,6 +48,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("caption", pa.string(), nullable=False),
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("acceptance_length", pa.float64(), nullable=False),
+        # accepted tokens that suffix decoding drafted (`--drafter suffix`, or `--suffix` beside FLASH)
+        pa.field("suffix_tokens", pa.int32(), nullable=True),
         pa.field("decode_s", pa.float64(), nullable=False),
         pa.field("generate_s", pa.float64(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
@@ -61,7 +63,7 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 # Parts written before a column existed read with these values: one row per video, whole.
-LEGACY_VALUES = {"clip_start_s": 0.0, "shard_uri": "", "source_meta": "", "object_rows": 1}
+LEGACY_VALUES = {"clip_start_s": 0.0, "shard_uri": "", "source_meta": "", "object_rows": 1, "suffix_tokens": 0}
 # What the output holds, per row: its key, its object, and whether it is an error that may pass.
 PART_KEYS_SCHEMA = pa.schema(
     [

@@ -98,6 +98,8 @@ class Batch:
     tokens: int = 0
     accept_sum: float = 0.0  # over captions with an acceptance length
     accept_n: int = 0
+    accepted: float = 0.0  # drafted tokens the target accepted (tokens less cycles)
+    suffix_tokens: int = 0  # of them, drafted by suffix decoding
     busy_s: float = 0.0
     decode_s: float = 0.0
     rss_mb: float | None = None
@@ -122,6 +124,8 @@ def _by_batch(rows: list[dict]) -> dict[tuple, Batch]:
         if r["acceptance_length"] > 0:
             b.accept_sum += r["acceptance_length"]
             b.accept_n += 1
+            b.accepted += r["num_tokens"] - r["num_tokens"] / r["acceptance_length"]
+        b.suffix_tokens += r.get("suffix_tokens") or 0
     return batches
 
 
@@ -153,6 +157,8 @@ class Throughput:
         self.tokens = 0
         self.accept_sum = 0.0
         self.accept_n = 0
+        self.accepted = 0.0  # drafted tokens accepted, by any proposer
+        self.suffix_tokens = 0  # ... drafted by suffix decoding
         self.busy_s = 0.0
         self.actors: set[str] = set()
         self.nodes: set[str] = set()
@@ -181,6 +187,8 @@ class Throughput:
             self.tokens += b.tokens
             self.accept_sum += b.accept_sum
             self.accept_n += b.accept_n
+            self.accepted += b.accepted
+            self.suffix_tokens += b.suffix_tokens
             self.busy_s += b.busy_s
             ok_clips += b.clips - b.errors
             ok_tokens += b.tokens
@@ -256,6 +264,12 @@ class Throughput:
             "steady_clips_per_s": steady_clips,
             "steady_tokens_per_s": steady_tokens,
             "mean_acceptance_length": self.acceptance_length,
+            # which proposer drafted the accepted tokens: suffix decoding, or the drafter model
+            "accepted_tokens": {
+                "total": round(self.accepted),
+                "suffix": self.suffix_tokens,
+                "drafter": max(0, round(self.accepted) - self.suffix_tokens),
+            },
             "actor_busy_s": self.busy_s,
             "actors": len(self.actors),
             "nodes": sorted(self.nodes),

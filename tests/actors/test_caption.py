@@ -192,5 +192,8 @@ def test_suffix_decoding_learns_across_batches_and_keeps_the_captions(tmp_path):
     want = plain(pa.Table.from_pylist(rows)).to_pylist()
     assert [r["caption"] for r in first + second] == [r["caption"] for r in want]
     assert all(r["drafter"] == "suffix" for r in first) and suffix.drafter.store.added == 16
+    accepted = sum(r["num_tokens"] - r["num_tokens"] / r["acceptance_length"] for r in second)
+    assert 0 < sum(r["suffix_tokens"] for r in second) <= round(accepted)
+    assert all(r["suffix_tokens"] == 0 for r in want)
     mean = [sum(r["acceptance_length"] for r in rs) / len(rs) for rs in (first, second)]
     assert mean[1] > mean[0] > 1.0

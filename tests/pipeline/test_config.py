@@ -73,3 +73,12 @@ def test_local_checkpoints_become_absolute_paths(tmp_path, dirs, monkeypatch):
     assert (config.model, config.drafter) == (str(tmp_path / "model"), str(tmp_path / "drafter"))
     hub = load_config(**{**dirs, "model": "Qwen/Qwen2.5-VL-7B-Instruct", "drafter": "s3://bucket/drafter/"})
     assert (hub.model, hub.drafter) == ("Qwen/Qwen2.5-VL-7B-Instruct", "s3://bucket/drafter/")
+
+
+def test_suffix_needs_a_flash_drafter_and_suffix_is_a_reserved_drafter():
+    base = {"input": ".", "output": "/tmp/x", "model": "models/demo-target"}
+    assert load_config(**base, drafter="suffix").drafter == "suffix"
+    for drafter in (None, "suffix"):
+        with pytest.raises(ValueError, match="suffix adds suffix proposals to a FLASH drafter"):
+            load_config(**base, drafter=drafter, suffix=True)
+    assert load_config(**base, drafter="models/demo-drafter", suffix=True).suffix
