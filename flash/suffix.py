@@ -317,20 +317,25 @@ class WithSuffix:
 
     def _mix(self, block: Block, rows: list, slots: list[int], params: SamplingParams) -> Block:
         width = block.tokens.shape[1]
-        tokens = block.tokens.clone()
-        probs = block.probs.clone() if block.probs is not None else None
         ours = block.tokens.tolist()
+        mixed, chosen_rows = [], []
         for i, (slot, row) in enumerate(zip(slots, rows)):
             proposal, promise = self.suffix.propose(row, width) if row is not None else ([], 0.0)
             bucket = self._bucket(promise)
             suffix_agreed, drafter_agreed = self.record[bucket]
             chosen = bool(proposal) and suffix_agreed > drafter_agreed
+            mixed.append(proposal + [proposal[-1]] * (width - len(proposal)) if chosen else ours[i])
             if chosen:
-                padded = proposal + [proposal[-1]] * (width - len(proposal))
-                tokens[i] = torch.tensor(padded, dtype=tokens.dtype, device=tokens.device)
-                if probs is not None:
-                    probs[i] = torch.nn.functional.one_hot(tokens[i], probs.shape[-1]).to(probs.dtype)
+                chosen_rows.append(i)
             self.last[slot] = (ours[i], proposal, bucket if proposal else None, chosen)
+        if not chosen_rows:
+            return block
+        tokens = torch.tensor(mixed, dtype=block.tokens.dtype, device=block.tokens.device)
+        probs = block.probs
+        if probs is not None:
+            probs = probs.clone()
+            where = torch.tensor(chosen_rows, device=tokens.device)
+            probs[where] = torch.nn.functional.one_hot(tokens[where], probs.shape[-1]).to(probs.dtype)
         return Block(tokens=tokens, probs=probs, features=block.features)
 
     def _score(self, slot: int, new: list[int]) -> None:
