@@ -100,7 +100,9 @@ class CaptionActor:
         flash.SamplingParams.from_generation_config(self.target.model.generation_config, temperature=cfg.temperature)
         # One policy per actor: what it learns about acceptance and costs carries across batches.
         self.policy = (
-            flash.BlockPolicy(max_block=self.drafter.block_size) if self.drafter and cfg.adaptive_block else None
+            flash.BlockPolicy(max_block=self.drafter.block_size)
+            if self.drafter and cfg.adaptive_block and not isinstance(self.drafter, SuffixDrafter)
+            else None  # suffix decoding sizes each row's proposal itself
         )
         self.node = _node_name()
         self.actor_id = f"{self.node}:{os.getpid()}"

@@ -17,7 +17,13 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"plain": {}, "suffix": {"drafter": "suffix"}, "flash": {"drafter": None}, "flash_suffix": {"suffix": True}}
+DEMO_DRAFTER = str(ROOT / "models" / "demo-drafter")
+METHODS = {
+    "plain": {"drafter": None},
+    "suffix": {"drafter": "suffix"},
+    "flash": {"drafter": DEMO_DRAFTER},
+    "flash_suffix": {"drafter": DEMO_DRAFTER, "suffix": True},
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,12 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     results, captions = {}, {}
     for method, extra in METHODS.items():
-        drafter = extra.get("drafter", str(ROOT / "models" / "demo-drafter"))
         config = load_config(
             input=str(work / "clips"),
             output=str(work / method),
             model=str(ROOT / "models" / "demo-target"),
-            drafter=drafter if method != "plain" else None,
+            drafter=extra["drafter"],
             suffix=extra.get("suffix", False),
             prompt=PROMPT,
             max_new_tokens=64,

@@ -467,7 +467,9 @@ class Engine:
             if self.drafter is not None:
                 suffix_accepted = getattr(self.drafter, "suffix_accepted", None)
                 if suffix_accepted is not None:
-                    self.stats.row_suffix.update((key, suffix_accepted(slot)) for key, slot in zip(done, slots))
+                    self.stats.row_suffix.update(
+                        (key, suffix_accepted(slot, self.sequences[key])) for key, slot in zip(done, slots)
+                    )
                 self.drafter.release(slots)
                 if hasattr(self.drafter, "learn"):  # a drafter that drafts from finished text (suffix)
                     self.drafter.learn([self.sequences[key] for key in done])

@@ -165,14 +165,14 @@ class SuffixDrafter:
     def _block(self, params: SamplingParams, block_size: int | None, device: torch.device, rows: list) -> Block:
         k = block_size or self.block_size
         proposals = [self.propose(row, k)[0] if row is not None else [] for row in rows]
-        for row, proposal in zip(rows, proposals):
-            if row is not None:
-                row.proposal = proposal
         width = max(1, max(len(p) for p in proposals))
         fill = [
             p[-1] if p else (row.tokens[-1] if row is not None and row.tokens else 0) for p, row in zip(proposals, rows)
         ]
         padded = [p + [f] * (width - len(p)) for p, f in zip(proposals, fill)]
+        for row, drafted in zip(rows, padded):
+            if row is not None:
+                row.proposal = drafted  # the padding is drafted too: the target may accept it
         tokens = torch.tensor(padded, dtype=torch.long, device=device)
         probs = None
         if not params.greedy:
@@ -205,14 +205,18 @@ class SuffixDrafter:
         for row, tokens, n in zip(self.rows, next_tokens.tolist(), n_new.tolist()):
             if row is not None and n:
                 if row.proposal:  # greedy acceptance took the part the target agreed with
-                    row.accepted += min(_agreed(row.proposal, tokens[:n]), n - 1)
+                    row.accepted += _accepted(row.proposal, tokens[:n])
                     row.proposal = []
                 row.extend(tokens[:n])
 
-    def suffix_accepted(self, slot: int) -> int:
-        """Accepted tokens this drafter proposed for the row in `slot`."""
+    def suffix_accepted(self, slot: int, sequence: list[int]) -> int:
+        """Accepted tokens this drafter proposed for the finished row in `slot` (`sequence`: its new
+        tokens, the last block's included)."""
         row = self.rows[slot]
-        return row.accepted if row is not None else 0
+        if row is None:
+            return 0
+        tail = sequence[row.generated :]
+        return row.accepted + (_accepted(row.proposal, tail) if row.proposal else 0)
 
     def start(
         self,
@@ -263,15 +267,25 @@ class _Row:
 
     def __init__(self, prompt: list[int], first: int, depth: int) -> None:
         self.trie = SuffixTrie(min(depth, 12))
-        self.proposal: list[int] = []  # the last block drafted for it, unpadded
+        self.proposal: list[int] = []  # the last block drafted for it
         self.accepted = 0  # drafted tokens accepted so far
         self.tokens: list[int] = []
         self._open: list = []
+        self.generated = 0
         self.extend(prompt + [first])
+        self.generated = 1  # new tokens in `tokens` (the prefill's first)
 
     def extend(self, tokens: list[int]) -> None:
+        self.generated += len(tokens)
         self.tokens += tokens
         self._open = self.trie.add(tokens, open_nodes=self._open)
+
+
+def _accepted(block: list[int], new: list[int]) -> int:
+    """Of a verified block, the tokens accepted, from the tokens that followed it (`new`: the
+    accepted ones, then the target's own, unless the row stopped inside the block)."""
+    agreed = _agreed(block, new)
+    return agreed if agreed == len(new) else min(agreed, len(new) - 1)
 
 
 def _agreed(proposal: list[int], tokens: list[int]) -> int:
@@ -300,7 +314,7 @@ class WithSuffix:
         self.block_size = drafter.block_size
         # per promise bucket: [tokens agreed by suffix proposals, by the drafter's blocks] (decayed)
         self.record = [[0.0, 0.0] for _ in range(self.BUCKETS + 1)]
-        self.last: list = []  # per slot: (drafter tokens, suffix tokens, promise bucket, chosen) of the last block
+        self.last: list = []  # per slot, the last block: (drafter tokens, suffix tokens, bucket, block if suffix)
         self.accepted_by_suffix: list[int] = []  # per slot: accepted tokens that suffix proposals drafted
 
     @property
@@ -327,7 +341,7 @@ class WithSuffix:
             mixed.append(proposal + [proposal[-1]] * (width - len(proposal)) if chosen else ours[i])
             if chosen:
                 chosen_rows.append(i)
-            self.last[slot] = (ours[i], proposal, bucket if proposal else None, chosen)
+            self.last[slot] = (ours[i], proposal, bucket if proposal else None, mixed[i] if chosen else None)
         if not chosen_rows:
             return block
         tokens = torch.tensor(mixed, dtype=block.tokens.dtype, device=block.tokens.device)
@@ -342,15 +356,15 @@ class WithSuffix:
         """The last block's proposals against the tokens the target produced after it."""
         if self.last[slot] is None or not new:
             return
-        ours, proposal, bucket, chosen = self.last[slot]
+        ours, proposal, bucket, chosen_block = self.last[slot]
         self.last[slot] = None
         agreed = _agreed(proposal, new)
         if bucket is not None:
             record = self.record[bucket]
             record[0] = self.decay * record[0] + agreed
             record[1] = self.decay * record[1] + _agreed(ours, new)
-        if chosen:
-            self.accepted_by_suffix[slot] += min(agreed, len(new) - 1)
+        if chosen_block is not None:
+            self.accepted_by_suffix[slot] += _accepted(chosen_block, new)
 
     def start(self, prefill, first_tokens, params, generator=None, block_size=None, seen=None, join=False,
               slots=None, num_slots=None, compile=None) -> Block:  # fmt: skip
@@ -381,7 +395,11 @@ class WithSuffix:
     def learn(self, sequences: list[list[int]]) -> None:
         self.suffix.learn(sequences)
 
-    def suffix_accepted(self, slot: int) -> int:
+    def suffix_accepted(self, slot: int, sequence: list[int]) -> int:
+        pending = self.last[slot]
+        if pending is not None and pending[3] is not None:  # the last block was suffix decoding's
+            tail = sequence[self.suffix.rows[slot].generated :] if self.suffix.rows[slot] is not None else []
+            return self.accepted_by_suffix[slot] + _accepted(pending[3], tail)
         return self.accepted_by_suffix[slot]
 
     def release(self, slots: list[int]) -> None:

@@ -151,7 +151,9 @@ class CaptionConfig(BaseModel):
         "model decodes, and its rows join the actor's engine as the current batch's rows finish.",
     )
     adaptive_block: bool = Field(
-        default=True, description="Pick the draft length per cycle from measured acceptance and costs (0 = plain)."
+        default=True,
+        description="Pick a FLASH drafter's draft length per cycle from measured acceptance and costs (0 = plain); "
+        "suffix decoding sizes each row's proposal itself.",
     )
     compile: bool = Field(
         default=False,

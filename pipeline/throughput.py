@@ -124,7 +124,9 @@ def _by_batch(rows: list[dict]) -> dict[tuple, Batch]:
         if r["acceptance_length"] > 0:
             b.accept_sum += r["acceptance_length"]
             b.accept_n += 1
-            b.accepted += r["num_tokens"] - r["num_tokens"] / r["acceptance_length"]
+            # num_tokens = the prefill's token + (accepted + 1) a cycle; acceptance = tokens a cycle
+            cycle_tokens = max(0, r["num_tokens"] - 1)
+            b.accepted += cycle_tokens - cycle_tokens / r["acceptance_length"]
         b.suffix_tokens += r.get("suffix_tokens") or 0
     return batches
 

@@ -93,7 +93,7 @@ def test_on_demo_captions_it_learns_from_finished_rows_and_stays_lossless():
     assert warm.sequences == plain[4:]
     assert warm.stats.acceptance_length > cold.stats.acceptance_length
     # every accepted token was drafted by suffix decoding, and the rows say so
-    assert 0 < sum(warm.stats.row_suffix.values()) <= warm.stats.accepted
+    assert sum(warm.stats.row_suffix.values()) == warm.stats.accepted > 0
     assert warm.stats.acceptance_length > 1.4  # measured 1.62 from 4 captions in the store
     sampled = flash.generate(
         target,
