@@ -308,14 +308,17 @@ class WithSuffix:
     the same cycles. Lossless either way: only the target decides."""
 
     BUCKETS = 16
+    SCORE_EVERY = 4  # while suffix proposals win nowhere, they are made (and scored) every 4th cycle only
+    EVIDENCE = 8.0  # proposals scored in a bucket before it may choose suffix decoding
 
     def __init__(self, drafter, suffix: SuffixDrafter, decay: float = 0.995) -> None:
         self.drafter, self.suffix, self.decay = drafter, suffix, decay
         self.block_size = drafter.block_size
-        # per promise bucket: [tokens agreed by suffix proposals, by the drafter's blocks] (decayed)
-        self.record = [[0.0, 0.0] for _ in range(self.BUCKETS + 1)]
+        # per promise bucket: [tokens agreed by suffix proposals, by the drafter's blocks, proposals] (decayed)
+        self.record = [[0.0, 0.0, 0.0] for _ in range(self.BUCKETS + 1)]
         self.last: list = []  # per slot, the last block: (drafter tokens, suffix tokens, bucket, block if suffix)
         self.accepted_by_suffix: list[int] = []  # per slot: accepted tokens that suffix proposals drafted
+        self.cycles = 0
 
     @property
     def fallback(self):
@@ -333,11 +336,14 @@ class WithSuffix:
         width = block.tokens.shape[1]
         ours = block.tokens.tolist()
         mixed, chosen_rows = [], []
+        self.cycles += 1
+        # proposals cost host time every row and cycle: while they win in no bucket, sample them
+        wins = [n >= self.EVIDENCE and s > d for s, d, n in self.record]
+        sample = self.cycles % self.SCORE_EVERY == 0 or any(wins)
         for i, (slot, row) in enumerate(zip(slots, rows)):
-            proposal, promise = self.suffix.propose(row, width) if row is not None else ([], 0.0)
+            proposal, promise = self.suffix.propose(row, width) if row is not None and sample else ([], 0.0)
             bucket = self._bucket(promise)
-            suffix_agreed, drafter_agreed = self.record[bucket]
-            chosen = bool(proposal) and suffix_agreed > drafter_agreed
+            chosen = bool(proposal) and wins[bucket]
             mixed.append(proposal + [proposal[-1]] * (width - len(proposal)) if chosen else ours[i])
             if chosen:
                 chosen_rows.append(i)
@@ -363,6 +369,7 @@ class WithSuffix:
             record = self.record[bucket]
             record[0] = self.decay * record[0] + agreed
             record[1] = self.decay * record[1] + _agreed(ours, new)
+            record[2] = self.decay * record[2] + 1
         if chosen_block is not None:
             self.accepted_by_suffix[slot] += _accepted(chosen_block, new)
 
