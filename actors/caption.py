@@ -47,10 +47,10 @@ from flash.shared import SharedEngine
 from flash.suffix import SuffixDrafter, SuffixStore, WithSuffix
 from pipeline import faults
 from pipeline.checkpoints import resolve_checkpoint
-from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, SUFFIX, CaptionConfig
+from pipeline.config import DEFAULT_INSTRUCTION, RAW_PROMPT, SUFFIX, CaptionConfig, redact
 from pipeline.decode import frames_of, video_metadata_of
 from pipeline.ledger import Guard
-from pipeline.storage import S3Settings
+from pipeline.storage import OutputStore, S3Settings
 
 PROCESSED = "_processed"  # a row's processor output, made ahead of the model
 DEVICE_FAILURE_EXIT = 75
@@ -94,6 +94,9 @@ class CaptionActor:
                 self.drafter = WithSuffix(self.drafter, SuffixDrafter(SuffixStore()))
         else:
             self.drafter = None
+        suffix = self.drafter.suffix if isinstance(self.drafter, WithSuffix) else self.drafter
+        if isinstance(suffix, SuffixDrafter):  # no cold start on a rerun: the output's captions so far
+            self._warm(suffix.store, settings)
         instruction = cfg.prompt or (DEFAULT_INSTRUCTION if self.target.has_chat_template else RAW_PROMPT)
         self.prompt = self.target.video_prompt(instruction)
         # The decoding settings are checked once, here: a generation config flashcap cannot follow stops the actor.
@@ -120,6 +123,18 @@ class CaptionActor:
         self._model_lock = self.shared.lock  # held by whatever uses the model
         self._on_ledger: dict[int, dict] = {}  # rows admitted and not yet returned, by id()
         self._ledger_lock = threading.Lock()
+
+    def _warm(self, store: SuffixStore, settings: S3Settings) -> None:
+        """Suffix decoding's store, filled with the newest captions the output holds (what earlier runs
+        of this job wrote, tokenized as the target wrote them: ending at EOS)."""
+        try:
+            captions = OutputStore(self.config.output, settings).recent_captions(store.max_sequences)
+        except Exception as err:  # noqa: BLE001 - an unreadable output only costs the warm start
+            print(redact(f"[flashcap] suffix decoding starts cold: the output's captions could not be read ({err})"))
+            return
+        tokenizer, eos = self.target.processor.tokenizer, int(self.target.eos_token_ids[0])
+        for caption in reversed(captions):  # oldest first: the newest are evicted last
+            store.add(tokenizer(caption, add_special_tokens=False)["input_ids"] + [eos])
 
     def process(self, row: dict):
         """The processor's output for one decoded row: prompt, frames and the video's real metadata."""

@@ -368,6 +368,20 @@ class OutputStore:
             return OUTPUT_SCHEMA.empty_table()
         return pa.concat_tables([_with_output_schema(t) for t in tables])
 
+    def recent_captions(self, limit: int) -> list[str]:
+        """Up to `limit` captions of the newest parts (part names sort by run start), newest first:
+        only their caption and error columns are read."""
+        out: list[str] = []
+        for path in reversed(self.parts()):
+            data = read_object(path, self.settings)
+            table = pq.read_table(io.BytesIO(data), columns=["caption", "error"])
+            for caption, error in zip(table.column("caption").to_pylist(), table.column("error").to_pylist()):
+                if caption and not error:
+                    out.append(caption)
+            if len(out) >= limit:
+                return out[:limit]
+        return out
+
     def write_bytes(self, name: str, data: bytes) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 

@@ -197,3 +197,15 @@ def test_suffix_decoding_learns_across_batches_and_keeps_the_captions(tmp_path):
     assert all(r["suffix_tokens"] == 0 for r in want)
     mean = [sum(r["acceptance_length"] for r in rs) / len(rs) for rs in (first, second)]
     assert mean[1] > mean[0] > 1.0
+    # A rerun's actor starts from the captions the output holds: no cold start.
+    from pipeline.storage import OutputStore, S3Settings
+
+    OutputStore(str(tmp_path / "out"), S3Settings()).write_part(
+        [{k: v for k, v in r.items() if k not in ("actor", "busy_s", "rss_mb", "compile")} for r in want],
+        "part-a.parquet",
+    )
+    rerun = _actor(tmp_path, "models/demo-target", "suffix", max_new_tokens=64)
+    assert rerun.drafter.store.added == 16
+    again = rerun(pa.Table.from_pylist(rows[:8])).to_pylist()
+    assert [r["caption"] for r in again] == [r["caption"] for r in want[:8]]
+    assert sum(r["acceptance_length"] for r in again) / 8 > mean[0]
