@@ -116,6 +116,7 @@ class PartWriter:
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.known = KeySet()  # keys written by this run (the plan left out the ones already there)
         self.objects: dict[tuple[str, str], ObjectRows] = {}  # (object uri, etag) -> rows written
+        self.whole_objects = KeySet()  # objects of several rows this run wrote whole
         self.buffer: list[dict] = []
         self.parts: list[str] = []
         self.rows_written = 0
@@ -128,9 +129,13 @@ class PartWriter:
                 self.duplicates_dropped += 1
                 continue
             if r.get("shard_uri") or int(r.get("object_rows", 1)) != 1:
-                entry = self.objects.setdefault((r.get("shard_uri") or r["video_uri"], r["etag"]), ObjectRows())
+                obj = (r.get("shard_uri") or r["video_uri"], r["etag"])
+                entry = self.objects.setdefault(obj, ObjectRows())
                 entry.keys.add(row_key(r["video_uri"], r.get("clip_start_s") or 0.0))
                 entry.total = max(entry.total, int(r.get("object_rows") or 0))
+                if 0 < entry.total <= len(entry.keys):  # all written here: 16 bytes kept of it, not its keys
+                    self.whole_objects.add(obj)
+                    del self.objects[obj]
             row = {c: r[c] if c in r else LEGACY_VALUES.get(c) for c in OUTPUT_COLUMNS}
             if row["error"]:  # errors quote what failed: URLs, with credentials if the input had any
                 row["error"] = redact(row["error"])
@@ -144,6 +149,8 @@ class PartWriter:
 
     def whole(self, o: VideoObject) -> bool:
         """Whether the object has all its rows: those the plan found (`o.skip`) and this run's."""
+        if (o.uri, o.etag) in self.whole_objects:
+            return True
         entry = self.objects.get((o.uri, o.etag))
         if entry is None:  # none of several rows written: whole if it made one row, and that was written
             return (o.uri, o.etag, repr(0.0)) in self.known

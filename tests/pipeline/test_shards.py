@@ -231,3 +231,36 @@ def test_a_shard_on_s3_is_read_in_ranged_blocks(s3_server, tmp_path, monkeypatch
     assert [{k: v for k, v in r.items() if k not in drop} for r in streamed] == [
         {k: v for k, v in r.items() if k not in drop} for r in local
     ]
+
+
+def test_the_writer_tells_a_whole_shard_and_forgets_its_keys(tmp_path):
+    from pipeline.run import PartWriter
+
+    writer = PartWriter(OutputStore(str(tmp_path / "out"), S3Settings()), "r", flush_rows=100, flush_seconds=60)
+    shard = VideoObject("s3://b/s.tar", 10, "e")
+    rows = [
+        dict(
+            video_uri=f"{shard.uri}#{i}.mp4",
+            etag="e",
+            size=1,
+            shard_uri=shard.uri,
+            object_rows=3 if i == 1 else 0,
+            caption="c",
+            num_tokens=1,
+            acceptance_length=1.0,
+            decode_s=0.0,
+            generate_s=0.0,
+            model="m",
+            drafter="",
+            error="",
+            error_kind="",
+            worker_node="n",
+            finished_at=None,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    writer.add([rows[1], rows[0]])  # the count arrives first, out of order
+    assert not writer.whole(shard) and len(writer.objects[(shard.uri, "e")].keys) == 2
+    assert writer.whole(VideoObject(shard.uri, 10, "e", skip=(row_key(rows[2]["video_uri"], 0.0),)))
+    writer.add([rows[2], rows[2]])
+    assert writer.whole(shard) and writer.objects == {} and writer.duplicates_dropped == 1
