@@ -612,6 +612,9 @@ def _shard_rows(
             return
         for name, size, data in members:
             videos += 1
+            if sampling.windows is None and row_key(f"{uri}#{name}", 0.0) in skip:  # its row is written
+                seen[0] += 1
+                continue
             base = _row(f"{uri}#{name}", etag, size, shard_uri=uri, source_meta=meta)
             yield from _video_rows(base, lambda data=data: VideoSource(data=data), sampling, skip, seen)
     if not videos:

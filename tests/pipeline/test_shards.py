@@ -114,11 +114,17 @@ def test_a_tar_that_is_no_archive_is_one_error_row(tmp_path):
     assert "holds no member matching" in row["error"] and row["object_rows"] == 1
 
 
-def test_a_partly_written_shard_decodes_only_its_missing_members(tmp_path):
+def test_a_partly_written_shard_decodes_only_its_missing_members(tmp_path, monkeypatch):
+    from pipeline import decode
+
     path = tmp_path / "00007.tar"
     path.write_bytes(make_shard(sample_members()))
     done = [row_key(f"{path}#000000.mp4", 0.0), row_key(f"{path}#000003.mp4", 0.0)]
+    decoded = []
+    real = decode.decode_clips
+    monkeypatch.setattr(decode, "decode_clips", lambda *a, **k: decoded.append(1) or real(*a, **k))
     rows = _rows(path, skip=done)
+    assert len(decoded) == 3  # the written members are not decoded again
     assert [r["video_uri"].rsplit("#", 1)[1] for r in rows] == ["000001.mp4", "000002.mp4", "000004.mp4"]
     assert rows[-1]["object_rows"] == 5
 
