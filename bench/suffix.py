@@ -93,15 +93,49 @@ def _store(captions: list[list[int]]) -> _Frozen:
     return store
 
 
+def _rounds(target, drafters: dict, eval_inputs, args: argparse.Namespace, max_new: int, world: str) -> dict:
+    """(method, batch) -> [(tokens per clip, seconds, acceptance)] over the timed rounds: every method
+    at every batch size, in a rotating order; round 0 warms up."""
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    runs: dict = {}
+    for r in range(args.repeats + 1):
+        for batch in [sizes[(i + r) % len(sizes)] for i in range(len(sizes))]:
+            for method in METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]:
+                result = _decode(target, drafters[method](), eval_inputs, args.eval_clips, batch, max_new)
+                if r:
+                    runs.setdefault((method, batch), []).append(result)
+        print(f"[{world}] round {r} done", flush=True)
+    return runs
+
+
+def _table(runs: dict, clips: int) -> list[dict]:
+    """A row per (method, batch): median tokens/s and clips/s, acceptance, share identical to plain."""
+    rows = []
+    for (method, batch), results in sorted(runs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        plain_tokens = runs[("plain", batch)][0][0]
+        count = sum(len(t) for t in results[0][0])
+        rates = [count / s for _, s, _ in results]
+        rows.append(
+            {
+                "method": method,
+                "batch": batch,
+                "tokens_per_s": statistics.median(rates),
+                "tokens_per_s_runs": rates,
+                "clips_per_s": statistics.median(clips / s for _, s, _ in results),
+                "acceptance_length": results[0][2],
+                "identical": statistics.fmean(a == b for a, b in zip(results[0][0], plain_tokens)),
+            }
+        )
+    return rows
+
+
 def run_world(world: str, args: argparse.Namespace) -> dict:
     spec = WORLDS[world]
     target = flash.load_target(ROOT / "models" / spec["model"], dtype=torch.float32)
     flash_drafter = flash.FlashDrafter.from_pretrained(ROOT / "models" / spec["drafter"], target)
     max_new, prompt = spec["max_new_tokens"], _prompt(world)
-    frames, metadata = _world_clips(world, range(EVAL_SEED, EVAL_SEED + args.eval_clips))
-    eval_inputs = _inputs_maker(target, prompt, frames, metadata)
-    warm_frames, warm_metadata = _world_clips(world, range(WARM_SEED, WARM_SEED + args.warm_clips))
-    warm_inputs = _inputs_maker(target, prompt, warm_frames, warm_metadata)
+    eval_inputs = _inputs_maker(target, prompt, *_world_clips(world, range(EVAL_SEED, EVAL_SEED + args.eval_clips)))
+    warm_inputs = _inputs_maker(target, prompt, *_world_clips(world, range(WARM_SEED, WARM_SEED + args.warm_clips)))
     started = time.perf_counter()
     warm, _, _ = _decode(target, None, warm_inputs, args.warm_clips, 64, max_new)
     print(f"[{world}] {len(warm)} store captions in {time.perf_counter() - started:.0f} s", flush=True)
@@ -119,36 +153,7 @@ def run_world(world: str, args: argparse.Namespace) -> dict:
         "flash": lambda: flash_drafter,
         "flash_suffix": lambda: WithSuffix(flash_drafter, SuffixDrafter(store)),
     }
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    runs: dict = {}
-    for r in range(args.repeats + 1):  # round 0 warms up
-        order = [sizes[(i + r) % len(sizes)] for i in range(len(sizes))]
-        for batch in order:
-            methods = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
-            for method in methods:
-                tokens, seconds, accept = _decode(
-                    target, drafters[method](), eval_inputs, args.eval_clips, batch, max_new
-                )
-                if r:
-                    runs.setdefault((method, batch), []).append((tokens, seconds, accept))
-        print(f"[{world}] round {r} done", flush=True)
-    rows = []
-    for (method, batch), results in sorted(runs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
-        plain_tokens = runs[("plain", batch)][0][0]
-        count = sum(len(t) for t in results[0][0])
-        rates = [count / s for _, s, _ in results]
-        identical = statistics.fmean(a == b for a, b in zip(results[0][0], plain_tokens))
-        rows.append(
-            {
-                "method": method,
-                "batch": batch,
-                "tokens_per_s": statistics.median(rates),
-                "tokens_per_s_runs": rates,
-                "clips_per_s": statistics.median(args.eval_clips / s for _, s, _ in results),
-                "acceptance_length": results[0][2],
-                "identical": identical,
-            }
-        )
+    rows = _table(_rounds(target, drafters, eval_inputs, args, max_new, world), args.eval_clips)
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["tokens_per_s"]) for m in METHODS}
     plain_best = best["plain"]["tokens_per_s"]
     return {

@@ -53,7 +53,6 @@ def test_batched_rows_equal_rows_alone(targets64, family, seed):
         OracleDrafter(alone, target.vocab_size, K, right_for=1),
         OracleDrafter(alone, target.vocab_size, K, right_for=3),
         PromptLookupDrafter(K),
-        SuffixDrafter(block_size=K),  # cold: matches only the rows' own text
         SuffixDrafter(warm_store(alone), block_size=K),  # right up to where the rows differ
         WithSuffix(
             flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K)),

@@ -106,7 +106,8 @@ def test_driver_plan_of_objects_that_make_several_rows(shard_world):
     assert {o.uri: o.skip for o in retry.todo}["s3://b/s2.tar"] == (row_key("s3://b/s2.tar#m0.mp4", 0),)
 
 
-@pytest.mark.parametrize("fixture", ["world", "shard_world"])
+# shards and windows: the Ray plan's object grouping runs only past 200,000 objects (and takes 45 s here)
+@pytest.mark.parametrize("fixture", ["world", pytest.param("shard_world", marks=pytest.mark.slow)])
 def test_ray_plan_equals_the_driver_plan(ray_local, fixture, request):
     import ray.data
 
