@@ -221,7 +221,9 @@ def plan_with_ray(
     keys = _output_keys(store, parts).materialize()  # read once, filtered several ways
     one = keys.map_batches(_one_row_objects, batch_format="pyarrow")
     # map_batches, not filter: an empty result keeps its columns (the join needs them in every block)
-    final = one.map_batches(lambda t: _keys_where(t, final=True, retry_errors=retry_errors), batch_format="pyarrow")
+    final = one.map_batches(
+        lambda t: _keys_where(t, final=True, retry_errors=retry_errors), batch_format="pyarrow"
+    ).materialize()  # counted, then joined
     # a join whose one side is empty fails in Ray Data (its reduce sees no columns): joined only with rows
     todo = inputs.join(final, join_type="left_anti", num_partitions=partitions, on=on) if final.count() else inputs
     several = keys.map_batches(_several_row_objects, batch_format="pyarrow").materialize()
@@ -238,7 +240,9 @@ def plan_with_ray(
             to_retry += todo.filter(lambda r: bool(r["retry"])).count()
     todo = todo.materialize()
     if retry_errors:
-        transient = one.map_batches(lambda t: _keys_where(t, final=False, retry_errors=True), batch_format="pyarrow")
+        transient = one.map_batches(
+            lambda t: _keys_where(t, final=False, retry_errors=True), batch_format="pyarrow"
+        ).materialize()
         if transient.count():
             to_retry += todo.join(transient, join_type="left_semi", num_partitions=partitions, on=on).count()
     listed, to_caption = inputs.count(), todo.count()

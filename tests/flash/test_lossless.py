@@ -72,6 +72,7 @@ def test_prompt_lookup_drafter_is_exact(targets64, references, family):
         assert out.sequences == [ref], case.name
 
 
+@pytest.mark.slow  # every family decodes with suffix proposals in test_batched too (warm, and beside FLASH)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_suffix_drafter_is_exact(targets64, references, family):
     """Warmed with every other case's reference: proposals right for a while, then wrong."""

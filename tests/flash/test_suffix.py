@@ -116,6 +116,7 @@ def test_a_row_with_nothing_to_match_decodes_plainly():
     assert out.stats.drafted <= out.stats.cycles and out.stats.acceptance_length < 1.5
 
 
+@pytest.mark.slow  # the whole job measures it too (bench/suffix_job.py)
 def test_flash_with_suffix_is_lossless_and_accepts_at_least_what_flash_does():
     target = flash.load_target(TARGET, dtype=torch.float64)
     drafter = flash.FlashDrafter.from_pretrained(TARGET.parent / "demo-drafter", target)
