@@ -54,6 +54,7 @@ def test_bad_choice_is_an_argparse_error(dirs, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 38 s; `make run` is the same check
 def test_embedded_default_captions_the_samples_exactly(tmp_path):
     """`python jobs/caption_videos.py` (make run), from tmp_path so out/sample_videos lands there."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -98,6 +98,7 @@ def _rows(path: str) -> dict:
     return {(r["video_uri"], r["etag"]): r for r in table.to_pylist()}
 
 
+@pytest.mark.slow  # 41 s (a Ray Data distillation job)
 def test_distill_set_is_keyed_resumable_and_exact(ray_local, tiny_checkpoints, tmp_path):
     """Rows are the target's own greedy answers and its features over prompt + answer (bfloat16);
     a rerun distils only clips no shard holds; other settings or another target make another set."""

@@ -152,6 +152,7 @@ def test_manifests_in_every_layout(ray_local, world, tmp_path):
     assert todo == sorted((o.uri, o.etag) for o in plan_on_driver(objects, store, retry_errors=False).todo)
 
 
+@pytest.mark.slow  # 34 s; the plan it prints is tested above
 def test_dry_run_prints_the_plan_and_loads_no_model(ray_local, world, tmp_path, capsys):
     from jobs.caption_videos import main
 
