@@ -27,6 +27,14 @@ from flash.target import Prefill
 _NO_TOKEN = -1  # stands in for visual placeholders: matches nothing, proposes nothing
 
 
+def host_block(padded: list[list[int]], params: SamplingParams, vocab_size: int, dtype, device) -> Block:
+    """Proposals made on the host (rows padded to one width) as a Block: for sampling, one-hot draft
+    distributions (a deterministic proposal), so speculative sampling stays exact; no features."""
+    tokens = torch.tensor(padded, dtype=torch.long, device=device)
+    probs = torch.nn.functional.one_hot(tokens, vocab_size).to(dtype) if not params.greedy else None
+    return Block(tokens=tokens, probs=probs, features=tokens.new_zeros(tokens.shape[0], tokens.shape[1], 0).float())
+
+
 class PromptLookupDrafter:
     def __init__(self, block_size: int = 4, max_ngram: int = 3, min_ngram: int = 1) -> None:
         if block_size < 1 or not 1 <= min_ngram <= max_ngram:
@@ -56,11 +64,7 @@ class PromptLookupDrafter:
         width = max(1, max(len(p) for p in proposals))
         fill = [p[-1] if p else (row[-1] if row else 0) for p, row in zip(proposals, history)]
         padded = [p + [f] * (width - len(p)) for p, f in zip(proposals, fill)]
-        tokens = torch.tensor(padded, dtype=torch.long, device=device)
-        probs = None
-        if not params.greedy:
-            probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(self.dtype)
-        return Block(tokens=tokens, probs=probs, features=tokens.new_zeros(tokens.shape[0], width, 0).float())
+        return host_block(padded, params, self.vocab_size, self.dtype, device)
 
     def start(
         self,

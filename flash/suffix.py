@@ -27,10 +27,9 @@ from collections import deque
 import torch
 
 from flash.drafter import Block
+from flash.lookup import _NO_TOKEN, host_block
 from flash.sampling import SamplingParams
 from flash.target import Prefill
-
-_NO_TOKEN = -1  # a visual placeholder: breaks a match, never proposed
 
 
 class SuffixTrie:
@@ -173,11 +172,7 @@ class SuffixDrafter:
         for row, drafted in zip(rows, padded):
             if row is not None:
                 row.proposal = drafted  # the padding is drafted too: the target may accept it
-        tokens = torch.tensor(padded, dtype=torch.long, device=device)
-        probs = None
-        if not params.greedy:
-            probs = torch.nn.functional.one_hot(tokens, self.vocab_size).to(self.dtype)
-        return Block(tokens=tokens, probs=probs, features=tokens.new_zeros(tokens.shape[0], width, 0).float())
+        return host_block(padded, params, self.vocab_size, self.dtype, device)
 
     def admit(
         self,
