@@ -368,11 +368,48 @@ def _qwen3_5_text(text: dict, head_dim: int, num_layers: int, full_attention_int
     )
 
 
+def build_qwen3_vl_moe(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
+    """Write a Qwen3-VL-MoE checkpoint shaped like Qwen3-VL-30B-A3B (every layer sparse: routed
+    experts, top-k with normalized weights, no shared expert), tokenizer and processor to `out_dir`."""
+    return _build_qwen3(out_dir, words, version="3-vl-moe", **sizes)
+
+
+def build_qwen3_5_moe(out_dir: str | Path, words: Sequence[str] = BASE_WORDS, **sizes) -> Path:
+    """Write a Qwen3.5-MoE checkpoint shaped like the releases (linear-attention layers, routed
+    experts plus a gated shared expert in every layer), tokenizer and processor to `out_dir`."""
+    return _build_qwen3(out_dir, words, version="3.5-moe", **sizes)
+
+
+def _moe_text(text: dict, version: str, num_experts: int, experts_per_token: int, expert_size: int) -> None:
+    """Sparse layers: `num_experts` routed experts of `expert_size`, `experts_per_token` active;
+    Qwen3.5-MoE adds a shared expert of the same size, as its releases do."""
+    text.update(num_experts=num_experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=expert_size)
+    if version == "3.5-moe":
+        text["shared_expert_intermediate_size"] = expert_size
+    else:
+        text.update(decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+
+
+def _qwen3_classes(version: str) -> tuple:
+    """(config class, model class) of a Qwen3 generation."""
+    import transformers
+
+    return {
+        "3-vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
+        "3-vl-moe": (transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration),
+        "3.5": (transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration),
+        "3.5-moe": (transformers.Qwen3_5MoeConfig, transformers.Qwen3_5MoeForConditionalGeneration),
+    }[version]
+
+
 def _build_qwen3(
     out_dir: str | Path,
     words: Sequence[str],
     version: str,
     *,
+    num_experts: int = 8,
+    experts_per_token: int = 2,
+    expert_size: int = 32,
     hidden_size: int = 64,
     num_layers: int = 4,
     num_heads: int = 4,
@@ -389,19 +426,21 @@ def _build_qwen3(
     generation: dict | None = None,
     num_frames: int | None = None,
 ) -> Path:
-    import transformers
+    """num_experts, experts_per_token, expert_size: the MoE versions' sparse layers."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-    tokenizer, ids = _tokenizer_and_ids(bpe_tokenizer if version == "3.5" else word_tokenizer, words, QWEN_SPECIAL)
+    qwen3_5 = version.startswith("3.5")
+    tokenizer, ids = _tokenizer_and_ids(bpe_tokenizer if qwen3_5 else word_tokenizer, words, QWEN_SPECIAL)
     patch = 16
     text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     text["head_dim"] = head_dim
-    if version == "3-vl":
-        config_class, model_class = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
-        _qwen3_vl_text(text, head_dim)
-    else:
-        config_class, model_class = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+    config_class, model_class = _qwen3_classes(version)
+    if qwen3_5:
         _qwen3_5_text(text, head_dim, num_layers, full_attention_interval)
+    else:
+        _qwen3_vl_text(text, head_dim)
+    if version.endswith("moe"):
+        _moe_text(text, version, num_experts, experts_per_token, expert_size)
     return _qwen_checkpoint(
         Path(out_dir),
         model_class,
@@ -488,3 +527,101 @@ def build_llava_onevision(
     config = _llava_onevision_config(ids, image_side, text, vision)
     model = _seeded_model(LlavaOnevisionForConditionalGeneration, config, ids, seed, dtype, None)
     return _save(Path(out_dir), model, _llava_onevision_processor(tokenizer, image_side))
+
+
+INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# The roles InternVL's processor gives the image tokens (tokenizer_config.json's extra_special_tokens in the releases).
+INTERNVL_TOKEN_ROLES = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+# The chat template InternVL3.5-HF releases ship, less its long default system prompt: an image is
+# `<IMG_CONTEXT>` and a video `<video>` on a line of its own, before the text.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n{% elif content['type'] == 'video' %}<video>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _internvl_text(text: dict, head_dim: int, moe: bool, expert_size: int) -> dict:
+    """InternVL3.5's decoders: Qwen3 (dense sizes) or Qwen3-MoE (InternVL3.5-30B-A3B)."""
+    text = dict(text, model_type="qwen3_moe" if moe else "qwen3", head_dim=head_dim, tie_word_embeddings=False)
+    if moe:
+        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=expert_size, norm_topk_prob=True)
+    return text
+
+
+def build_internvl(
+    out_dir: str | Path,
+    words: Sequence[str] = BASE_WORDS,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    image_side: int = 56,
+    moe: bool = False,
+    expert_size: int = 32,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    generation: dict | None = None,
+) -> Path:
+    """Write an InternVL checkpoint shaped like InternVL3.5-HF (InternViT tower, pixel shuffle to a
+    quarter of the patches, an MLP projector, a Qwen3 or Qwen3-MoE decoder), its tokenizer (the image
+    token roles set), processor (tiles up to 4, video frames at `image_side`) and chat template."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    frames = [f"Frame{i}" for i in range(1, 65)] + [":"]  # the processor writes "Frame{i}: " before each frame
+    tokenizer = word_tokenizer([*words, *frames], INTERNVL_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens=INTERNVL_TOKEN_ROLES,
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL}
+    text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
+    vision = dict(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_depth,
+        num_attention_heads=2,
+        image_size=[image_side, image_side],
+        patch_size=[14, 14],
+    )
+    tokens_per_tile = (image_side // 14) ** 2 // 4
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=_internvl_text(text, head_dim, moe, expert_size),
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    model = _seeded_model(InternVLForConditionalGeneration, config, ids, seed, dtype, generation)
+    size = {"height": image_side, "width": image_side}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, max_patches=4),
+        video_processor=InternVLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        image_seq_length=tokens_per_tile,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return _save(Path(out_dir), model, processor)

@@ -48,7 +48,10 @@ SUPPORTED_MODELS: dict[str, tuple[str, str]] = {
     "qwen2_vl": ("qwen", "Qwen2VLForConditionalGeneration"),
     "qwen3_vl": ("qwen", "Qwen3VLForConditionalGeneration"),
     "qwen3_5": ("qwen", "Qwen3_5ForConditionalGeneration"),
+    "qwen3_vl_moe": ("qwen", "Qwen3VLMoeForConditionalGeneration"),
+    "qwen3_5_moe": ("qwen", "Qwen3_5MoeForConditionalGeneration"),
     "llava_onevision": ("llava_onevision", "LlavaOnevisionForConditionalGeneration"),
+    "internvl": ("internvl", "InternVLForConditionalGeneration"),
 }
 
 
@@ -503,6 +506,14 @@ def load_target_head(
     return TargetHead(config, embed, head, [eos] if isinstance(eos, int) else list(eos or []))
 
 
+def has_experts(config) -> bool:
+    """Whether the target's decoder has mixture-of-experts layers (Qwen3-VL-MoE, Qwen3.5-MoE, an
+    InternVL over Qwen3-MoE): their routed experts run Hugging Face's grouped-matmul kernel, which
+    has no float64 path, so a float64 target takes HF's eager experts (a loop over the experts)."""
+    text_config = config.get_text_config()
+    return bool(getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None))
+
+
 def load_target(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -526,7 +537,10 @@ def load_target(
         )
     family, class_name = SUPPORTED_MODELS[model_type]
     model_class = getattr(transformers, class_name)
-    model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    options = {"experts_implementation": "eager"} if dtype == torch.float64 and has_experts(config) else {}
+    model = model_class.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **options
+    )
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)

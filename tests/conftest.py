@@ -13,7 +13,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from demo.tiny_models import build_llava_onevision, build_qwen2_5_vl, build_qwen3_5, build_qwen3_vl  # noqa: E402
+from demo.tiny_models import (  # noqa: E402
+    build_internvl,
+    build_llava_onevision,
+    build_qwen2_5_vl,
+    build_qwen3_5,
+    build_qwen3_5_moe,
+    build_qwen3_vl,
+    build_qwen3_vl_moe,
+)
 from pipeline.faults import ENV as FAULTS_ENV  # noqa: E402
 
 BUILDERS = {
@@ -23,9 +31,13 @@ BUILDERS = {
     # A second EOS id, as releases list several: picked so that this random model's greedy outputs end
     # at varied lengths (its <|im_end|> alone almost never comes first).
     "qwen3_5": functools.partial(build_qwen3_5, generation={"eos_token_id": [2, 549]}),
+    "qwen3_vl_moe": functools.partial(build_qwen3_vl_moe, generation={"eos_token_id": [2, 15]}),
+    "qwen3_5_moe": functools.partial(build_qwen3_5_moe, generation={"eos_token_id": [2, 6]}),
+    "internvl": functools.partial(build_internvl, generation={"eos_token_id": [2, 53]}),
 }
 # Seeds picked so that some greedy outputs end at EOS inside a block and some run to the budget.
-SEEDS = {"qwen2_5_vl": 0, "llava_onevision": 2, "qwen3_vl": 0, "qwen3_5": 4}
+SEEDS = {"qwen2_5_vl": 0, "llava_onevision": 2, "qwen3_vl": 0, "qwen3_5": 4, "qwen3_vl_moe": 0, "qwen3_5_moe": 0}
+SEEDS["internvl"] = 0
 
 
 @pytest.fixture(scope="session")

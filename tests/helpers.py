@@ -26,7 +26,9 @@ MEDIA_TOKEN = {
     },
     "llava_onevision": {"video": "<video>", "image": "<image>"},
 }
-MEDIA_TOKEN["qwen3_vl"] = MEDIA_TOKEN["qwen3_5"] = MEDIA_TOKEN["qwen2_5_vl"]
+MEDIA_TOKEN["internvl"] = {"video": "<video>", "image": "<IMG_CONTEXT>"}
+for _family in ("qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
+    MEDIA_TOKEN[_family] = MEDIA_TOKEN["qwen2_5_vl"]
 
 
 @dataclass

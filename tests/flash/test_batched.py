@@ -14,7 +14,7 @@ from flash.suffix import SuffixDrafter, WithSuffix
 from tests.flash.test_suffix import warm_store
 from tests.helpers import PROMPT_TEXTS, chat, hf_greedy
 
-FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
+FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "internvl"]
 K = 4
 MAX_NEW = 20
 
@@ -23,7 +23,7 @@ def _batch(family: str, n: int, seed: int):
     rng = np.random.RandomState(seed)
     prompts, videos = [], []
     for i in range(n):
-        frames = 2 * (1 + i % 3) if family.startswith("qwen") else 4  # LLaVA's processor stacks equal frame counts
+        frames = 2 * (1 + i % 3) if family.startswith("qwen") else 4  # LLaVA and InternVL stack equal frame counts
         h, w = [(56, 56), (56, 84), (84, 56), (112, 112)][i % 4]
         videos.append(rng.randint(0, 256, (frames, h, w, 3), dtype=np.uint8))
         prompts.append(chat(family, PROMPT_TEXTS[(3 * i + seed) % len(PROMPT_TEXTS)], "video"))

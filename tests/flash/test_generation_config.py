@@ -20,7 +20,7 @@ from tests.flash.test_batched import _batch
 from tests.flash.test_suffix import warm_store
 from tests.helpers import cases
 
-FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_5"]
+FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "internvl"]
 MAX_NEW = 24
 K = 4
 PENALTY = 1.5  # large enough that a tiny random model's output changes when it is applied

@@ -13,7 +13,7 @@ from flash.suffix import SuffixDrafter
 from tests.flash.test_suffix import warm_store
 from tests.helpers import cases, hf_greedy
 
-FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5"]
+FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "internvl"]
 MAX_NEW = 24
 K = 4
 
@@ -177,9 +177,10 @@ def test_qwen2_vl_shares_the_adapter(tmp_path):
         assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
 
 
-def test_linear_attention_rollback_matters(targets64, references, monkeypatch):
-    """Qwen3.5's linear-attention layers: a session that keeps the recurrent state and convolution
-    window of the whole block instead of each row's accepted length must lose exactness."""
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_linear_attention_rollback_matters(targets64, references, monkeypatch, family):
+    """Qwen3.5's linear-attention layers (dense and MoE): a session that keeps the recurrent state and
+    convolution window of the whole block instead of each row's accepted length must lose exactness."""
     import flash.target
     from flash.hybrid import LinearStates
 
@@ -188,8 +189,8 @@ def test_linear_attention_rollback_matters(targets64, references, monkeypatch):
             super().__init__(*args, **kwargs)
             self.restore = False
 
-    target = targets64["qwen3_5"]
-    rows = references["qwen3_5"]
+    target = targets64[family]
+    rows = references[family]
     exact = [
         flash.generate(
             target, OracleDrafter([r], target.vocab_size, K, right_for=1), i, max_new_tokens=MAX_NEW

@@ -13,12 +13,33 @@ import flash
 from flash.target import SUPPORTED_MODELS
 
 
-def test_load_target_reads_both_families(tiny_checkpoints):
+def test_load_target_reads_every_family(tiny_checkpoints):
     for name, path in tiny_checkpoints.items():
         target = flash.load_target(path, dtype=torch.float32)
         assert target.model_type == name
         assert target.dtype == torch.float32 and target.processor.tokenizer.padding_side == "left"
-        assert target.eos_token_ids.numel() >= 1 and len(target.visual_token_ids) == 2
+        # InternVL's frames are images: one context token for both
+        assert target.eos_token_ids.numel() >= 1 and len(target.visual_token_ids) == (1 if name == "internvl" else 2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_moe_experts_take_the_eager_path_in_float64_only(tiny_checkpoints, targets64, family):
+    """HF's grouped-matmul experts kernel has no float64 path: a float64 target runs the eager experts
+    by itself, other dtypes keep the kernel, and in float32 both give the same tokens."""
+    from tests.helpers import cases, hf_greedy
+
+    assert set(targets64[family].model.get_experts_implementation().values()) == {"eager"}
+    fast = flash.load_target(tiny_checkpoints[family], dtype=torch.float32)
+    assert set(fast.model.get_experts_implementation().values()) == {"grouped_mm"}
+    eager = flash.load_target(tiny_checkpoints[family], dtype=torch.float32)
+    eager.model.set_experts_implementation("eager")
+    assert set(eager.model.get_experts_implementation().values()) == {"eager"}
+    for case in cases(family)[::5]:
+        inputs = case.inputs(fast.processor)
+        ref = hf_greedy(fast, inputs, 16)
+        assert hf_greedy(eager, inputs, 16) == ref, case.name
+        drafter = flash.FlashDrafter.for_target(eager)
+        assert flash.generate(eager, drafter, inputs, max_new_tokens=16).sequences == [ref], case.name
 
 
 def test_prefill_reports_features_and_visual_positions(targets64):

@@ -58,7 +58,7 @@ def _self_distilled(target: flash.Target, inputs: list, answers: list[list[int]]
     drafter.eval().save_pretrained(path)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "internvl"])
 def test_pipeline_captions_with_the_family(ray_local, tiny_checkpoints, tmp_path, family):
     model = tiny_checkpoints[family]
     target = flash.load_target(model, dtype=torch.float64)
