@@ -68,6 +68,29 @@ def is_device_failure(err: BaseException) -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+def actor_placement(cfg: CaptionConfig, model_dir, dtype: torch.dtype, device_bytes: int, drafter_dir=None):
+    """Where the target goes on the actor's GPUs (one when gpus_per_actor <= 1, sharing its memory
+    by that fraction): `gpu_memory_gib` per GPU if set, else `device_bytes`, with the caches of the
+    actor's slots at the clip length the job samples. Raises flash.placement.TargetDoesNotFit."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from flash.placement import GIB, plan_placement, video_prompt_tokens
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+    gpus = max(1, int(cfg.gpus_per_actor))
+    budget = cfg.gpu_memory_gib * GIB if cfg.gpu_memory_gib else device_bytes * min(1.0, cfg.gpus_per_actor or 1.0)
+    frames = cfg.num_frames or cfg.max_frames or 32
+    block = 8
+    capacity = video_prompt_tokens(config, frames, cfg.max_side) + cfg.max_new_tokens + block + 1
+    drafter = sum(f.stat().st_size for f in Path(drafter_dir).glob("*.safetensors")) if drafter_dir else 0
+    slots = cfg.max_rows or cfg.batch_size
+    return plan_placement(
+        config, gpus=gpus, budget_bytes=int(budget), dtype=dtype, slots=slots, capacity=capacity, drafter_bytes=drafter
+    )
+
+
 class CaptionActor:
     def __init__(self, config: dict, ledger=None) -> None:
         self.config = cfg = CaptionConfig.model_validate(config)
@@ -83,8 +106,15 @@ class CaptionActor:
         if not use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         settings = S3Settings(cfg.s3_endpoint, cfg.s3_region, cfg.s3_max_attempts, cfg.s3_timeout_s)
+        model_dir = resolve_checkpoint(cfg.model, settings)
+        device_map = None
+        if use_gpu:  # refused here, with the sizes, when it cannot fit: before any weight loads
+            drafter_dir = resolve_checkpoint(cfg.drafter, settings) if cfg.drafter and cfg.drafter != SUFFIX else None
+            total = torch.cuda.get_device_properties(0).total_memory
+            self.placement = actor_placement(cfg, model_dir, dtype, total, drafter_dir)
+            device_map = self.placement.device_map if self.placement.gpus > 1 else None
         self.target = flash.load_target(
-            resolve_checkpoint(cfg.model, settings), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code
+            model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, device_map=device_map
         )
         if cfg.drafter == SUFFIX:  # what it drafts from, the actor's captions, outlives every engine
             self.drafter = SuffixDrafter(SuffixStore(), block_size=SUFFIX_BLOCK)

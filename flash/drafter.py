@@ -405,7 +405,8 @@ class FlashDrafter(nn.Module):
 
     def fuse_rows(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Gated fusion of [e(x_{j+1}); f_j].  features [B, T, D], next_tokens [B, T] -> [B, T, D]"""
-        both = torch.cat([self.fuse_norm_e(self.embed_tokens(next_tokens)), self.fuse_norm_f(features)], dim=-1)
+        embedded = self._embed(next_tokens, features.device)
+        both = torch.cat([self.fuse_norm_e(embedded), self.fuse_norm_f(features)], dim=-1)
         gate = torch.sigmoid(self.fuse_gate(both))
         return gate * self.fuse(both) + (1 - gate) * features
 
@@ -460,7 +461,12 @@ class FlashDrafter(nn.Module):
         """Refine slot states h [..., D] from the embedding of the token drafted just before each."""
         if not self.config.refine:
             return h
-        return h + self.refine(torch.cat([h, self.embed_tokens(previous_tokens)], dim=-1))
+        return h + self.refine(torch.cat([h, self._embed(previous_tokens, h.device)], dim=-1))
+
+    def _embed(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The target's embedding of `tokens`, on `device`: a target split over GPUs keeps its
+        embedding on the first, the drafter sits with the LM head on the last."""
+        return self.embed_tokens(tokens).to(device)
 
     def _draft(
         self,

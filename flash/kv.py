@@ -157,7 +157,8 @@ class TargetCache(SlotLengths, Cache):
     def write(self, layer: _SlotLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [bucket, H, T, D] at each slot's length; return the slots' first `span` columns."""
         rows = self.bucket
-        write_at_lengths(layer.keys[:rows], layer.values[:rows], self.lengths[:rows], k, v)
+        lengths = self.lengths[:rows].to(k.device)  # a layer on another GPU than the LM head: its own copy
+        write_at_lengths(layer.keys[:rows], layer.values[:rows], lengths, k, v)
         return layer.keys[:rows, :, : self.span], layer.values[:rows, :, : self.span]
 
     def commit(self, n_kept: torch.Tensor, kept: list[int] | int) -> None:

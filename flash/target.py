@@ -136,7 +136,9 @@ class Target:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the LM head runs: the logits, the drafter and the acceptance live there (a target
+        split over several GPUs has its first layers elsewhere; Accelerate's hooks move inputs)."""
+        return self.lm_head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -519,8 +521,11 @@ def load_target(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    device_map: dict[str, int | str] | None = None,
 ) -> Target:
-    """Load a supported VLM checkpoint directory and its processor (safetensors only)."""
+    """Load a supported VLM checkpoint directory and its processor (safetensors only). `device_map`:
+    module -> device (`flash.placement.plan_placement(...).device_map`), for a target split over
+    several GPUs; each weight is read straight onto its device, and `device` is ignored."""
     import transformers
 
     path = Path(path)
@@ -538,10 +543,12 @@ def load_target(
     family, class_name = SUPPORTED_MODELS[model_type]
     model_class = getattr(transformers, class_name)
     options = {"experts_implementation": "eager"} if dtype == torch.float64 and has_experts(config) else {}
+    if device_map is not None:
+        options["device_map"] = device_map
     model = model_class.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **options
     )
-    model = model.to(device=device, dtype=dtype).eval()
+    model = (model if device_map is not None else model.to(device=device, dtype=dtype)).eval()
     model.requires_grad_(False)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"

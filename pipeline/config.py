@@ -169,7 +169,19 @@ class CaptionConfig(BaseModel):
     )
     min_actors: int = Field(default=1, ge=1, description="Caption actor pool lower bound.")
     max_actors: int = Field(default=1, ge=1, description="Caption actor pool upper bound (autoscaling).")
-    gpus_per_actor: float = Field(default=0.0, ge=0.0, description="GPUs per caption actor; 0: CPU.")
+    gpus_per_actor: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="GPUs per caption actor; 0: CPU. Above 1 the target is split over the actor's GPUs, layers "
+        "placed by memory, the drafter beside the LM head.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Memory each of an actor's GPUs gives the target, its caches and activations (GiB); unset: "
+        "the GPU's own total. Set, the driver checks that the target fits before any video is read; either way "
+        "the actor refuses a target that does not fit at start, with the sizes.",
+    )
     cpus_per_actor: float = Field(default=1.0, gt=0.0, description="CPUs per caption actor.")
     cpus_per_decode: float = Field(default=1.0, gt=0.0, description="CPUs per video-decoding task.")
     flush_rows: int = Field(

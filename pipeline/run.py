@@ -297,6 +297,26 @@ def with_checkpoint_defaults(config: CaptionConfig, settings: S3Settings) -> Cap
     return config.model_copy(update=update)
 
 
+def check_placement(config: CaptionConfig, settings: S3Settings, log: Callable[[str], None]) -> None:
+    """With GPUs and their memory given, the target is placed on the driver from its config.json
+    alone: one too big for an actor's GPUs stops the job here (TargetDoesNotFit, with the sizes)."""
+    if not (config.gpus_per_actor and config.gpu_memory_gib):
+        return
+    import torch
+
+    from actors.caption import DTYPES, actor_placement
+    from flash.placement import GIB
+    from pipeline.checkpoints import CONFIG_FILES, reference_kind, resolve_checkpoint
+    from pipeline.config import SUFFIX
+
+    model_dir = resolve_checkpoint(config.model, settings, only=CONFIG_FILES)
+    local = config.drafter and config.drafter != SUFFIX and reference_kind(config.drafter, "drafter") == "local"
+    drafter = config.drafter if local else None
+    dtype = DTYPES.get(config.dtype, torch.bfloat16)
+    placement = actor_placement(config, model_dir, dtype, int(config.gpu_memory_gib * GIB), drafter)
+    log(f"[flashcap] target placement per actor: {placement.describe()}")
+
+
 @dataclass
 class Rounds:
     """What the rounds of a run did."""
@@ -316,6 +336,7 @@ def run_job(config: CaptionConfig, log: Callable[[str], None] = print) -> dict:
     log = _redacting(log)
     settings = S3Settings(config.s3_endpoint, config.s3_region, config.s3_max_attempts, config.s3_timeout_s)
     config = with_checkpoint_defaults(config, settings)
+    check_placement(config, settings, log)
     store = OutputStore(config.output, settings)
     # Storage problems surface here, before any model loads.
     plan = make_plan(config, settings)
