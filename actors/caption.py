@@ -101,21 +101,10 @@ class CaptionActor:
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}): check the NVIDIA driver "
                 "and the torch build, or set gpus_per_actor 0 to caption on CPUs"
             )
-        device = "cuda" if use_gpu else "cpu"
-        dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
         if not use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         settings = S3Settings(cfg.s3_endpoint, cfg.s3_region, cfg.s3_max_attempts, cfg.s3_timeout_s)
-        model_dir = resolve_checkpoint(cfg.model, settings)
-        device_map = None
-        if use_gpu:  # refused here, with the sizes, when it cannot fit: before any weight loads
-            drafter_dir = resolve_checkpoint(cfg.drafter, settings) if cfg.drafter and cfg.drafter != SUFFIX else None
-            total = torch.cuda.get_device_properties(0).total_memory
-            self.placement = actor_placement(cfg, model_dir, dtype, total, drafter_dir)
-            device_map = self.placement.device_map if self.placement.gpus > 1 else None
-        self.target = flash.load_target(
-            model_dir, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, device_map=device_map
-        )
+        self.target = self._load_target(cfg, settings, use_gpu)
         if cfg.drafter == SUFFIX:  # what it drafts from, the actor's captions, outlives every engine
             self.drafter = SuffixDrafter(SuffixStore(), block_size=SUFFIX_BLOCK)
         elif cfg.drafter:
@@ -153,6 +142,25 @@ class CaptionActor:
         self._model_lock = self.shared.lock  # held by whatever uses the model
         self._on_ledger: dict[int, dict] = {}  # rows admitted and not yet returned, by id()
         self._ledger_lock = threading.Lock()
+
+    def _load_target(self, cfg: CaptionConfig, settings: S3Settings, use_gpu: bool) -> flash.Target:
+        """The target, on the actor's GPUs as its placement says: a target that cannot fit is refused
+        here, with the sizes, before any weight loads."""
+        dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
+        model_dir = resolve_checkpoint(cfg.model, settings)
+        device_map = None
+        if use_gpu:
+            drafter_dir = resolve_checkpoint(cfg.drafter, settings) if cfg.drafter and cfg.drafter != SUFFIX else None
+            total = torch.cuda.get_device_properties(0).total_memory
+            self.placement = actor_placement(cfg, model_dir, dtype, total, drafter_dir)
+            device_map = self.placement.device_map if self.placement.gpus > 1 else None
+        return flash.load_target(
+            model_dir,
+            dtype=dtype,
+            device="cuda" if use_gpu else "cpu",
+            trust_remote_code=cfg.trust_remote_code,
+            device_map=device_map,
+        )
 
     def _warm(self, store: SuffixStore, settings: S3Settings) -> None:
         """Suffix decoding's store, filled with the newest captions the output holds (what earlier runs

@@ -586,16 +586,7 @@ def build_internvl(
         InternVLVideoProcessor,
     )
 
-    frames = [f"Frame{i}" for i in range(1, 65)] + [":"]  # the processor writes "Frame{i}: " before each frame
-    tokenizer = word_tokenizer([*words, *frames], INTERNVL_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.backend_tokenizer,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        extra_special_tokens=INTERNVL_TOKEN_ROLES,
-    )
+    tokenizer = _internvl_tokenizer(words)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL}
     text = _text_config(tokenizer, ids, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads)
     vision = dict(
@@ -625,3 +616,17 @@ def build_internvl(
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
     return _save(Path(out_dir), model, processor)
+
+
+def _internvl_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
+    """The word tokenizer with InternVL's image token roles (what its processor reads them by)."""
+    frames = [f"Frame{i}" for i in range(1, 65)] + [":"]  # the processor writes "Frame{i}: " before each frame
+    tokenizer = word_tokenizer([*words, *frames], INTERNVL_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        extra_special_tokens=INTERNVL_TOKEN_ROLES,
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import flash
@@ -81,6 +82,7 @@ def test_object_weights_set_the_mix_of_scenes():
             train_target.training_scenes(rng, 1, bad)
 
 
+@pytest.mark.slow  # 12 s
 def test_world_v2_trains_and_scores_clauses(tmp_path):
     from demo import world_v2 as demo_world_v2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import flash
@@ -20,6 +21,7 @@ HELD_OUT = range(0, 3)  # training used seeds >= 1,000,000
 ACCEPTANCE_FLOOR = 4.2
 
 
+@pytest.mark.slow  # 17 s; bench.speedup's v2 rows decode with it
 def test_shipped_v2_target_narrates_held_out_clips():
     """Measured 2026-11-29: 94.2% of clauses on seeds 0-23, 91.4% on 100-199. An untrained target
     (or one that ignores the frames) gets the grammar and almost no facts: 9% at step 500."""
@@ -37,6 +39,7 @@ def _inputs(target, seed: int):
     )
 
 
+@pytest.mark.slow  # 33 s; the shipped v1 drafter's test covers the loading path
 def test_shipped_v2_drafters_are_lossless_and_flash_accepts_above_the_floor():
     target = flash.load_target(TARGET, dtype=torch.float64)
     drafters = {

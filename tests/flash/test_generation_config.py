@@ -21,6 +21,9 @@ from tests.flash.test_suffix import warm_store
 from tests.helpers import cases
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "internvl"]
+# The default suite decodes rows alone with the penalty on these, batches on every family but the Qwen3.5
+# ones (their penalty under continuous batching: test_engine); every family in the slow suite.
+DEFAULT = ("qwen2_5_vl", "internvl")
 MAX_NEW = 24
 K = 4
 PENALTY = 1.5  # large enough that a tiny random model's output changes when it is applied
@@ -67,7 +70,7 @@ def test_checkpoint_penalty_is_loaded(penalized):
     assert params == SamplingParams(temperature=0.0, repetition_penalty=PENALTY)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_penalized_decoding_equals_hf_generate(penalized, targets64, family):
     target = penalized[family]
     changed = 0
@@ -101,7 +104,7 @@ def test_oracle_accepts_whole_blocks_under_the_penalty(penalized):
     assert [row[0] for row in out.stats.accepted_per_cycle][:-1] == [K] * (out.stats.cycles - 1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if "3_5" in f else f for f in FAMILIES])
 def test_penalized_batch_equals_rows_alone(penalized, family):
     """Left padding is not a seen token: each row of a padded batch equals the row decoded alone."""
     target = penalized[family]

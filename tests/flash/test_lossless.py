@@ -64,6 +64,7 @@ def test_untrained_drafter_is_exact(targets64, references, family):
         assert out.sequences == [ref], case.name
 
 
+@pytest.mark.slow  # every family decodes with prompt-lookup proposals in test_batched too
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_lookup_drafter_is_exact(targets64, references, family):
     target = targets64[family]
@@ -106,7 +107,8 @@ def test_oracle_drafter_accepts_whole_blocks(targets64, references, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("right_for", [0, 1, 2])
+# right for 1 runs by default; 0 and 2 (test_batched's oracles cover them) in the slow suite
+@pytest.mark.parametrize("right_for", [pytest.param(r, marks=pytest.mark.slow) if r != 1 else r for r in (0, 1, 2)])
 def test_drafter_right_then_wrong_is_exact(targets64, references, family, right_for):
     target = targets64[family]
     for case, inputs, ref in references[family]:
@@ -177,7 +179,26 @@ def test_qwen2_vl_shares_the_adapter(tmp_path):
         assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_internvl_over_a_qwen3_moe_decoder(tmp_path):
+    """InternVL3.5-30B-A3B's layout (InternViT, pixel shuffle, a Qwen3-MoE decoder): loads in float64 on
+    the eager experts; plain, untrained and partly right drafts are exact."""
+    from demo.tiny_models import build_internvl
+
+    target = flash.load_target(build_internvl(tmp_path / "ivl", moe=True), dtype=torch.float64)
+    assert target.config.get_text_config().model_type == "qwen3_moe"
+    assert set(target.model.get_experts_implementation().values()) == {"eager"}
+    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
+    for case in cases("internvl")[::4]:
+        inputs = case.inputs(target.processor)
+        ref = hf_greedy(target, inputs, MAX_NEW)
+        assert flash.generate(target, None, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+        assert flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+        oracle = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=2)
+        assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+
+
+# Qwen3.5-MoE runs the same rollback code (its exactness is tested above): its negative control is slow
+@pytest.mark.parametrize("family", ["qwen3_5", pytest.param("qwen3_5_moe", marks=pytest.mark.slow)])
 def test_linear_attention_rollback_matters(targets64, references, monkeypatch, family):
     """Qwen3.5's linear-attention layers (dense and MoE): a session that keeps the recurrent state and
     convolution window of the whole block instead of each row's accepted length must lose exactness."""

@@ -88,6 +88,7 @@ print(json.dumps({"grew_mb": (after - before) / 1024, "held_mb": sum(held.values
 """
 
 
+@pytest.mark.slow  # 20 s at 152k x 3584
 def test_real_vocabulary_shape_holds_only_embedding_and_head(tmp_path):
     """A checkpoint with Qwen2.5-VL-7B's vocabulary (152,064) and width (3,584): the embedding and the
     head (1.09 GB each in bfloat16) and a 1.09 GB decoder weight beside them. A fresh process

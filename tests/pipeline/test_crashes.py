@@ -103,6 +103,7 @@ def test_driver_reruns_what_the_cluster_lost(s3_server, ray_local, pipeline_mode
     assert len(rows) == len({r["video_uri"] for r in rows}) == 16 and report["missing"] == 0
 
 
+@pytest.mark.slow  # 32 s; the rerun of lost work is tested above
 def test_job_incomplete_after_max_rounds_and_a_rerun_finishes(s3_server, ray_local, pipeline_models, monkeypatch):
     bucket = new_bucket(s3_server)
     upload_clips(s3_server, bucket, range(740, 756))

@@ -121,6 +121,7 @@ def test_ray_plan_equals_the_driver_plan(ray_local, fixture, request):
         assert got == sorted((o.uri, o.etag, o.skip) for o in driver.todo)
 
 
+@pytest.mark.slow  # 34 s; a manifest's plan runs in test_include_applies_to_manifest_rows
 def test_manifests_in_every_layout(ray_local, world, tmp_path):
     objects, store = world
     table = pa.table(
