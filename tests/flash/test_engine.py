@@ -54,7 +54,8 @@ def _run(engine: flash.Engine, requests: list, admit_at: dict[int, int]) -> dict
     return dict(engine.sequences)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Qwen3.5's hybrid rollback under continuous batching runs by default on Qwen3.5-MoE (the same code)
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "qwen3_5" else f for f in FAMILIES])
 def test_rows_admitted_mid_flight_equal_rows_alone(targets64, family):
     target = targets64[family]
     requests = _requests(target, family, 7, seed=5)

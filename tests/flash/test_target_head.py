@@ -15,7 +15,7 @@ import flash
 from flash.target import _head_tensor_names
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "qwen3_vl_moe", "internvl"])
 def test_head_equals_the_full_targets(tiny_checkpoints, family):
     target = flash.load_target(tiny_checkpoints[family])
     head = flash.load_target_head(tiny_checkpoints[family])

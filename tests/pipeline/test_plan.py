@@ -107,7 +107,8 @@ def test_driver_plan_of_objects_that_make_several_rows(shard_world):
 
 
 # shards and windows: the Ray plan's object grouping runs only past 200,000 objects (and takes 45 s here)
-@pytest.mark.parametrize("fixture", ["world", pytest.param("shard_world", marks=pytest.mark.slow)])
+# 37 s and 45 s: the Ray Data plan runs by default in test_include_applies_to_manifest_rows
+@pytest.mark.parametrize("fixture", [pytest.param(f, marks=pytest.mark.slow) for f in ("world", "shard_world")])
 def test_ray_plan_equals_the_driver_plan(ray_local, fixture, request):
     import ray.data
 
