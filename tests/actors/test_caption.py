@@ -209,3 +209,20 @@ def test_suffix_decoding_learns_across_batches_and_keeps_the_captions(tmp_path):
     again = rerun(pa.Table.from_pylist(rows[:8])).to_pylist()
     assert [r["caption"] for r in again] == [r["caption"] for r in want[:8]]
     assert sum(r["acceptance_length"] for r in again) / 8 > mean[0]
+
+
+def test_an_actor_refuses_a_target_its_gpus_cannot_hold_before_loading_it(tmp_path, tiny_checkpoints, monkeypatch):
+    """On a GPU node the actor plans the placement first: a target too big for its GPUs is refused with
+    the sizes, and no weight is read. (No GPU here: CUDA's presence and its memory are what is faked.)"""
+    from types import SimpleNamespace
+
+    import flash
+    from flash.placement import TargetDoesNotFit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=2**20))
+    loaded = []
+    monkeypatch.setattr(flash, "load_target", lambda *a, **k: loaded.append(a))
+    with pytest.raises(TargetDoesNotFit, match=r"does not fit 2 GPU\(s\) of 0\.0 GiB: it needs .* float64 weights"):
+        _actor(tmp_path, tiny_checkpoints["qwen2_5_vl"], gpus_per_actor=2)
+    assert loaded == []
