@@ -123,3 +123,29 @@ def test_hybrid_targets_decode_eager_and_say_why(targets64, fresh_dynamo):
     assert [got[i] for i in range(3)] == alone
     assert engine.compile_status["active"] is False and "linear-attention" in engine.compile_status["fallback"]
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def _moe_engine_run(target) -> flash.Engine:
+    """A row admitted mid-flight on a compiled MoE engine (a partly right oracle): tokens equal generate()."""
+    requests = _requests(target, "qwen3_vl_moe", 2, seed=5)
+    alone = [hf_greedy(target, r, 8) for r in requests]
+    oracle = OracleDrafter(alone, target.vocab_size, 4, right_for=2)
+    engine = flash.Engine(target, oracle, max_new_tokens=8, compile="aot_eager", max_rows=2)
+    got = _run(engine, requests, {0: 1, 1: 1})
+    assert [got[i] for i in range(len(requests))] == alone
+    return engine
+
+
+def test_moe_targets_capture_with_the_grouped_experts_kernel(tiny_checkpoints, fresh_dynamo):
+    """A MoE target in float32 (HF's grouped-matmul experts, what bfloat16 runs on a GPU) is captured
+    whole, with no graph break."""
+    engine = _moe_engine_run(flash.load_target(tiny_checkpoints["qwen3_vl_moe"], dtype=torch.float32))
+    assert engine.compile_status == {"active": True, "fallback": None}
+    assert counters["graph_break"] == {} and counters["stats"]["unique_graphs"] > 0
+
+
+def test_moe_targets_with_eager_experts_decode_eager_and_say_why(targets64, fresh_dynamo):
+    """In float64 HF's eager experts loop over the experts a batch hit (a data-dependent loop): the
+    engine decodes eager, exactly, and says why."""
+    engine = _moe_engine_run(targets64["qwen3_vl_moe"])
+    assert engine.compile_status["active"] is False and "expert" in engine.compile_status["fallback"]
