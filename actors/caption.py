@@ -104,11 +104,12 @@ class CaptionActor:
         if not use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_actor)))
         settings = S3Settings(cfg.s3_endpoint, cfg.s3_region, cfg.s3_max_attempts, cfg.s3_timeout_s)
-        self.target = self._load_target(cfg, settings, use_gpu)
+        drafter_dir = resolve_checkpoint(cfg.drafter, settings) if cfg.drafter and cfg.drafter != SUFFIX else None
+        self.target = self._load_target(cfg, settings, use_gpu, drafter_dir)
         if cfg.drafter == SUFFIX:  # what it drafts from, the actor's captions, outlives every engine
             self.drafter = SuffixDrafter(SuffixStore(), block_size=SUFFIX_BLOCK)
-        elif cfg.drafter:
-            self.drafter = flash.FlashDrafter.from_pretrained(resolve_checkpoint(cfg.drafter, settings), self.target)
+        elif drafter_dir:
+            self.drafter = flash.FlashDrafter.from_pretrained(drafter_dir, self.target)
             if cfg.suffix:
                 self.drafter = WithSuffix(self.drafter, SuffixDrafter(SuffixStore()))
         else:
@@ -143,14 +144,13 @@ class CaptionActor:
         self._on_ledger: dict[int, dict] = {}  # rows admitted and not yet returned, by id()
         self._ledger_lock = threading.Lock()
 
-    def _load_target(self, cfg: CaptionConfig, settings: S3Settings, use_gpu: bool) -> flash.Target:
-        """The target, on the actor's GPUs as its placement says: a target that cannot fit is refused
-        here, with the sizes, before any weight loads."""
+    def _load_target(self, cfg: CaptionConfig, settings: S3Settings, use_gpu: bool, drafter_dir) -> flash.Target:
+        """The target, on the actor's GPUs as its placement says (the drafter's weights counted beside
+        its LM head): a target that cannot fit is refused here, with the sizes, before any weight loads."""
         dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if use_gpu else torch.float32)
         model_dir = resolve_checkpoint(cfg.model, settings)
         device_map = None
         if use_gpu:
-            drafter_dir = resolve_checkpoint(cfg.drafter, settings) if cfg.drafter and cfg.drafter != SUFFIX else None
             total = torch.cuda.get_device_properties(0).total_memory
             self.placement = actor_placement(cfg, model_dir, dtype, total, drafter_dir)
             device_map = self.placement.device_map if self.placement.gpus > 1 else None

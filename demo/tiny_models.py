@@ -551,8 +551,8 @@ INTERNVL_CHAT_TEMPLATE = (
 def _internvl_text(text: dict, head_dim: int, moe: bool, expert_size: int) -> dict:
     """InternVL3.5's decoders: Qwen3 (dense sizes) or Qwen3-MoE (InternVL3.5-30B-A3B)."""
     text = dict(text, model_type="qwen3_moe" if moe else "qwen3", head_dim=head_dim, tie_word_embeddings=False)
-    if moe:
-        text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=expert_size, norm_topk_prob=True)
+    if moe:  # Qwen3-VL-30B-A3B's decoder: every layer sparse, normalized top-k, no shared expert
+        _moe_text(text, "3-vl-moe", num_experts=8, experts_per_token=2, expert_size=expert_size)
     return text
 
 

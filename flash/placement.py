@@ -187,10 +187,8 @@ def plan_placement(
     usable = int(budget_bytes * (1 - workspace))
     devices = _lay_out(units, gpus, usable)
     if devices is not None and tied:
-        embed = model.get_input_embeddings()
-        devices[head] = next(
-            d for (n, m), d in zip(_walk(model, "", set(model._no_split_modules or [])), devices) if m is embed
-        )
+        embed = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
+        devices[head] = devices[[u.name for u in units].index(embed)]
         if any(sum(u.total for u, d in zip(units, devices) if d == g) > usable for g in range(gpus)):
             devices = None
     total = sum(u.total for u in units)

@@ -163,20 +163,24 @@ def test_mrope_positions_matter(targets64, references, monkeypatch):
     assert differ > 0
 
 
-def test_qwen2_vl_shares_the_adapter(tmp_path):
-    """Qwen2-VL (the 2.5 adapter, its own HF class): plain, untrained and oracle drafts are exact."""
-    from demo.tiny_models import build_qwen2_vl
-
-    target = flash.load_target(build_qwen2_vl(tmp_path / "q2", seed=0), dtype=torch.float64)
-    assert target.family == "qwen" and target.model_type == "qwen2_vl"
+def _plain_untrained_and_partly_right_are_exact(target, some_cases) -> None:
     drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
-    for case in cases("qwen2_5_vl")[::3]:
+    for case in some_cases:
         inputs = case.inputs(target.processor)
         ref = hf_greedy(target, inputs, MAX_NEW)
         assert flash.generate(target, None, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
         assert flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
         oracle = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=2)
         assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+
+
+def test_qwen2_vl_shares_the_adapter(tmp_path):
+    """Qwen2-VL (the 2.5 adapter, its own HF class): plain, untrained and oracle drafts are exact."""
+    from demo.tiny_models import build_qwen2_vl
+
+    target = flash.load_target(build_qwen2_vl(tmp_path / "q2", seed=0), dtype=torch.float64)
+    assert target.family == "qwen" and target.model_type == "qwen2_vl"
+    _plain_untrained_and_partly_right_are_exact(target, cases("qwen2_5_vl")[::3])
 
 
 def test_internvl_over_a_qwen3_moe_decoder(tmp_path):
@@ -187,14 +191,7 @@ def test_internvl_over_a_qwen3_moe_decoder(tmp_path):
     target = flash.load_target(build_internvl(tmp_path / "ivl", moe=True), dtype=torch.float64)
     assert target.config.get_text_config().model_type == "qwen3_moe"
     assert set(target.model.get_experts_implementation().values()) == {"eager"}
-    drafter = flash.FlashDrafter.for_target(target, flash.DrafterConfig(block_size=K))
-    for case in cases("internvl")[::4]:
-        inputs = case.inputs(target.processor)
-        ref = hf_greedy(target, inputs, MAX_NEW)
-        assert flash.generate(target, None, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
-        assert flash.generate(target, drafter, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
-        oracle = OracleDrafter([ref], target.vocab_size, block_size=K, right_for=2)
-        assert flash.generate(target, oracle, inputs, max_new_tokens=MAX_NEW).sequences == [ref], case.name
+    _plain_untrained_and_partly_right_are_exact(target, cases("internvl")[::4])
 
 
 # Qwen3.5-MoE runs the same rollback code (its exactness is tested above): its negative control is slow
